@@ -1,0 +1,209 @@
+""" ConvNN attention: a drop-in replacement for ``timm.layers.Attention``.
+
+Same constructor arguments, same parameter names (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``) and
+the same forward signature as timm's ``Attention``, so timm ViT weights load unchanged; the only new parameter is
+``aggregate.weight``, the per-channel, per-slot weights of the paper's depthwise Conv1d (init 1).
+
+Per head, token i keeps its top-K candidates by similarity of q_i and k_j, weights them by a softmax over the K
+kept scores (or ones) and aggregates their values. With K = n, ``dot`` similarity, softmax and unit depthwise
+weights this is exactly multi-head attention (tested against timm's ``Attention``).
+
+Fixes relative to the authors' code (``shared/reference/convnn_spec.md`` §8): q projects queries and k projects
+candidates (the reference swaps the names); heads are split and merged like timm's attention (the reference
+scrambles tokens for more than one head); softmax is over the K slots; random candidates are fresh in training and
+a fixed hashed draw in eval (deterministic); the query token and the prefix (class / register) tokens are always
+candidates; depthwise weights are per channel (not shared across heads).
+"""
+from typing import Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import register_notrace_module
+
+from .common import NeighborAggregation, check_convnn_args
+from .functional import (
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features)
+
+__all__ = ['ConvNNAttention']
+
+
+@register_notrace_module
+class ConvNNAttention(nn.Module):
+    """Multi-head ConvNN token mixer with timm ``Attention``'s interface.
+
+    Args (beyond timm ``Attention``'s):
+        num_neighbors: K, neighbours kept per query (clamped to the number of candidates).
+        candidates: ``'all'`` tokens, a ``'random'`` subset of ``num_samples`` patch tokens, or a ``'spatial'`` regular
+            grid of at most ``num_samples`` points on the 2-D patch map. Prefix tokens and the query itself are always
+            candidates; when ``num_samples`` >= the number of patch tokens all tokens are used.
+        num_samples: r, candidate count for ``random`` / ``spatial`` (must be >= K).
+        similarity: ``'dot'`` (scaled by 1/sqrt(d)), ``'cosine'`` or ``'euclidean'`` (negative squared distance).
+        weighting: ``'softmax'`` over the K kept scores, or ``'ones'``.
+        aggregation: ``'depthwise'`` (one weight per channel and slot, init 1) or ``'standard'`` (a full d x d map per
+            head and slot, init identity).
+        coords: ``'none'``, ``'append'`` (normalised x, y of each patch appended to q and k for similarity only) or
+            ``'only'`` (similarity from coordinates alone). Prefix tokens sit at the map centre.
+        coord_scale: multiplier of the coordinate channels.
+        neighbor_order: slot order fed to the aggregation: ``'rank'`` (best first) or ``'position'`` (token order).
+        num_prefix_tokens: leading non-patch tokens (class, registers); set by the model.
+        sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
+    """
+    grid_size: Optional[Tuple[int, int]]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            attn_head_dim: Optional[int] = None,
+            dim_out: Optional[int] = None,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            gated: bool = False,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            num_neighbors: int = 9,
+            candidates: str = 'all',
+            num_samples: int = 32,
+            similarity: str = 'dot',
+            weighting: str = 'softmax',
+            aggregation: str = 'depthwise',
+            coords: str = 'none',
+            coord_scale: float = 1.0,
+            neighbor_order: str = 'rank',
+            num_prefix_tokens: int = 0,
+            sample_seed: int = 0,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        check_convnn_args(
+            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order)
+        if attn_head_dim is None:
+            if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+                raise ValueError(f'num_heads must be a positive divisor of dim={dim}; got num_heads={num_heads}')
+            attn_head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError('norm_layer must be provided if qk_norm or scale_norm is True')
+        dim_out = dim_out or dim
+
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim
+        self.attn_dim = num_heads * attn_head_dim
+        self.num_neighbors = num_neighbors
+        self.candidates = candidates
+        self.num_samples = num_samples
+        self.similarity = similarity
+        self.weighting = weighting
+        self.aggregation = aggregation
+        self.coords = coords
+        self.coord_scale = coord_scale
+        self.neighbor_order = neighbor_order
+        self.num_prefix_tokens = num_prefix_tokens
+        self.sample_seed = sample_seed
+        self.grid_size = None
+
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.aggregate = NeighborAggregation(
+            self.attn_dim, self.attn_dim, num_neighbors, groups=num_heads,
+            depthwise=aggregation == 'depthwise', bias=False, init='unit', **dd)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _patch_grid(self, num_patches: int) -> Tuple[int, int]:
+        grid = self.grid_size
+        if grid is not None and grid[0] * grid[1] == num_patches:
+            return grid[0], grid[1]
+        side = int(round(num_patches ** 0.5))
+        if side * side == num_patches:
+            return side, side
+        return 1, num_patches  # unknown layout: a single raster row
+
+    def _token_coords(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        num_prefix = min(self.num_prefix_tokens, num_tokens)
+        gh, gw = self._patch_grid(num_tokens - num_prefix)
+        grid = coordinate_grid(gh, gw, device, dtype)
+        if num_prefix > 0:
+            grid = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid], dim=0)
+        return grid * self.coord_scale
+
+    def _candidate_ids(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Token ids shared by all queries, or None for all tokens."""
+        if self.candidates == 'all':
+            return None
+        num_prefix = min(self.num_prefix_tokens, num_tokens)
+        num_patches = num_tokens - num_prefix
+        if self.num_samples >= num_patches:
+            return None
+        if self.candidates == 'random':
+            ids = random_candidates(
+                num_patches, self.num_samples, num_prefix, self.training, self.sample_seed, device)
+        else:
+            gh, gw = self._patch_grid(num_patches)
+            ids = grid_candidates(gh, gw, self.num_samples, gw, num_prefix, device)
+        if num_prefix > 0:
+            ids = torch.cat([torch.arange(num_prefix, device=device, dtype=ids.dtype), ids])
+        return ids
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError('ConvNNAttention selects neighbours itself; attn_mask and is_causal are not supported')
+        if x.dim() != 3:
+            raise ValueError('ConvNNAttention expects (B, N, C) input, got a ' + str(x.dim()) + '-D tensor')
+        B, N, C = x.shape
+        if C != self.dim:
+            raise ValueError('ConvNNAttention expects ' + str(self.dim) + ' input channels, got ' + str(C))
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        if self.coords != 'none':
+            coord = self._token_coords(N, x.device, q.dtype).view(1, 1, N, 2).expand(B, self.num_heads, N, 2)
+            if self.coords == 'only':
+                q, k = coord, coord
+            else:
+                q, k = torch.cat([q, coord], dim=-1), torch.cat([k, coord], dim=-1)
+        qs, ks = similarity_features(q, k, self.similarity)
+
+        cand = self._candidate_ids(N, x.device)
+        query_index = torch.arange(N, device=x.device) if cand is not None else None
+        idx = select_neighbors(qs, ks, self.num_neighbors, cand, query_index)
+        if self.neighbor_order == 'position':
+            idx = idx.sort(dim=-1).values
+
+        rho: Optional[torch.Tensor] = None
+        if self.weighting == 'softmax':
+            rho = self.attn_drop(gather_dot(qs, ks, idx).float().softmax(dim=-1))
+        out = self.aggregate(v, idx, rho)
+
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        out = self.proj(out)
+        out = self.proj_drop(out)
+        return out
+
+    def extra_repr(self) -> str:
+        s = f'num_heads={self.num_heads}, num_neighbors={self.num_neighbors}, candidates={self.candidates!r}'
+        if self.candidates != 'all':
+            s += f', num_samples={self.num_samples}'
+        s += f', similarity={self.similarity!r}, weighting={self.weighting!r}, aggregation={self.aggregation!r}'
+        if self.coords != 'none':
+            s += f', coords={self.coords!r}'
+        return s

@@ -1,0 +1,144 @@
+""" Pieces shared by the ConvNN modules: argument checking and the neighbour aggregation layer. """
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .functional import neighbor_aggregate
+
+__all__ = ['CANDIDATE_MODES', 'SIMILARITIES', 'WEIGHTINGS', 'AGGREGATIONS', 'COORD_MODES', 'NEIGHBOR_ORDERS',
+           'check_convnn_args', 'NeighborAggregation']
+
+CANDIDATE_MODES = ('all', 'random', 'spatial')
+SIMILARITIES = ('cosine', 'dot', 'euclidean')
+WEIGHTINGS = ('softmax', 'ones')
+AGGREGATIONS = ('depthwise', 'standard')
+COORD_MODES = ('none', 'append', 'only')
+NEIGHBOR_ORDERS = ('rank', 'position')
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f'{name} must be one of {", ".join(repr(c) for c in choices)}; got {value!r}')
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}')
+    if value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}; got {value}')
+
+
+def check_convnn_args(
+        num_neighbors: int,
+        candidates: str,
+        num_samples: int,
+        similarity: str,
+        weighting: str,
+        aggregation: str,
+        coords: str,
+        neighbor_order: str,
+) -> None:
+    """Validate the ConvNN options; raises ValueError/TypeError naming the argument and the valid range."""
+    _check_int('num_neighbors (K)', num_neighbors, 1)
+    _check_choice('candidates', candidates, CANDIDATE_MODES)
+    if candidates != 'all':
+        _check_int('num_samples (r)', num_samples, 1)
+        if num_samples < num_neighbors:
+            raise ValueError(
+                f'num_samples (r) must be >= num_neighbors (K) for candidates={candidates!r}: '
+                f'got r={num_samples} < K={num_neighbors}')
+    _check_choice('similarity', similarity, SIMILARITIES)
+    _check_choice('weighting', weighting, WEIGHTINGS)
+    _check_choice('aggregation', aggregation, AGGREGATIONS)
+    _check_choice('coords', coords, COORD_MODES)
+    _check_choice('neighbor_order', neighbor_order, NEIGHBOR_ORDERS)
+
+
+class NeighborAggregation(nn.Module):
+    """The paper's Conv1d(kernel K, stride K) over each query's neighbour sequence, without building that sequence.
+
+    Parameters have exactly the shapes of the equivalent ``nn.Conv1d`` (``weight`` (out, in / conv_groups, K),
+    optional ``bias``), where ``conv_groups`` is ``channels`` for depthwise and ``groups`` for standard
+    aggregation; ``groups`` is the number of independent token groups (attention heads; 1 for images).
+
+    Init ``'unit'``: depthwise weights 1 and standard weights the identity at every slot (so that ConvNN with K = n
+    and softmax weights is attention); ``'default'``: ``nn.Conv1d``'s own init (for convolution-like use).
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            num_neighbors: int,
+            groups: int = 1,
+            depthwise: bool = True,
+            bias: bool = False,
+            init: str = 'unit',
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f'in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})')
+        if depthwise and in_channels != out_channels:
+            raise ValueError(
+                f'depthwise aggregation needs out_channels == in_channels; got in_channels={in_channels}, '
+                f'out_channels={out_channels} (use aggregation="standard")')
+        _check_choice('init', init, ('unit', 'default'))
+        if init == 'unit' and in_channels != out_channels:
+            raise ValueError(f'init="unit" needs out_channels == in_channels; got {in_channels} -> {out_channels}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_neighbors = num_neighbors
+        self.groups = groups
+        self.depthwise = depthwise
+        self.init = init
+        fan_in = 1 if depthwise else in_channels // groups
+        self.weight = nn.Parameter(torch.empty(out_channels, fan_in, num_neighbors, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.init == 'unit':
+            with torch.no_grad():
+                if self.depthwise:
+                    self.weight.fill_(1.)
+                else:
+                    g, c = self.groups, self.in_channels // self.groups
+                    eye = torch.eye(c, device=self.weight.device, dtype=self.weight.dtype)
+                    self.weight.copy_(eye.repeat(g, 1).unsqueeze(-1).expand_as(self.weight))
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                fan_in = self.weight.shape[1] * self.weight.shape[2]
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def init_weights(self) -> None:
+        # called by timm's ViT init (init_weights_vit_timm) instead of its Linear init
+        self.reset_parameters()
+
+    def forward(self, v: torch.Tensor, idx: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
+        """v (B, G, M, C_in / G), idx/rho (B, G, N, K') with K' <= K -> (B, G, N, C_out / G)."""
+        g = self.groups
+        k_eff = idx.shape[-1]
+        if self.depthwise:
+            weight = self.weight.view(g, self.in_channels // g, self.num_neighbors)[:, :, :k_eff]
+        else:
+            weight = self.weight.view(
+                g, self.out_channels // g, self.in_channels // g, self.num_neighbors)[:, :, :, :k_eff]
+        out = neighbor_aggregate(v, idx, rho, weight, self.depthwise)
+        if self.bias is not None:
+            out = out + self.bias.view(g, 1, self.out_channels // g).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        kind = 'depthwise' if self.depthwise else 'standard'
+        return (f'{self.in_channels}, {self.out_channels}, num_neighbors={self.num_neighbors}, groups={self.groups}, '
+                f'{kind}, bias={self.bias is not None}')

@@ -1,0 +1,361 @@
+""" ConvNN operator, functional form (the one implementation every ConvNN module uses).
+
+Convolutional Nearest Neighbors (Kang & Farias, arXiv 2511.14137). For each query token i:
+
+1. candidates C_i: all tokens, or a candidate list shared by the batch (random subset / spatial grid, prefix tokens
+   included) plus the query token itself;
+2. similarity s(i, j) from "similarity features" (see `similarity_features`): every metric is written as a plain
+   dot product of transformed features, so one matmul kernel serves cosine, scaled dot and (negative squared)
+   euclidean distance;
+3. top-K selection, computed in fp32 under `no_grad`, in query chunks (never more than a bounded slice of the
+   score matrix exists, and none of it is kept for backward);
+4. the K selected scores are recomputed *with* grad from the selected pairs only (`gather_dot`), so q/k get their
+   gradient through the weights rho without an n x n gradient;
+5. aggregation y_i = sum_k W_k (rho_ik v_{I_ik}) (`neighbor_aggregate`), the paper's Conv1d(kernel K, stride K) over
+   the neighbour sequence, computed slot by slot without materialising the (B, C, n, K) neighbour tensor; backward
+   re-gathers instead of storing.
+
+Tensor layout throughout is timm's attention layout: (B, G, N, C) with G groups (attention heads; 1 for 2D maps).
+
+All functions here are TorchScript compatible (timm scripts every model in its tests); the custom autograd
+Functions are only used outside scripting, with an equivalent plain-autograd fallback inside it.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'similarity_features', 'select_neighbors', 'gather_dot', 'neighbor_aggregate', 'hashed_permutation',
+    'random_candidates', 'grid_shape', 'grid_candidates', 'coordinate_grid',
+]
+
+
+def similarity_features(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        similarity: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Transform (q, k) so that the similarity is the plain dot product <q', k'>.
+
+    * ``dot``: <q, k> / sqrt(d)
+    * ``cosine``: <q / |q|, k / |k|>
+    * ``euclidean``: -|q - k|^2 = <[2q, -|q|^2, -1], [k, 1, |k|^2]>
+
+    Args:
+        q: (..., N, d) query features.
+        k: (..., M, d) candidate features.
+        similarity: one of ``dot``, ``cosine``, ``euclidean``.
+    """
+    if similarity == 'dot':
+        return q * (q.shape[-1] ** -0.5), k
+    if similarity == 'cosine':
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if similarity == 'euclidean':
+        q2 = (q * q).sum(-1, keepdim=True)
+        k2 = (k * k).sum(-1, keepdim=True)
+        qs = torch.cat([2. * q, -q2, -torch.ones_like(q2)], dim=-1)
+        ks = torch.cat([k, torch.ones_like(k2), k2], dim=-1)
+        return qs, ks
+    raise ValueError('similarity must be one of dot, cosine, euclidean, got ' + similarity)
+
+
+def select_neighbors(
+        qs: torch.Tensor,
+        ks: torch.Tensor,
+        num_neighbors: int,
+        candidates: Optional[torch.Tensor] = None,
+        query_index: Optional[torch.Tensor] = None,
+        budget_bytes: int = 64 * 1024 * 1024,
+) -> torch.Tensor:
+    """Indices of the top-K candidates of every query (no autograd graph; scores in fp32).
+
+    Args:
+        qs: (B, G, N, D) query similarity features.
+        ks: (B, G, M, D) token similarity features (M tokens; candidates index into them).
+        num_neighbors: K. Clamped to the number of candidates (all: M; listed: len(candidates)).
+        candidates: optional (r,) int64 token ids shared by all queries. None means all M tokens.
+        query_index: (N,) int64 token id of each query, required with ``candidates``: the query token itself is
+            always a candidate (added when it is not in the list, never counted twice).
+        budget_bytes: the largest fp32 score slice computed at once (queries are processed in chunks).
+
+    Returns:
+        (B, G, N, K_eff) int64 token ids, best first.
+    """
+    with torch.no_grad():
+        if candidates is None:
+            return _select_all(qs.float(), ks.float(), num_neighbors, budget_bytes)
+        if query_index is None:
+            raise ValueError('select_neighbors: query_index is required with a candidate list')
+        return _select_listed(qs.float(), ks.float(), num_neighbors, candidates, query_index, budget_bytes)
+
+
+def _select_all(qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int) -> torch.Tensor:
+    B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
+    M = kf.shape[2]
+    k_eff = min(num_neighbors, M)
+    chunk = max(1, budget_bytes // max(1, B * G * M * 4))
+    kt = kf.transpose(-1, -2)
+    out: List[torch.Tensor] = []
+    for start in range(0, N, chunk):
+        scores = torch.matmul(qf[:, :, start:start + chunk], kt)  # (B, G, c, M)
+        out.append(scores.topk(k_eff, dim=-1).indices)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def _select_listed(
+        qf: torch.Tensor,
+        kf: torch.Tensor,
+        num_neighbors: int,
+        candidates: torch.Tensor,
+        query_index: torch.Tensor,
+        budget_bytes: int,
+) -> torch.Tensor:
+    B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
+    r = candidates.shape[0]
+    k_eff = min(num_neighbors, r)
+    kc = kf.index_select(2, candidates)
+    kt = kc.transpose(-1, -2)
+    chunk = max(1, budget_bytes // max(1, B * G * (r + 1) * 4))
+    out: List[torch.Tensor] = []
+    for start in range(0, N, chunk):
+        end = min(N, start + chunk)
+        qi = query_index[start:end]
+        qc = qf[:, :, start:end]
+        scores = torch.matmul(qc, kt)  # (B, G, c, r)
+        # the query token itself: its own score as an extra column; its duplicate (if listed) masked out
+        self_score = (qc * kf.index_select(2, qi)).sum(-1, keepdim=True)
+        dup = candidates.view(1, -1) == qi.view(-1, 1)  # (c, r)
+        scores = torch.cat([scores.masked_fill(dup, float('-inf')), self_score], dim=-1)
+        cols = scores.topk(k_eff, dim=-1).indices
+        ids = torch.cat([candidates.view(1, -1).expand(end - start, r), qi.view(-1, 1)], dim=1)
+        out.append(torch.gather(ids.view(1, 1, end - start, r + 1).expand(B, G, end - start, r + 1), -1, cols))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, G, N) token ids -> row ids into a (B * G * M, C) table."""
+    B, G = idx.shape[0], idx.shape[1]
+    base = torch.arange(B * G, device=idx.device, dtype=idx.dtype).view(B, G, 1) * num_tokens
+    return (idx + base).reshape(-1)
+
+
+def _gather_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """table (B*G*M, C), idx (B, G, N) -> (B, G, N, C)."""
+    B, G, N = idx.shape[0], idx.shape[1], idx.shape[2]
+    return table.index_select(0, _flat_rows(idx, num_tokens)).view(B, G, N, table.shape[-1])
+
+
+def _gather_dot_eager(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    B, G, M, D = k.shape
+    table = k.reshape(B * G * M, D)
+    cols: List[torch.Tensor] = []
+    for s in range(idx.shape[-1]):
+        cols.append((q * _gather_rows(table, idx[..., s], M)).sum(-1))
+    return torch.stack(cols, dim=-1)
+
+
+class _GatherDot(torch.autograd.Function):
+    """s[b, g, i, t] = <q[b, g, i], k[b, g, idx[b, g, i, t]]>, storing only q, k and idx for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, idx):
+        ctx.save_for_backward(q, k, idx)
+        with torch.no_grad():
+            return _gather_dot_eager(q, k, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, idx = ctx.saved_tensors
+        B, G, M, D = k.shape
+        table = k.reshape(B * G * M, D)
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq = torch.zeros_like(q) if need_q else None
+        dk = torch.zeros(B * G * M, D, dtype=k.dtype, device=k.device) if need_k else None
+        for s in range(idx.shape[-1]):
+            g = grad[..., s:s + 1]
+            if dq is not None:
+                dq.add_(g * _gather_rows(table, idx[..., s], M))
+            if dk is not None:
+                dk.index_add_(0, _flat_rows(idx[..., s], M), (g * q).reshape(-1, D))
+        return dq, dk.view(B, G, M, D) if dk is not None else None, None
+
+
+def gather_dot(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Scores of the selected pairs only: (B, G, N, D) x (B, G, M, D) at (B, G, N, K) -> (B, G, N, K)."""
+    if torch.jit.is_scripting():
+        return _gather_dot_eager(q, k, idx)
+    return _GatherDot.apply(q, k, idx)
+
+
+def _aggregate_eager(
+        v: torch.Tensor,
+        idx: torch.Tensor,
+        rho: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        depthwise: bool,
+) -> torch.Tensor:
+    B, G, M, C = v.shape
+    N, K = idx.shape[2], idx.shape[3]
+    table = v.reshape(B * G * M, C)
+    out = torch.zeros(0, device=v.device, dtype=v.dtype)
+    for s in range(K):
+        g = _gather_rows(table, idx[..., s], M)
+        if rho is not None:
+            g = g * rho[..., s:s + 1]
+        if depthwise:
+            y = g * weight[:, :, s].unsqueeze(1)  # (G, C) -> (G, 1, C), broadcast over B and N
+        else:
+            y = torch.matmul(g, weight[:, :, :, s].transpose(-1, -2))  # (G, C, Cout)
+        out = y if s == 0 else out + y
+    return out
+
+
+class _NeighborAggregate(torch.autograd.Function):
+    """y_i = sum_t W_t (rho_it v_{idx_it}); saves v, idx, rho, weight (never the gathered neighbours)."""
+
+    @staticmethod
+    def forward(ctx, v, idx, rho, weight, depthwise: bool):
+        ctx.depthwise = depthwise
+        ctx.has_rho = rho is not None
+        ctx.save_for_backward(v, idx, rho if rho is not None else v.new_zeros(0), weight)
+        with torch.no_grad():
+            return _aggregate_eager(v, idx, rho, weight, depthwise)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, idx, rho, weight = ctx.saved_tensors
+        rho = rho if ctx.has_rho else None
+        depthwise = ctx.depthwise
+        B, G, M, C = v.shape
+        K = idx.shape[-1]
+        table = v.reshape(B * G * M, C)
+        need_v, need_rho, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
+        drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
+        dw = torch.zeros_like(weight) if need_w else None
+        for s in range(K):
+            g = _gather_rows(table, idx[..., s], M)  # re-gathered, (B, G, N, C)
+            if depthwise:
+                gw = grad * weight[:, :, s].unsqueeze(1)
+            else:
+                gw = torch.matmul(grad, weight[:, :, :, s])  # (B, G, N, Cout) @ (G, Cout, C)
+            if drho is not None:
+                drho[..., s] = (gw * g).sum(-1)
+            g_rho = g * rho[..., s:s + 1] if rho is not None else g
+            if dw is not None:
+                if depthwise:
+                    dw[:, :, s] = (g_rho * grad).sum(dim=(0, 2))
+                else:
+                    # (B, G, C, N) @ (B, G, N, Cout) summed over B -> (G, C, Cout)
+                    dw[:, :, :, s] = torch.matmul(g_rho.transpose(-1, -2), grad).sum(0).transpose(-1, -2)
+            if dv is not None:
+                gv = gw * rho[..., s:s + 1] if rho is not None else gw
+                dv.index_add_(0, _flat_rows(idx[..., s], M), gv.reshape(-1, C))
+        return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw, None
+
+
+def neighbor_aggregate(
+        v: torch.Tensor,
+        idx: torch.Tensor,
+        rho: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        depthwise: bool,
+) -> torch.Tensor:
+    """ConvNN aggregation, Conv1d(kernel K, stride K) over each query's K (weighted) neighbours.
+
+    Args:
+        v: (B, G, M, C) values of all tokens.
+        idx: (B, G, N, K) selected token ids per query (slot order = conv tap order).
+        rho: optional (B, G, N, K) neighbour weights (None = ones).
+        weight: depthwise (G, C, K), or standard (G, Cout, C, K) (one Conv1d per group).
+        depthwise: selects the weight layout above.
+
+    Returns:
+        (B, G, N, C) for depthwise, (B, G, N, Cout) for standard; dtype of ``v``.
+    """
+    weight = weight.to(v.dtype)
+    if rho is not None:
+        rho = rho.to(v.dtype)
+    if torch.jit.is_scripting():
+        return _aggregate_eager(v, idx, rho, weight, depthwise)
+    return _NeighborAggregate.apply(v, idx, rho, weight, depthwise)
+
+
+def hashed_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random permutation of range(n), the same on every device, process and run.
+
+    A 32-bit integer hash (bijective on 32-bit values, so there are no ties) of each index keyed by ``seed``,
+    then argsort. Used for deterministic candidate sampling in eval mode.
+    """
+    mask = 0xFFFFFFFF
+    x = torch.arange(n, device=device, dtype=torch.int64)
+    x = (x + (seed * 0x9E3779B1 + 0x632BE5AB)) & mask
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask
+    x = x ^ (x >> 16)
+    return torch.sort(x, stable=True).indices
+
+
+def random_candidates(
+        num_tokens: int,
+        num_samples: int,
+        offset: int,
+        training: bool,
+        seed: int,
+        device: torch.device,
+) -> torch.Tensor:
+    """``num_samples`` distinct token ids from ``offset .. offset + num_tokens - 1``.
+
+    Fresh draws from torch's global RNG in training; a fixed hashed draw (keyed by seed and token count) in eval,
+    so eval is deterministic across calls and processes.
+    """
+    if training:
+        perm = torch.randperm(num_tokens, device=device)
+    else:
+        perm = hashed_permutation(num_tokens, seed * 1000003 + num_tokens, device)
+    return perm[:num_samples] + offset
+
+
+def grid_shape(height: int, width: int, num_samples: int) -> Tuple[int, int]:
+    """Rows x cols of the regular candidate grid: the largest grid of at most ``num_samples`` points that keeps the
+    map's aspect ratio (at least 1 x 1, at most the map)."""
+    gh = max(1, min(height, int(round((num_samples * height / width) ** 0.5))))
+    gw = max(1, min(width, num_samples // gh))
+    while gh * gw > num_samples and gh > 1:
+        gh -= 1
+    return gh, gw
+
+
+def grid_candidates(
+        height: int,
+        width: int,
+        num_samples: int,
+        row_stride: int,
+        offset: int,
+        device: torch.device,
+) -> torch.Tensor:
+    """Token ids of a regular grid of at most ``num_samples`` points on a height x width map.
+
+    Points sit at the centres of equal cells: row ``floor((a + 0.5) * height / gh)``, same for columns. Token id =
+    offset + row * row_stride + col (``row_stride`` is the flattened row length, e.g. a padded width).
+    """
+    gh, gw = grid_shape(height, width, num_samples)
+    rows = ((torch.arange(gh, device=device, dtype=torch.float64) + 0.5) * (height / gh)).floor().long()
+    cols = ((torch.arange(gw, device=device, dtype=torch.float64) + 0.5) * (width / gw)).floor().long()
+    return (rows.view(-1, 1) * row_stride + cols.view(1, -1)).reshape(-1) + offset
+
+
+def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(height * width, 2) normalised (x, y) coordinates in raster order.
+
+    Both axes share one spacing (2 / (max(height, width) - 1)) and are centred on 0, so euclidean distance on the
+    coordinates is proportional to pixel distance on any map shape (the property that makes coordinate ConvNN an
+    exact KxK convolution).
+    """
+    step = 2. / max(1, max(height, width) - 1)
+    ys = (torch.arange(height, device=device, dtype=dtype) - (height - 1) / 2.) * step
+    xs = (torch.arange(width, device=device, dtype=dtype) - (width - 1) / 2.) * step
+    return torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)], dim=-1).reshape(-1, 2)
