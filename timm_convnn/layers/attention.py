@@ -22,7 +22,8 @@ from timm.layers import register_notrace_module
 
 from .common import NeighborAggregation, check_convnn_args
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features)
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features,
+    softmax_weights)
 
 __all__ = ['ConvNNAttention']
 
@@ -188,7 +189,7 @@ class ConvNNAttention(nn.Module):
 
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = self.attn_drop(gather_dot(qs, ks, idx).float().softmax(dim=-1))
+            rho = self.attn_drop(softmax_weights(gather_dot(qs, ks, idx)))
         out = self.aggregate(v, idx, rho)
 
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)

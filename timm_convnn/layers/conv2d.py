@@ -8,7 +8,8 @@ from timm.layers import register_notrace_module
 
 from .common import NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features)
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features,
+    softmax_weights)
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
 
@@ -177,7 +178,7 @@ class ConvNN2d(nn.Module):
             idx = idx.sort(dim=-1).values
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = gather_dot(qs, ks, idx).float().softmax(dim=-1)
+            rho = softmax_weights(gather_dot(qs, ks, idx))
         out = self.aggregate(tokens, idx, rho)  # (B, 1, Nq, out)
         return out.view(B, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'similarity_features', 'select_neighbors', 'gather_dot', 'neighbor_aggregate', 'hashed_permutation',
-    'random_candidates', 'grid_shape', 'grid_candidates', 'coordinate_grid',
+    'similarity_features', 'select_neighbors', 'softmax_weights', 'gather_dot', 'neighbor_aggregate',
+    'hashed_permutation', 'random_candidates', 'grid_shape', 'grid_candidates', 'coordinate_grid',
 ]
 
 
@@ -83,11 +83,22 @@ def select_neighbors(
         (B, G, N, K_eff) int64 token ids, best first.
     """
     with torch.no_grad():
+        qf, kf = _at_least_fp32(qs), _at_least_fp32(ks)
         if candidates is None:
-            return _select_all(qs.float(), ks.float(), num_neighbors, budget_bytes)
+            return _select_all(qf, kf, num_neighbors, budget_bytes)
         if query_index is None:
             raise ValueError('select_neighbors: query_index is required with a candidate list')
-        return _select_listed(qs.float(), ks.float(), num_neighbors, candidates, query_index, budget_bytes)
+        return _select_listed(qf, kf, num_neighbors, candidates, query_index, budget_bytes)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # half / bfloat16 scores round cosine values to ~4e-3 steps and flip ranks: select in fp32 (fp64 stays fp64)
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def softmax_weights(scores: torch.Tensor) -> torch.Tensor:
+    """rho = softmax over the K kept scores, computed in at least fp32."""
+    return _at_least_fp32(scores).softmax(dim=-1)
 
 
 def _select_all(qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int) -> torch.Tensor:
@@ -358,4 +369,5 @@ def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.
     step = 2. / max(1, max(height, width) - 1)
     ys = (torch.arange(height, device=device, dtype=dtype) - (height - 1) / 2.) * step
     xs = (torch.arange(width, device=device, dtype=dtype) - (width - 1) / 2.) * step
-    return torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)], dim=-1).reshape(-1, 2)
+    grid = torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)], dim=-1)
+    return grid.reshape(-1, 2)

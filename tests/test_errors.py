@@ -1,0 +1,79 @@
+"""Bad input gets a clear error that names the argument and the valid range."""
+import pytest
+import torch
+import torch.nn as nn
+
+from timm_convnn import ConvNN2d, ConvNNAttention, ConvNNBranch2d
+
+
+@pytest.mark.parametrize('kwargs,exc,words', [
+    (dict(num_neighbors=0), ValueError, ['num_neighbors', '>= 1', '0']),
+    (dict(num_neighbors=-3), ValueError, ['num_neighbors', '>= 1']),
+    (dict(num_neighbors=2.5), TypeError, ['num_neighbors', 'int']),
+    (dict(num_neighbors='9'), TypeError, ['num_neighbors', 'int']),
+    (dict(candidates='random', num_samples=8, num_neighbors=9), ValueError, ['num_samples', 'r=8', 'K=9']),
+    (dict(candidates='spatial', num_samples=4, num_neighbors=16), ValueError, ['num_samples', 'r=4', 'K=16']),
+    (dict(candidates='nearest'), ValueError, ['candidates', "'all'", "'random'", "'spatial'", 'nearest']),
+    (dict(similarity='l1'), ValueError, ['similarity', "'cosine'", "'dot'", "'euclidean'", 'l1']),
+    (dict(weighting='sigmoid'), ValueError, ['weighting', "'softmax'", "'ones'"]),
+    (dict(aggregation='separable'), ValueError, ['aggregation', "'depthwise'", "'standard'"]),
+    (dict(coords='xy'), ValueError, ['coords', "'none'", "'append'", "'only'"]),
+    (dict(neighbor_order='random'), ValueError, ['neighbor_order', "'rank'", "'position'"]),
+])
+@pytest.mark.parametrize('cls', [ConvNNAttention, ConvNN2d])
+def test_bad_options(cls, kwargs, exc, words):
+    args = (32, 8) if cls is ConvNNAttention else (8, 8)
+    with pytest.raises(exc) as info:
+        cls(*args, **kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize('heads', [5, 0, 7])
+def test_heads_must_divide_dim(heads):
+    with pytest.raises(ValueError, match=f'num_heads must be a positive divisor of dim=32; got num_heads={heads}'):
+        ConvNNAttention(32, num_heads=heads)
+
+
+def test_attention_bad_inputs():
+    m = ConvNNAttention(32, 4)
+    with pytest.raises(ValueError, match=r'expects \(B, N, C\) input, got a 4-D tensor'):
+        m(torch.randn(2, 3, 4, 32))
+    with pytest.raises(ValueError, match=r'expects \(B, N, C\) input, got a 2-D tensor'):
+        m(torch.randn(3, 32))
+    with pytest.raises(ValueError, match='expects 32 input channels, got 16'):
+        m(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match='attn_mask and is_causal are not supported'):
+        m(torch.randn(2, 5, 32), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match='norm_layer must be provided'):
+        ConvNNAttention(32, 4, qk_norm=True)
+
+
+def test_conv_bad_inputs():
+    m = ConvNN2d(8, 4)
+    with pytest.raises(ValueError, match=r'expects \(B, C, H, W\) input, got a 3-D tensor'):
+        m(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match='expects 8 input channels, got 3'):
+        m(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match='stride must be >= 1; got 0'):
+        ConvNN2d(8, 4, stride=0)
+    with pytest.raises(ValueError, match='padding must be >= 0; got -1'):
+        ConvNN2d(8, 4, padding=-1)
+    with pytest.raises(ValueError, match='depthwise aggregation needs out_channels == in_channels'):
+        ConvNN2d(8, 4, aggregation='depthwise')
+    with pytest.raises(ValueError, match=r'supports square kernels 1, 3 or 5; got kernel_size=\(7, 7\)'):
+        ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 7, padding=3))
+    with pytest.raises(ValueError, match='needs padding=1'):
+        ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=0))
+
+
+@pytest.mark.parametrize('ratio,exc', [(-0.1, ValueError), (1.5, ValueError), ('half', TypeError),
+                                       (None, TypeError), (True, TypeError)])
+def test_branch_ratio_range(ratio, exc):
+    with pytest.raises(exc, match=r'branch_ratio \(lambda\) must be'):
+        ConvNNBranch2d(8, 8, branch_ratio=ratio)
+
+
+def test_branch_even_kernel_rejected():
+    with pytest.raises(ValueError, match='kernel_size must be odd'):
+        ConvNNBranch2d(8, 8, kernel_size=2)

@@ -1,0 +1,281 @@
+"""The ConvNN operator: kernels against autograd and brute force, candidates, determinism, dtypes, devices, tracing."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+from timm_convnn import ConvNN2d, ConvNNAttention, ConvNNBranch2d
+from timm_convnn.layers import functional as FN
+
+
+def _rand_idx(B, G, N, M, K):
+    # K distinct ids per row (as selection produces)
+    return torch.stack([torch.randperm(M)[:K] for _ in range(B * G * N)]).view(B, G, N, K)
+
+
+def test_gather_dot_gradcheck():
+    B, G, N, M, D, K = 2, 2, 5, 7, 3, 4
+    q = torch.randn(B, G, N, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, G, M, D, dtype=torch.float64, requires_grad=True)
+    idx = _rand_idx(B, G, N, M, K)
+    assert torch.autograd.gradcheck(lambda a, b: FN.gather_dot(a, b, idx), (q, k))
+    ref = torch.einsum('bgnd,bgnkd->bgnk', q, k[torch.arange(B)[:, None, None, None],
+                                              torch.arange(G)[None, :, None, None], idx])
+    torch.testing.assert_close(FN.gather_dot(q, k, idx), ref)
+
+
+@pytest.mark.parametrize('depthwise', [True, False])
+@pytest.mark.parametrize('with_rho', [True, False])
+def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho):
+    B, G, N, M, C, Co, K = 2, 2, 4, 6, 3, 5, 3
+    v = torch.randn(B, G, M, C, dtype=torch.float64, requires_grad=True)
+    idx = _rand_idx(B, G, N, M, K)
+    rho = torch.rand(B, G, N, K, dtype=torch.float64, requires_grad=True) if with_rho else None
+    shape = (G, C, K) if depthwise else (G, Co, C, K)
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    inputs = (v, w) + ((rho,) if with_rho else ())
+
+    def fn(v_, w_, *r):
+        return FN.neighbor_aggregate(v_, idx, r[0] if r else None, w_, depthwise)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    # definition: the paper's Conv1d(kernel K, stride K) over the materialised neighbour sequence
+    nb = v[torch.arange(B)[:, None, None, None], torch.arange(G)[None, :, None, None], idx]  # (B, G, N, K, C)
+    if rho is not None:
+        nb = nb * rho[..., None]
+    seq = nb.permute(0, 1, 4, 2, 3).reshape(B * G, C, N * K)  # token-major, slot-minor
+    outs = []
+    for g in range(G):
+        seq_g = seq.view(B, G, C, N * K)[:, g]
+        if depthwise:
+            y = torch.nn.functional.conv1d(seq_g, w[g].unsqueeze(1), stride=K, groups=C)
+        else:
+            y = torch.nn.functional.conv1d(seq_g, w[g], stride=K)
+        outs.append(y.transpose(1, 2))
+    torch.testing.assert_close(fn(v, w, *((rho,) if with_rho else ())), torch.stack(outs, 1))
+
+
+def test_custom_functions_match_eager_fallback():
+    B, G, N, M, C, K = 2, 3, 9, 11, 4, 5
+    q, k, v = (torch.randn(B, G, n, C, requires_grad=True) for n in (N, M, M))
+    w = torch.randn(G, C, K, requires_grad=True)
+    idx = _rand_idx(B, G, N, M, K)
+
+    def run(fast):
+        s = FN.gather_dot(q, k, idx) if fast else FN._gather_dot_eager(q, k, idx)
+        rho = s.softmax(-1)
+        y = FN.neighbor_aggregate(v, idx, rho, w, True) if fast else FN._aggregate_eager(v, idx, rho, w, True)
+        return (y,) + torch.autograd.grad(y.square().sum(), (q, k, v, w))
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('similarity', ['dot', 'cosine', 'euclidean'])
+def test_selection_is_brute_force_topk(similarity):
+    B, G, N, D, K = 2, 2, 33, 8, 5
+    q, k = torch.randn(B, G, N, D), torch.randn(B, G, N, D)
+    qs, ks = FN.similarity_features(q, k, similarity)
+    if similarity == 'dot':
+        dense = q @ k.transpose(-1, -2) / D ** 0.5
+    elif similarity == 'cosine':
+        dense = torch.nn.functional.cosine_similarity(q[:, :, :, None], k[:, :, None], dim=-1)
+    else:
+        dense = -torch.cdist(q, k).square()
+    ref = dense.topk(K, dim=-1).indices
+    idx = FN.select_neighbors(qs, ks, K)
+    assert torch.equal(idx, ref)
+    torch.testing.assert_close(FN.gather_dot(qs, ks, idx), dense.gather(-1, ref), atol=1e-4, rtol=1e-5)
+    # chunked selection (tiny score budget) gives the same answer
+    assert torch.equal(FN.select_neighbors(qs, ks, K, budget_bytes=1), ref)
+
+
+def test_listed_candidates_include_self_once():
+    B, G, N, D, K = 2, 3, 40, 6, 8
+    q = torch.randn(B, G, N, D)
+    qs, ks = FN.similarity_features(q, q.clone(), 'cosine')
+    cand = torch.tensor([0, 3, 5, 8, 13, 21, 34, 37, 39])
+    idx = FN.select_neighbors(qs, ks, K, cand, torch.arange(N), budget_bytes=1024)
+    assert idx.shape == (B, G, N, K)
+    # cosine: every token is its own best match, so the query wins slot 0 whether or not it was listed
+    assert torch.equal(idx[..., 0], torch.arange(N).expand(B, G, N))
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    allowed[:, cand] = True
+    allowed[torch.arange(N), torch.arange(N)] = True
+    assert allowed[torch.arange(N).view(1, 1, N, 1), idx].all()
+    srt = idx.sort(-1).values
+    assert (srt[..., 1:] != srt[..., :-1]).all(), 'a candidate was selected twice'
+
+
+def test_attention_candidates_random_and_spatial():
+    m = ConvNNAttention(16, 2, candidates='random', num_samples=20, num_neighbors=4, num_prefix_tokens=1)
+    for training in (True, False):
+        m.train(training)
+        ids = m._candidate_ids(1 + 196, torch.device('cpu'))
+        assert ids.shape == (21,) and ids[0] == 0 and len(set(ids.tolist())) == 21
+        assert ids[1:].min() >= 1 and ids.max() <= 196
+    m.eval()
+    assert torch.equal(m._candidate_ids(197, torch.device('cpu')), m._candidate_ids(197, torch.device('cpu')))
+    # r >= number of patch tokens: all tokens
+    assert m._candidate_ids(1 + 16, torch.device('cpu')) is None
+
+    s = ConvNNAttention(16, 2, candidates='spatial', num_samples=16, num_neighbors=4, num_prefix_tokens=1)
+    ids = s._candidate_ids(1 + 64, torch.device('cpu'))  # 8 x 8 patches, 4 x 4 grid at rows/cols 1, 3, 5, 7
+    expect = [1 + r * 8 + c for r in (1, 3, 5, 7) for c in (1, 3, 5, 7)]
+    assert ids.tolist() == [0] + expect
+    s.num_samples = 128
+    assert FN.grid_shape(14, 14, 128) == (11, 11)
+    ids = s._candidate_ids(1 + 196, torch.device('cpu'))
+    assert ids.shape == (1 + 121,) and len(set(ids.tolist())) == 122
+
+
+def test_convnn2d_candidates_stay_on_real_map():
+    m = ConvNN2d(3, 4, candidates='random', num_samples=10, padding=1)
+    for training in (True, False):
+        m.train(training)
+        ids = m._candidate_ids(6, 7, torch.device('cpu'))
+        rows, cols = ids // 9, ids % 9  # padded width 9
+        assert ((rows >= 1) & (rows <= 6) & (cols >= 1) & (cols <= 7)).all() and len(set(ids.tolist())) == 10
+    g = ConvNN2d(3, 4, candidates='spatial', num_samples=9, padding=1)
+    ids = g._candidate_ids(6, 6, torch.device('cpu'))
+    assert sorted(((ids // 8 - 1) * 6 + ids % 8 - 1).tolist()) == [r * 6 + c for r in (1, 3, 5) for c in (1, 3, 5)]
+
+
+def test_k_is_clamped_on_small_inputs():
+    # timm's tests run 2x2 feature maps: K = 9 on 4 pixels uses the first 4 slots
+    big = ConvNN2d(4, 6, num_neighbors=9).eval()
+    small = ConvNN2d(4, 6, num_neighbors=4).eval()
+    with torch.no_grad():
+        small.aggregate.weight.copy_(big.aggregate.weight[..., :4])
+        small.aggregate.bias.copy_(big.aggregate.bias)
+    x = torch.randn(2, 4, 2, 2)
+    torch.testing.assert_close(big(x), small(x))
+    attn = ConvNNAttention(16, 2, num_neighbors=9)
+    assert attn(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+    assert ConvNN2d(4, 6, num_neighbors=9, stride=2)(torch.randn(1, 4, 1, 1)).shape == (1, 6, 1, 1)
+
+
+def _modules():
+    return [
+        ConvNNAttention(32, 4, qkv_bias=True, num_neighbors=5, num_prefix_tokens=1),
+        ConvNNAttention(32, 4, num_neighbors=5, candidates='random', num_samples=8, num_prefix_tokens=1,
+                        similarity='cosine', coords='append'),
+        ConvNNAttention(32, 2, num_neighbors=5, candidates='spatial', num_samples=9, similarity='euclidean',
+                        aggregation='standard', num_prefix_tokens=1),
+        ConvNN2d(6, 8, padding=1),
+        ConvNN2d(6, 8, stride=2, padding=1, candidates='random', num_samples=12, weighting='softmax',
+                 coords='append'),
+        ConvNN2d(6, 6, candidates='spatial', num_samples=16, aggregation='depthwise', similarity='dot'),
+        ConvNNBranch2d(6, 8, stride=2),
+        ConvNNBranch2d(6, 8, candidates='random', num_samples=10, weighting='softmax'),
+    ]
+
+
+def _input(m, dtype=torch.float32, device='cpu'):
+    if isinstance(m, ConvNNAttention):
+        return torch.randn(2, 1 + 25, 32, dtype=dtype, device=device)
+    return torch.randn(2, 6, 7, 7, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize('m', _modules(), ids=lambda m: type(m).__name__)
+def test_gradients_reach_every_parameter(m):
+    m.train()
+    x = _input(m).requires_grad_()
+    m(x).square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('m', _modules(), ids=lambda m: type(m).__name__)
+def test_eval_is_deterministic_and_dtype_preserving(m):
+    m.eval()
+    x = _input(m)
+    y1 = m(x)
+    torch.manual_seed(1234)  # a different global RNG state must not change eval outputs
+    torch.rand(100)
+    assert torch.equal(m(x), y1)
+    mb = m.to(torch.bfloat16)
+    yb = mb(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and torch.isfinite(yb.float()).all()
+    m.float()
+
+
+def test_random_candidates_are_fresh_in_training():
+    m = ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=4).train()
+    draws = {tuple(m._candidate_ids(65, torch.device('cpu')).tolist()) for _ in range(5)}
+    assert len(draws) > 1
+    m.eval()
+    assert len({tuple(m._candidate_ids(65, torch.device('cpu')).tolist()) for _ in range(5)}) == 1
+
+
+def test_eval_is_deterministic_across_processes():
+    code = (
+        'import torch, timm_convnn\n'
+        'torch.manual_seed(0)\n'
+        'm = timm_convnn.ConvNNAttention(32, 4, num_neighbors=5, candidates="random", num_samples=8,'
+        ' num_prefix_tokens=1, sample_seed=3).eval()\n'
+        'x = torch.randn(2, 50, 32)\n'
+        'torch.manual_seed(int(__import__("sys").argv[1]))\n'
+        'print(repr(m(x).double().sum().item()), m._candidate_ids(50, torch.device("cpu")).tolist())\n'
+    )
+    outs = {subprocess.run([sys.executable, '-c', code, str(s)], capture_output=True, text=True, check=True).stdout
+            for s in (1, 2)}
+    assert len(outs) == 1, outs
+
+
+@pytest.mark.parametrize('m', _modules(), ids=lambda m: type(m).__name__)
+def test_meta_device(m):
+    cls = type(m)
+    if cls is ConvNNAttention:
+        mm = cls(32, 4, num_neighbors=5, candidates=m.candidates, num_samples=9, device='meta')
+    else:
+        mm = cls(6, 6 if getattr(m, 'aggregation', '') == 'depthwise' else 8, device='meta')
+    assert all(p.device.type == 'meta' for p in mm.parameters())
+    y = mm(_input(m, device='meta'))
+    assert y.device.type == 'meta'
+
+
+@pytest.mark.parametrize('m', _modules(), ids=lambda m: type(m).__name__)
+def test_torchscript_matches_eager(m):
+    m.eval()
+    x = _input(m)
+    scripted = torch.jit.script(m)
+    torch.testing.assert_close(scripted(x), m(x))
+
+
+def test_fx_tracing_with_timm_leaf_modules():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from timm.models import get_notrace_functions, get_notrace_modules
+    assert {ConvNNAttention, ConvNN2d} <= set(get_notrace_modules())
+    model = nn.Sequential(ConvNNBranch2d(3, 8), nn.ReLU(), ConvNN2d(8, 8, padding=1, stride=2)).eval()
+    fx = create_feature_extractor(
+        model, return_nodes={'2': 'out'},
+        tracer_kwargs={'leaf_modules': list(get_notrace_modules()), 'autowrap_functions': list(get_notrace_functions())})
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(fx(x)['out'], model(x))
+
+
+def test_attention_dropout_acts_on_neighbor_weights():
+    m = ConvNNAttention(16, 2, num_neighbors=4, attn_drop=0.5)
+    x = torch.randn(2, 10, 16)
+    m.eval()
+    y = m(x)
+    assert torch.equal(y, m(x))
+    m.train()
+    assert not torch.allclose(m(x), y)
+
+
+def test_timm_vit_runs_with_convnn_attention_as_attn_layer():
+    # drop-in: timm's own VisionTransformer accepts the class through attn_layer
+    model = timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, attn_layer=ConvNNAttention)
+    assert all(isinstance(b.attn, ConvNNAttention) for b in model.blocks)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3)
+    out.sum().backward()
