@@ -1,0 +1,54 @@
+"""The command line: the README's first command (``timm-convnn demo``) runs the self-check and reports numbers."""
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from timm_convnn import cli, selfcheck
+
+
+def test_console_script_installed():
+    eps = [ep for ep in entry_points(group='console_scripts') if ep.name == 'timm-convnn']
+    assert len(eps) == 1 and eps[0].load() is cli.main
+    script = Path(sys.executable).parent / 'timm-convnn'
+    exe = str(script) if script.exists() else shutil.which('timm-convnn')
+    assert exe, 'the timm-convnn console script is not installed (pip install -e .)'
+    out = subprocess.run([exe, '--version'], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith('timm-convnn ')
+
+
+def test_demo_runs_selfcheck_and_prints_measurements():
+    out = subprocess.run([sys.executable, '-m', 'timm_convnn', 'demo', '--quick'], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert 'all identities hold' in text
+    rows = re.findall(r'^(attention|convolution) identity .* ([0-9.]+e[-+][0-9]+) +([0-9.]+e[-+][0-9]+) +ok$',
+                      text, flags=re.M)
+    assert len(rows) == 6, text
+    for _, err, tol in rows:
+        assert float(err) <= float(tol)
+    assert len(re.findall(r'K=16 +[0-9.]+ ms +[0-9.]+ ms +[0-9.]+x', text)) == 2, text
+
+
+def test_selfcheck_reports_failure(monkeypatch, capsys):
+    # a broken identity must turn the exit status red
+    real = selfcheck._conv_identity
+
+    def broken(*args):
+        c = real(*args)
+        c.error = 1.0
+        return c
+
+    monkeypatch.setattr(selfcheck, '_conv_identity', broken)
+    assert cli.main(['selfcheck', '--quick']) == 1
+    assert 'FAIL' in capsys.readouterr().out
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
