@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .common import NeighborAggregation, check_convnn_args
@@ -25,7 +26,7 @@ from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features,
     softmax_weights)
 
-__all__ = ['ConvNNAttention']
+__all__ = ['ConvNNAttention', 'ConvNNBranchAttention']
 
 
 @register_notrace_module
@@ -47,6 +48,8 @@ class ConvNNAttention(nn.Module):
         coord_scale: multiplier of the coordinate channels.
         neighbor_order: slot order fed to the aggregation: ``'rank'`` (best first) or ``'position'`` (token order).
         num_prefix_tokens: leading non-patch tokens (class, registers); set by the model.
+        grid_size: (rows, cols) of the patch map, used when it matches the token count; otherwise a square map is
+            assumed, or a single raster row when the count is not square.
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
     grid_size: Optional[Tuple[int, int]]
@@ -75,6 +78,7 @@ class ConvNNAttention(nn.Module):
             coord_scale: float = 1.0,
             neighbor_order: str = 'rank',
             num_prefix_tokens: int = 0,
+            grid_size: Optional[Tuple[int, int]] = None,
             sample_seed: int = 0,
             device=None,
             dtype=None,
@@ -106,14 +110,15 @@ class ConvNNAttention(nn.Module):
         self.neighbor_order = neighbor_order
         self.num_prefix_tokens = num_prefix_tokens
         self.sample_seed = sample_seed
-        self.grid_size = None
+        self.grid_size = (int(grid_size[0]), int(grid_size[1])) if grid_size is not None else None
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
+        self.convnn_dim = self._convnn_channels()
         self.aggregate = NeighborAggregation(
-            self.attn_dim, self.attn_dim, num_neighbors, groups=num_heads,
+            self.convnn_dim, self.convnn_dim, num_neighbors, groups=num_heads,
             depthwise=aggregation == 'depthwise', bias=False, init='unit', **dd)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
@@ -155,34 +160,32 @@ class ConvNNAttention(nn.Module):
             ids = torch.cat([torch.arange(num_prefix, device=device, dtype=ids.dtype), ids])
         return ids
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
+    def _convnn_channels(self) -> int:
+        """Channels of q, k, v mixed by ConvNN (all of them here; a part in the branch variant)."""
+        return self.attn_dim
+
+    def _check_input(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
         if attn_mask is not None or is_causal:
             raise ValueError('ConvNNAttention selects neighbours itself; attn_mask and is_causal are not supported')
         if x.dim() != 3:
             raise ValueError('ConvNNAttention expects (B, N, C) input, got a ' + str(x.dim()) + '-D tensor')
-        B, N, C = x.shape
-        if C != self.dim:
-            raise ValueError('ConvNNAttention expects ' + str(self.dim) + ' input channels, got ' + str(C))
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                'ConvNNAttention expects ' + str(self.dim) + ' input channels, got ' + str(x.shape[-1]))
 
+    def convnn_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ConvNN token mixing of per-head (B, H, N, d) q, k, v -> (B, H, N, d)."""
+        B, H, N = q.shape[0], q.shape[1], q.shape[2]
         if self.coords != 'none':
-            coord = self._token_coords(N, x.device, q.dtype).view(1, 1, N, 2).expand(B, self.num_heads, N, 2)
+            coord = self._token_coords(N, q.device, q.dtype).view(1, 1, N, 2).expand(B, H, N, 2)
             if self.coords == 'only':
                 q, k = coord, coord
             else:
                 q, k = torch.cat([q, coord], dim=-1), torch.cat([k, coord], dim=-1)
         qs, ks = similarity_features(q, k, self.similarity)
 
-        cand = self._candidate_ids(N, x.device)
-        query_index = torch.arange(N, device=x.device) if cand is not None else None
+        cand = self._candidate_ids(N, q.device)
+        query_index = torch.arange(N, device=q.device) if cand is not None else None
         idx = select_neighbors(qs, ks, self.num_neighbors, cand, query_index)
         if self.neighbor_order == 'position':
             idx = idx.sort(dim=-1).values
@@ -190,8 +193,25 @@ class ConvNNAttention(nn.Module):
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
             rho = self.attn_drop(softmax_weights(gather_dot(qs, ks, idx)))
-        out = self.aggregate(v, idx, rho)
+        return self.aggregate(v, idx, rho)
 
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        self._check_input(x, attn_mask, is_causal)
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self.convnn_mix(q, k, v)
+        return self._output(out, gate)
+
+    def _output(self, out: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        B, N = out.shape[0], out.shape[2]
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.norm(out)
         if gate is not None:
@@ -208,3 +228,54 @@ class ConvNNAttention(nn.Module):
         if self.coords != 'none':
             s += f', coords={self.coords!r}'
         return s
+
+
+@register_notrace_module
+class ConvNNBranchAttention(ConvNNAttention):
+    """Hybrid token mixer: per head, a fraction ``branch_ratio`` of the channels of q, k, v is mixed by ConvNN and the
+    rest by softmax attention; the two results are concatenated per head and projected by ``proj``.
+
+    The ViT counterpart of the paper's branching layer (the reference splits the width the same way, giving each
+    branch all heads at a reduced head size). Parameters are timm ``Attention``'s (``qkv``, ``proj``, norms) plus
+    ``aggregate.weight`` for the ConvNN channels, so timm ViT weights load unchanged. ``branch_ratio`` must be in
+    (0, 1]: 0 would be plain attention (use timm's ``Attention``), 1 is ``ConvNNAttention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, branch_ratio: float = 0.5, **kwargs) -> None:
+        if isinstance(branch_ratio, bool) or not isinstance(branch_ratio, (int, float)):
+            raise TypeError(f'branch_ratio (lambda) must be a float in (0, 1]; got {branch_ratio!r}')
+        if not 0. < branch_ratio <= 1.:
+            raise ValueError(f'branch_ratio (lambda) must be in (0, 1] (0 is plain attention); got {branch_ratio}')
+        self.branch_ratio = float(branch_ratio)
+        super().__init__(dim, num_heads, **kwargs)
+        self.attn_head_channels = self.head_dim - self.convnn_head_channels
+
+    def _convnn_channels(self) -> int:
+        self.convnn_head_channels = int(round(self.branch_ratio * self.head_dim))
+        if self.convnn_head_channels < 1:
+            raise ValueError(
+                f'branch_ratio={self.branch_ratio} leaves no ConvNN channel in a head of {self.head_dim} channels')
+        return self.num_heads * self.convnn_head_channels
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        self._check_input(x, attn_mask, is_causal)
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        c = self.convnn_head_channels
+        out = self.convnn_mix(q[..., :c], k[..., :c], v[..., :c])
+        if self.attn_head_channels > 0:
+            attn_out = F.scaled_dot_product_attention(
+                q[..., c:], k[..., c:], v[..., c:], dropout_p=self.attn_drop.p if self.training else 0.)
+            out = torch.cat([out, attn_out], dim=-1)
+        return self._output(out, gate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', branch_ratio={self.branch_ratio}'
