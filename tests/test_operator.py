@@ -254,9 +254,8 @@ def test_fx_tracing_with_timm_leaf_modules():
     from timm.models import get_notrace_functions, get_notrace_modules
     assert {ConvNNAttention, ConvNN2d} <= set(get_notrace_modules())
     model = nn.Sequential(ConvNNBranch2d(3, 8), nn.ReLU(), ConvNN2d(8, 8, padding=1, stride=2)).eval()
-    fx = create_feature_extractor(
-        model, return_nodes={'2': 'out'},
-        tracer_kwargs={'leaf_modules': list(get_notrace_modules()), 'autowrap_functions': list(get_notrace_functions())})
+    tracer_kwargs = {'leaf_modules': list(get_notrace_modules()), 'autowrap_functions': list(get_notrace_functions())}
+    fx = create_feature_extractor(model, return_nodes={'2': 'out'}, tracer_kwargs=tracer_kwargs)
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(fx(x)['out'], model(x))
 

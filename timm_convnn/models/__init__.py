@@ -1,1 +1,2 @@
-"""timm model entrypoints (ViT and CNN families) are registered here by their modules on import."""
+"""timm model entrypoints; importing this package registers every ConvNN model in timm's registry."""
+from .vit_convnn import *

@@ -1,0 +1,176 @@
+"""ViT family: registry, warm start from timm ViT weights, kwargs, data config, determinism, parameter counts."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import timm
+import timm_convnn  # noqa: F401  (registers the models)
+from timm_convnn.layers import ConvNNAttention, ConvNNBranchAttention
+from timm_convnn.models.vit_convnn import checkpoint_filter_fn
+
+SIZES = ('tiny', 'small', 'base')
+MODES = ('all', 'all_k16', 'random', 'random_k16', 'spatial', 'spatial_k16', 'branch')
+VIT_NAMES = sorted(f'vit_{s}_convnn_{m}' for s in SIZES for m in MODES)
+
+
+def test_registry_lists_every_vit_name():
+    names = timm.list_models('vit_*_convnn_*')
+    assert names == VIT_NAMES
+    assert set(VIT_NAMES) <= set(timm.list_models('*convnn*'))
+    for name in VIT_NAMES:
+        assert 'convnn' in name
+        assert timm.models.get_pretrained_cfg(name) is not None
+
+
+def test_names_never_collide_with_timm():
+    code = 'import json, timm; print(json.dumps(timm.list_models()))'
+    timm_only = set(json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                                              check=True).stdout))
+    ours = set(timm.list_models('*convnn*'))
+    assert not ours & timm_only
+    assert not any('convnn' in n for n in timm_only)
+    # after the plugin import every timm model still maps to timm's own module
+    from timm.models._registry import _model_to_module
+    assert all(not _model_to_module[n].startswith('vit_convnn') for n in timm_only)
+    assert set(timm.list_models()) == timm_only | ours
+
+
+def _vit_weights(name, randomize=False):
+    src = timm.create_model(name).eval()
+    if randomize:  # variance-preserving random weights: logits depend strongly on the input
+        with torch.no_grad():
+            for n, p in src.named_parameters():
+                if p.dim() >= 2 and 'embed' not in n and 'token' not in n:
+                    p.normal_(std=p[0].numel() ** -0.5)
+                elif n.endswith('norm1.weight') or n.endswith('norm2.weight') or n.endswith('norm.weight'):
+                    p.normal_(1., 0.2)
+                else:
+                    p.normal_(std=0.2)
+    return src
+
+
+def test_warm_start_k_equals_n_reproduces_timm_vit(tmp_path):
+    src = _vit_weights('vit_tiny_patch16_224', randomize=True)
+    path = tmp_path / 'vit_tiny.safetensors'
+    save_file(src.state_dict(), str(path))
+    # through timm's own pretrained loading path (pretrained_cfg file) and our checkpoint_filter_fn
+    model = timm.create_model('vit_tiny_convnn_all', pretrained=True, num_neighbors=197,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert all(torch.all(b.attn.aggregate.weight == 1) for b in model.blocks)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref, out = src(x), model(x)
+    assert ref.std() > 0.3 and (ref[0] - ref[1]).abs().max() > 0.3  # informative, input-dependent logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_convnn_all', 'vit_tiny_convnn_random', 'vit_tiny_convnn_branch'])
+def test_warm_start_loads_every_tensor(name):
+    src = _vit_weights('vit_tiny_patch16_224')
+    model = timm.create_model(name).eval()
+    sd = checkpoint_filter_fn(src.state_dict(), model)
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in src.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    new = [k for k in model.state_dict() if k not in src.state_dict()]
+    assert new and all('.attn.aggregate.weight' in k for k in new)
+    out = model(torch.randn(1, 3, 224, 224))
+    assert torch.isfinite(out).all()
+
+
+def test_model_kwargs_reach_every_layer():
+    model = timm.create_model('vit_tiny_convnn_random', num_neighbors=12, img_size=32, patch_size=4)
+    assert model.patch_embed.grid_size == (8, 8)
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        assert type(attn) is ConvNNAttention
+        assert (attn.num_neighbors, attn.candidates, attn.num_samples) == (12, 'random', 32)
+        assert attn.num_prefix_tokens == 1 and attn.grid_size == (8, 8) and attn.sample_seed == i
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+    opts = dict(similarity='cosine', weighting='ones', aggregation='standard', coords='append', num_samples=48,
+                neighbor_order='position', coord_scale=2.0)
+    model = timm.create_model('vit_tiny_convnn_spatial', img_size=64, patch_size=8, num_classes=10, **opts)
+    for blk in model.blocks:
+        assert all(getattr(blk.attn, k) == v for k, v in opts.items())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    model = timm.create_model('vit_small_convnn_branch', branch_ratio=0.25, img_size=32, patch_size=8)
+    assert all(type(b.attn) is ConvNNBranchAttention and b.attn.convnn_head_channels == 16 for b in model.blocks)
+    # registers / no class token change the prefix-token count the candidate sampler keeps
+    model = timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, reg_tokens=2,
+                              class_token=False, global_pool='avg')
+    assert model.blocks[0].attn.num_prefix_tokens == 2
+
+
+@pytest.mark.parametrize('name', VIT_NAMES)
+def test_data_config(name):
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model(name, device='meta'))
+    assert cfg['input_size'] == (3, 224, 224)
+    assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
+    assert cfg['interpolation'] == 'bicubic' and cfg['crop_pct'] == 0.9
+
+
+def test_random_model_is_deterministic_in_eval_and_layers_sample_differently():
+    model = timm.create_model('vit_tiny_convnn_random', img_size=64, patch_size=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = model(x)
+        torch.rand(10)
+        assert torch.equal(a, model(x))
+    cands = {tuple(b.attn._candidate_ids(65, torch.device('cpu')).tolist()) for b in model.blocks}
+    assert len(cands) == len(model.blocks)
+
+
+def test_bad_kwargs():
+    with pytest.raises(TypeError):
+        timm.create_model('vit_tiny_convnn_all', not_a_model_arg=1)
+    with pytest.raises(TypeError, match='attn_layer= cannot be passed'):
+        timm.create_model('vit_tiny_convnn_all', attn_layer=nn.Identity)
+    with pytest.raises(ValueError, match='num_neighbors'):
+        timm.create_model('vit_tiny_convnn_all', num_neighbors=0)
+    with pytest.raises(ValueError, match=r'r=8 < K=9'):
+        timm.create_model('vit_tiny_convnn_random', num_samples=8)
+    with pytest.raises(ValueError, match='branch_ratio'):
+        timm.create_model('vit_tiny_convnn_branch', branch_ratio=1.5)
+    with pytest.raises(ValueError, match='candidates'):
+        timm.create_model('vit_tiny_convnn_all', candidates='knn')
+
+
+def test_parameter_count_vs_timm_vit_base():
+    ours = sum(p.numel() for p in timm.create_model('vit_base_convnn_all_k16', device='meta').parameters())
+    ref = sum(p.numel() for p in timm.create_model('vit_base_patch16_224', device='meta').parameters())
+    # one depthwise weight per channel and neighbour slot in each of the 12 blocks
+    assert ours - ref == 12 * 768 * 16
+    assert (ref, ours) == (86_567_656, 86_715_112)
+
+
+def test_features_only_and_intermediates():
+    model = timm.create_model('vit_tiny_convnn_random', features_only=True, img_size=64, patch_size=8)
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape for f in feats] == [torch.Size([1, 192, 8, 8])] * 3
+    model = timm.create_model('vit_tiny_convnn_all', img_size=64, patch_size=8).eval()
+    x = torch.randn(1, 3, 64, 64)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 12
+    torch.testing.assert_close(final, model.forward_features(x))
+
+
+def test_readme_model_stats_are_current():
+    # the README's parameter / GFLOP table is what benchmarks/model_stats.py computes now
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('model_stats', root / 'benchmarks' / 'model_stats.py')
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    readme = (root / 'README.md').read_text()
+    block = readme.split('<!-- model-stats:begin -->')[1].split('<!-- model-stats:end -->')[0]
+    for name in ('vit_base_patch16_224', 'vit_base_convnn_all_k16'):
+        row = stats.markdown_row(stats.model_stats(name))
+        assert row in block, (row, block)
