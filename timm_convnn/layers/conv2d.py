@@ -199,7 +199,8 @@ class ConvNNBranch2d(nn.Module):
     A fraction ``branch_ratio`` (lambda) of the output channels comes from ``ConvNN2d`` (``convnn``), the rest from a
     same-padded ``nn.Conv2d`` (``conv``); both see all input channels; outputs are concatenated ConvNN-first and fused
     by a 1x1 conv (``fuse``, kept at lambda 0 and 1 as in the paper). lambda = 0 builds no ConvNN path, lambda = 1 no
-    conv path. ConvNN channels = round(lambda * out_channels).
+    conv path. ConvNN channels = round(lambda * out_channels). ``dilation`` applies to the conv path (padded to keep
+    "same" geometry); both paths give a ceil(H / stride) x ceil(W / stride) output.
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class ConvNNBranch2d(nn.Module):
             out_channels: int,
             kernel_size: int = 3,
             stride: int = 1,
+            dilation: int = 1,
             branch_ratio: float = 0.5,
             num_neighbors: int = 9,
             candidates: str = 'all',
@@ -231,6 +233,7 @@ class ConvNNBranch2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be odd (same padding); got {kernel_size}')
         _check_int('out_channels', out_channels, 1)
+        _check_int('dilation', dilation, 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.branch_ratio = float(branch_ratio)
@@ -243,7 +246,8 @@ class ConvNNBranch2d(nn.Module):
             coords=coords, coord_scale=coord_scale, bias=bias, sample_seed=sample_seed, **dd,
         ) if self.convnn_channels > 0 else None
         self.conv = nn.Conv2d(
-            in_channels, self.conv_channels, kernel_size, stride=stride, padding=pad, bias=bias, **dd,
+            in_channels, self.conv_channels, kernel_size, stride=stride, padding=pad * dilation, dilation=dilation,
+            bias=bias, **dd,
         ) if self.conv_channels > 0 else None
         self.fuse = nn.Conv2d(out_channels, out_channels, 1, bias=True, **dd)
 

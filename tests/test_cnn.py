@@ -1,0 +1,182 @@
+"""CNN family: ResNet-18/34/50 and VGG-11 with ConvNN / branching 3x3 convs."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+import timm_convnn  # noqa: F401
+from timm_convnn.layers import ConvNN2d, ConvNNBranch2d
+from timm_convnn.models.resnet_convnn import ConvNNBasicBlock, ConvNNBottleneck
+from timm_convnn.models.vgg_convnn import checkpoint_filter_fn as vgg_filter
+from timm_convnn.models._cnn import cnn_checkpoint_filter_fn
+
+CNN_NAMES = sorted(
+    [f'resnet{d}_convnn{m}' for d in (18, 34, 50) for m in ('', '_branch')]
+    + ['vgg11_convnn', 'vgg11_convnn_branch', 'vgg11_convnn_branch_pe'])
+
+
+def _convnn_layers(model):
+    return [m for m in model.modules() if isinstance(m, (ConvNN2d, ConvNNBranch2d))]
+
+
+def test_registry():
+    assert timm.list_models(['resnet*_convnn*', 'vgg*_convnn*']) == CNN_NAMES
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('resnet18_convnn', 16), ('resnet18_convnn_branch', 16), ('resnet34_convnn_branch', 32),
+    ('resnet50_convnn', 16), ('resnet50_convnn_branch', 16), ('vgg11_convnn', 8), ('vgg11_convnn_branch', 8),
+])
+def test_every_3x3_conv_is_replaced(name, expected):
+    model = timm.create_model(name, device='meta')
+    layers = _convnn_layers(model)
+    top = [m for m in layers if not any(m is not p and m in list(p.modules()) for p in layers)]
+    assert len(top) == expected
+    branch = 'branch' in name
+    assert all(isinstance(m, ConvNNBranch2d if branch else ConvNN2d) for m in top)
+    # no 3x3 nn.Conv2d left outside the branch layers' own conv path
+    inside = {id(c) for m in top for c in m.modules()}
+    assert not [n for n, m in model.named_modules()
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and id(m) not in inside]
+    # paper CNN defaults
+    convnn = [m for m in model.modules() if isinstance(m, ConvNN2d)]
+    assert all((m.num_neighbors, m.candidates, m.similarity, m.weighting) == (9, 'all', 'cosine', 'ones')
+               for m in convnn)
+    if branch:
+        assert all(m.branch_ratio == 0.5 for m in top)
+    # each layer has its own eval-mode sampling seed
+    assert len({m.sample_seed for m in convnn}) == len(convnn)
+
+
+def test_resnet50_branch_trains_features_and_intermediates():
+    # zero_init_last=False: timm zero-inits each block's last norm, which blocks every in-block gradient at step 0
+    model = timm.create_model('resnet50_convnn_branch', num_classes=7, zero_init_last=False)
+    assert all(isinstance(b, ConvNNBottleneck) for stage in (model.layer1, model.layer4) for b in stage)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert torch.isfinite(loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any('convnn.aggregate' in n for n in changed) and any('.conv.' in n for n in changed)
+
+    feat = timm.create_model('resnet50_convnn_branch', features_only=True).eval()
+    assert feat.feature_info.channels() == [64, 256, 512, 1024, 2048]
+    assert feat.feature_info.reduction() == [2, 4, 8, 16, 32]
+    outs = feat(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [64, 256, 512, 1024, 2048]
+    assert [o.shape[-1] for o in outs] == [32, 16, 8, 4, 2]
+    model.eval()
+    final, inter = model.forward_intermediates(torch.randn(1, 3, 64, 64))
+    assert [t.shape[1] for t in inter] == [64, 256, 512, 1024, 2048]
+
+
+def _warm_start(src_name, name, filter_fn):
+    src = timm.create_model(src_name).eval()
+    model = timm.create_model(name).eval()
+    src_sd, own = src.state_dict(), model.state_dict()
+    sd = filter_fn(src_sd, model)
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = [k for k in own if k in src_sd]
+    initialized = [k for k in own if k not in src_sd]
+    dropped = [k for k in src_sd if k not in own]
+    for k in loaded:
+        assert torch.equal(model.state_dict()[k], src_sd[k]), k
+    return src, model, loaded, initialized, dropped
+
+
+@pytest.mark.parametrize('src_name,name,replaced,new_per_layer', [
+    ('resnet50', 'resnet50_convnn_branch', 16, ('conv.weight', 'convnn.aggregate.weight', 'fuse.bias', 'fuse.weight')),
+    ('resnet18', 'resnet18_convnn', 16, ('aggregate.weight',)),
+    ('vgg11_bn', 'vgg11_convnn_branch', 8,
+     ('conv.bias', 'conv.weight', 'convnn.aggregate.bias', 'convnn.aggregate.weight', 'fuse.bias', 'fuse.weight')),
+])
+def test_warm_start_counts(src_name, name, replaced, new_per_layer):
+    filter_fn = vgg_filter if name.startswith('vgg') else cnn_checkpoint_filter_fn
+    src, model, loaded, initialized, dropped = _warm_start(src_name, name, filter_fn)
+    # exactly the replaced 3x3 convs' tensors (weight, and bias where the conv had one) are dropped ...
+    conv3 = {k.rsplit('.', 1)[0] for k, v in src.state_dict().items()
+             if k.endswith('.weight') and v.dim() == 4 and v.shape[-2:] == (3, 3)}
+    assert {k.rsplit('.', 1)[0] for k in dropped} == conv3 and len(conv3) == replaced
+    assert all(k.rsplit('.', 1)[1] in ('weight', 'bias') for k in dropped)
+    # ... every other source tensor (stem, 1x1 convs, norms, shortcuts, head) is loaded ...
+    assert len(loaded) == len(src.state_dict()) - len(dropped)
+    # ... and the only initialized tensors are the new ConvNN layers' own
+    layers = {k.rsplit('.', 1)[0] for k in dropped}
+    expect = sorted(f'{layer}.{t}' for layer in layers for t in new_per_layer)
+    assert sorted(initialized) == expect
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn_branch'])
+def test_branch_ratio_limits_in_models(name):
+    zero = timm.create_model(name, branch_ratio=0.0, device='meta')
+    assert not [m for m in zero.modules() if isinstance(m, ConvNN2d)]
+    assert all(m.convnn is None and m.conv is not None for m in zero.modules() if isinstance(m, ConvNNBranch2d))
+    one = timm.create_model(name, branch_ratio=1.0, device='meta')
+    assert all(m.conv is None and m.convnn is not None for m in one.modules() if isinstance(m, ConvNNBranch2d))
+    for bad in (-0.5, 1.01):
+        with pytest.raises(ValueError, match=r'branch_ratio \(lambda\) must be in \[0, 1\]'):
+            timm.create_model(name, branch_ratio=bad, device='meta')
+
+
+@pytest.mark.parametrize('name', ['vgg11_convnn_branch', 'vgg11_convnn_branch_pe', 'resnet18_convnn_branch',
+                                  'resnet18_convnn'])
+def test_cifar_sized_input(name):
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_convnn_kwargs_reach_every_layer():
+    opts = dict(num_neighbors=5, candidates='random', num_samples=16, similarity='euclidean', weighting='softmax',
+                coords='append')
+    model = timm.create_model('resnet18_convnn_branch', **opts)
+    convnn = [m for m in model.modules() if isinstance(m, ConvNN2d)]
+    assert len(convnn) == 16
+    for m in convnn:
+        assert all(getattr(m, k) == v for k, v in opts.items())
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    pe = timm.create_model('vgg11_convnn_branch_pe', device='meta')
+    assert all(m.coords == 'append' for m in pe.modules() if isinstance(m, ConvNN2d))
+    with pytest.raises(TypeError):
+        timm.create_model('resnet18_convnn', not_a_model_arg=1)
+    with pytest.raises(TypeError, match='block= cannot be passed'):
+        timm.create_model('resnet18_convnn', block=ConvNNBasicBlock)
+
+
+def test_resnet50_branch_keeps_no_n_by_n_for_backward():
+    model = timm.create_model('resnet50_convnn_branch').train()
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    x = torch.randn(2, 3, 224, 224)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    n = 56 * 56  # stage-1 tokens
+    assert max(sizes) < 2 * n * n  # (B, n, n) scores of the first stage would be 19.7 M elements
+    assert max(sizes) < 2 * 64 * n * 9  # nor the (B, C, n, K) neighbour copy of a stage-1 layer (3.6 M)
+    out.mean().backward()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='peak RSS accounting reads /proc (Linux only)')
+def test_resnet50_branch_peak_memory_is_bounded():
+    # forward + backward, 224 px, batch 8, CPU. Measured 816 MiB here vs 697 MiB for timm's resnet50
+    # (benchmarks/peak_memory.py, README); the stated bound is 1 GiB.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from peak_memory import measure_peak
+    peak = measure_peak('resnet50_convnn_branch', batch_size=8, img_size=224)
+    assert 0 < peak < 2 ** 30, peak / 2 ** 20
