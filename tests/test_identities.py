@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Attention
 
 from timm_convnn import ConvNN2d, ConvNNAttention, conv2d_weight_to_convnn

@@ -1,5 +1,4 @@
 """The ConvNN operator: kernels against autograd and brute force, candidates, determinism, dtypes, devices, tracing."""
-import os
 import subprocess
 import sys
 

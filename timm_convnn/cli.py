@@ -11,6 +11,47 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return run_selfcheck(quick=args.quick)
 
 
+def _kv(text: str):
+    import ast
+    key, sep, value = text.partition('=')
+    if not sep:
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _export_kwargs(args: argparse.Namespace) -> dict:
+    return dict(use_ema=args.ema, model_name=args.model, model_kwargs=dict(args.model_kwargs or []),
+                summary=args.summary, dataset=args.dataset)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .hub import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.out_dir, repo_id=args.repo_id or '', **_export_kwargs(args))
+    print(f'exported {args.checkpoint} -> {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+    folder, result = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run,
+                          out_dir=args.out_dir, **_export_kwargs(args))
+    if result is None:
+        print(f'dry run: wrote {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); nothing uploaded')
+    else:
+        print(f'uploaded {folder} to {args.repo_id}: {result}')
+    return 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from . import models  # noqa: F401  (registers the models)
+    from .hub import weights_table
+    print(weights_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-convnn', description='Convolutional Nearest Neighbors (arXiv 2511.14137) for timm.')
@@ -24,6 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument('--quick', action='store_true', help='smaller timing run (seconds)')
         p.set_defaults(func=_cmd_selfcheck)
+
+    def export_args(p):
+        p.add_argument('checkpoint', help='timm train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)')
+        p.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
+        p.add_argument('--model', default=None, help='architecture (default: the one recorded in the checkpoint)')
+        p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='KEY=VALUE',
+                       help='extra create_model kwargs (default: train.py --model-kwargs from the checkpoint)')
+        p.add_argument('--summary', default=None, help='train.py summary.csv for the card (default: next to CKPT)')
+        p.add_argument('--dataset', default='', help='dataset name for the model card')
+
+    p = sub.add_parser('export', help='convert a train.py checkpoint to Hugging Face Hub format',
+                       description='Write model.safetensors, config.json and README.md (model card) to OUT_DIR.')
+    export_args(p)
+    p.add_argument('out_dir', help='output folder')
+    p.add_argument('--repo-id', default='', help='Hub repo id used in the model card')
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser('push', help='export a train.py checkpoint (or exported folder) and upload it to the Hub',
+                       description='Export CHECKPOINT and upload it to REPO_ID (token: HF_TOKEN or huggingface-cli '
+                                   'login). --dry-run writes the folder only.')
+    export_args(p)
+    p.add_argument('repo_id', help='ORG/NAME')
+    p.add_argument('--out-dir', default=None, help='folder to write (default: a temporary folder)')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--dry-run', action='store_true', help='write the folder, upload nothing')
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser('weights', help='print the table of pretrained tags of the ConvNN models')
+    p.set_defaults(func=_cmd_weights)
     return parser
 
 

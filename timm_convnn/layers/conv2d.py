@@ -216,8 +216,10 @@ class ConvNNBranch2d(nn.Module):
             num_samples: int = 64,
             similarity: str = 'cosine',
             weighting: str = 'ones',
+            aggregation: str = 'standard',
             coords: str = 'none',
             coord_scale: float = 1.0,
+            neighbor_order: Optional[str] = None,
             bias: bool = True,
             sample_seed: int = 0,
             device=None,
@@ -243,7 +245,8 @@ class ConvNNBranch2d(nn.Module):
         self.convnn = ConvNN2d(
             in_channels, self.convnn_channels, num_neighbors=num_neighbors, stride=stride, padding=pad,
             candidates=candidates, num_samples=num_samples, similarity=similarity, weighting=weighting,
-            coords=coords, coord_scale=coord_scale, bias=bias, sample_seed=sample_seed, **dd,
+            aggregation=aggregation, coords=coords, coord_scale=coord_scale, neighbor_order=neighbor_order,
+            bias=bias, sample_seed=sample_seed, **dd,
         ) if self.convnn_channels > 0 else None
         self.conv = nn.Conv2d(
             in_channels, self.conv_channels, kernel_size, stride=stride, padding=pad * dilation, dilation=dilation,

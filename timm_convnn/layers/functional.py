@@ -207,7 +207,7 @@ def _aggregate_eager(
         depthwise: bool,
 ) -> torch.Tensor:
     B, G, M, C = v.shape
-    N, K = idx.shape[2], idx.shape[3]
+    K = idx.shape[3]
     table = v.reshape(B * G * M, C)
     out = torch.zeros(0, device=v.device, dtype=v.dtype)
     for s in range(K):

@@ -1,4 +1,5 @@
 """ Shared by the CNN families: the 3x3-conv -> ConvNN factory and the warm-start checkpoint filter. """
+import logging
 from typing import Any, Dict, Optional
 
 import torch
@@ -7,6 +8,8 @@ import torch.nn as nn
 from ..layers import ConvNN2d, ConvNNBranch2d
 
 __all__ = ['CONVNN_CNN_KWARGS', 'ConvNNConvFactory', 'cnn_checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
 
 # ConvNN options accepted as CNN model kwargs (JSON-serialisable)
 CONVNN_CNN_KWARGS = (
@@ -88,7 +91,11 @@ def cnn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Modu
     own = model.state_dict()
     prefixes = _convnn_prefixes(model)
     out = {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
-    for k, v in own.items():
-        if k not in out and k.startswith(prefixes):
-            out[k] = v.detach().clone()
+    new = [k for k in own if k not in out and k.startswith(prefixes)]
+    for k in new:
+        out[k] = own[k].detach().clone()
+    if new:
+        dropped = len(state_dict) - (len(out) - len(new))
+        _logger.info(f'ConvNN warm start: {len(out) - len(new)} tensors loaded, {dropped} replaced-conv tensors '
+                     f'dropped, {len(new)} new ConvNN tensors keep their initialisation')
     return out

@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn
+from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
 __all__ = ['ConvNNBasicBlock', 'ConvNNBottleneck']
 
@@ -67,14 +68,15 @@ def _create_resnet_convnn(variant: str, pretrained: bool = False, **kwargs) -> R
     convnn = ConvNNConvFactory(**{k: kwargs.pop(k) for k in CONVNN_CNN_KWARGS if k in kwargs})
     depth = int(variant.split('_')[0][len('resnet'):])
     block = ConvNNBottleneck if depth >= 50 else ConvNNBasicBlock
-    return build_model_with_cfg(
-        ResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=cnn_checkpoint_filter_fn,
-        block=_BlockFactory(block, convnn),
-        **kwargs,
-    )
+    with explain_load_errors(variant, pretrained, kwargs):
+        return build_model_with_cfg(
+            ResNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=cnn_checkpoint_filter_fn,
+            block=_BlockFactory(block, convnn),
+            **kwargs,
+        )
 
 
 def _resnet_convnn(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> ResNet:
@@ -98,8 +100,11 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# warm-start weights: timm's ResNet A1 (ResNet strikes back) ImageNet-1k weights (see _pretrained.py)
 default_cfgs = generate_default_cfgs({
-    f'resnet{d}_{mode}': _cfg() for d in _LAYERS for mode in _MODES
+    f'resnet{d}_{mode}.{WARM_START_PREFIX}a1_in1k': warm_start_cfg(
+        _cfg(), f'resnet{d}.a1_in1k', 'the ConvNN layers that replace every 3x3 conv')
+    for d in _LAYERS for mode in _MODES
 })
 
 

@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vgg import VGG, _filter_fn as _vgg_filter_fn, cfgs as _vgg_cfgs
 
 from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn
+from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
 __all__ = ['checkpoint_filter_fn']
 
@@ -37,16 +38,17 @@ def _create_vgg_convnn(variant: str, pretrained: bool = False, **kwargs) -> VGG:
         raise TypeError(f'{variant} builds its own ConvNN layers; conv_layer= cannot be passed')
     convnn = ConvNNConvFactory(**{k: kwargs.pop(k) for k in CONVNN_CNN_KWARGS if k in kwargs})
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4, 5))
-    return build_model_with_cfg(
-        VGG,
-        variant,
-        pretrained,
-        model_cfg=_vgg_cfgs[variant.split('_')[0]],
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        pretrained_filter_fn=checkpoint_filter_fn,
-        conv_layer=convnn,
-        **kwargs,
-    )
+    with explain_load_errors(variant, pretrained, kwargs):
+        return build_model_with_cfg(
+            VGG,
+            variant,
+            pretrained,
+            model_cfg=_vgg_cfgs[variant.split('_')[0]],
+            feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+            pretrained_filter_fn=checkpoint_filter_fn,
+            conv_layer=convnn,
+            **kwargs,
+        )
 
 
 def _vgg_convnn(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> VGG:
@@ -69,10 +71,13 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# warm-start weights: timm's (torchvision's) VGG-11-BN ImageNet-1k weights (see _pretrained.py)
+_NEW = 'the ConvNN layers that replace every 3x3 conv'
+_TAG = f'{WARM_START_PREFIX}tv_in1k'
 default_cfgs = generate_default_cfgs({
-    'vgg11_convnn': _cfg(first_conv='features.0.aggregate'),
-    'vgg11_convnn_branch': _cfg(),
-    'vgg11_convnn_branch_pe': _cfg(),
+    f'vgg11_convnn.{_TAG}': warm_start_cfg(_cfg(first_conv='features.0.aggregate'), 'vgg11_bn.tv_in1k', _NEW),
+    f'vgg11_convnn_branch.{_TAG}': warm_start_cfg(_cfg(), 'vgg11_bn.tv_in1k', _NEW),
+    f'vgg11_convnn_branch_pe.{_TAG}': warm_start_cfg(_cfg(), 'vgg11_bn.tv_in1k', _NEW),
 })
 
 

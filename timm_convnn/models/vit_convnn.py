@@ -15,6 +15,7 @@ Variants (patch 16, 224 px):
 Every ConvNN option is also a model kwarg: ``num_neighbors``, ``candidates``, ``num_samples``, ``similarity``,
 ``weighting``, ``aggregation``, ``coords``, ``coord_scale``, ``neighbor_order``, ``branch_ratio``.
 """
+import logging
 from functools import partial
 from typing import Any, Dict, Optional, Type
 
@@ -27,8 +28,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers import ConvNNAttention, ConvNNBranchAttention
+from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
 __all__ = ['ConvNNBlock', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
 
 # ConvNN options accepted as model kwargs (JSON-serialisable, so they round-trip through Hub config.json model_args)
 CONVNN_KWARGS = (
@@ -114,9 +118,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
     makes a K = n model compute exactly the source ViT. Any other missing or mismatched tensor still fails loading.
     """
     state_dict = _vit_checkpoint_filter_fn(state_dict, model)
-    for name, tensor in model.state_dict().items():
-        if name not in state_dict and '.attn.aggregate.' in name:
-            state_dict[name] = tensor.detach().clone()
+    new = [name for name in model.state_dict() if name not in state_dict and '.attn.aggregate.' in name]
+    for name in new:
+        state_dict[name] = model.state_dict()[name].detach().clone()
+    if new:
+        _logger.info(f'ConvNN ViT warm start: {len(state_dict) - len(new)} tensors loaded, {len(new)} new ConvNN '
+                     f'tensors keep their initialisation ({new[0]}, ...)')
     return state_dict
 
 
@@ -131,15 +138,16 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
         patch_size = to_2tuple(kwargs.get('patch_size', 16))
         convnn_kwargs['grid_size'] = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        block_fn=partial(ConvNNBlock, **convnn_kwargs),
-        **kwargs,
-    )
+    with explain_load_errors(variant, pretrained, kwargs):
+        return build_model_with_cfg(
+            VisionTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            block_fn=partial(ConvNNBlock, **convnn_kwargs),
+            **kwargs,
+        )
 
 
 def _vit_convnn(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> VisionTransformer:
@@ -163,8 +171,16 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# warm-start weights: timm's ImageNet-1k ViT of the same size (see _pretrained.py); no ConvNN-trained weights yet
+_WARM_START = {
+    'tiny': 'vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+    'small': 'vit_small_patch16_224.augreg_in21k_ft_in1k',
+    'base': 'vit_base_patch16_224.augreg2_in21k_ft_in1k',
+}
 default_cfgs = generate_default_cfgs({
-    f'vit_{size}_convnn_{mode}': _cfg() for size in _SIZES for mode in _MODES
+    f'vit_{size}_convnn_{mode}.{WARM_START_PREFIX}{source.split(".")[1]}': warm_start_cfg(
+        _cfg(), source, 'the depthwise aggregation weights (blocks.*.attn.aggregate.weight, init 1)')
+    for size, source in _WARM_START.items() for mode in _MODES
 })
 
 

@@ -1,0 +1,261 @@
+"""Pretrained weights and the Hugging Face Hub, all offline against a local Hub cache built here."""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import timm
+import timm_convnn  # noqa: F401
+from timm_convnn import hub
+from timm_convnn.cli import main as cli_main
+
+from .hub_cache import HubCache, use_cache
+
+ROUND_TRIP = {
+    'vit-default': ('vit_tiny_convnn_all', dict(img_size=32, patch_size=4, num_classes=7)),
+    'vit-options': ('vit_tiny_convnn_random', dict(img_size=32, patch_size=4, num_classes=7, num_neighbors=5,
+                                                   num_samples=12, similarity='cosine', coords='append')),
+    'vit-branch': ('vit_small_convnn_branch', dict(img_size=32, patch_size=8, branch_ratio=0.25, depth=3)),
+    'resnet-options': ('resnet18_convnn_branch', dict(num_classes=10, branch_ratio=0.25, num_neighbors=4,
+                                                      candidates='spatial', num_samples=16)),
+    'vgg': ('vgg11_convnn_branch_pe', dict(num_classes=10)),
+}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    return use_cache(monkeypatch, tmp_path / 'hub')
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _perturb(model):
+    # make every tensor non-default so a silently re-initialised one is caught
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+@pytest.mark.parametrize('case', list(ROUND_TRIP))
+def test_round_trip_hf_hub(case, cache, tmp_path):
+    name, kwargs = ROUND_TRIP[case]
+    model = _perturb(timm.create_model(name, **kwargs)).eval()
+    folder = hub.save(model, tmp_path / 'export', repo_id=f'org/{case}')
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == name
+    for k, v in kwargs.items():
+        if k not in ('img_size',):
+            assert config['model_args'][k] == v, k
+    cache.add_folder(f'org/{case}', folder)
+
+    loaded = timm.create_model(f'hf-hub:org/{case}', pretrained=True).eval()
+    assert type(loaded) is type(model) and _same_weights(model, loaded)
+    assert hub.convnn_model_args(loaded) == hub.convnn_model_args(model)
+    side = kwargs.get('img_size', 64)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+    # the same weights through a registered tag whose hf_hub_id is the repo, and through a local file
+    # (num_classes as in timm: a cfg with another class count drops the classifier on load)
+    classes = dict(num_classes=model.num_classes)
+    hub.register_pretrained(f'{name}.test_{case.replace("-", "_")}', hf_hub_id=f'org/{case}', **classes)
+    tagged = timm.create_model(f'{name}.test_{case.replace("-", "_")}', pretrained=True, **kwargs)
+    assert _same_weights(model, tagged)
+    overlay = dict(file=str(folder / 'model.safetensors'), **classes)
+    local = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    assert _same_weights(model, local)
+
+
+def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
+    # exactly what a user's machine does: HF_HUB_OFFLINE / HF_HUB_CACHE set before Python starts
+    model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_neighbors=6)).eval()
+    folder = hub.save(model, tmp_path / 'export')
+    HubCache(tmp_path / 'hub').add_folder('org/fresh', folder)
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(x, tmp_path / 'x.pt')
+    with torch.no_grad():
+        expect = model(x)
+    code = ('import sys, torch, timm, timm_convnn\n'
+            'm = timm.create_model("hf-hub:org/fresh", pretrained=True).eval()\n'
+            'torch.save(m(torch.load(sys.argv[1])).detach(), sys.argv[2])\n')
+    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
+    subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt')], env=env, check=True)
+    assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
+
+
+def _stand_in(cache, tmp_path, source):
+    """A small stand-in of a timm weights repo (random weights of the right architecture)."""
+    arch, tag = source.split('.')
+    model = timm.create_model(arch)
+    save_file(model.state_dict(), str(tmp_path / f'{arch}.safetensors'))
+    cache.add_repo(f'timm/{source}', {'model.safetensors': tmp_path / f'{arch}.safetensors'})
+    return model
+
+
+@pytest.mark.parametrize('name,source', [
+    ('vit_tiny_convnn_random', 'vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    ('resnet18_convnn_branch', 'resnet18.a1_in1k'),
+])
+def test_warm_start_tag_from_timm_repo(name, source, cache, tmp_path):
+    src = _stand_in(cache, tmp_path, source)
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.tag == 'from_timm_' + source.split('.')[1] and cfg.hf_hub_id == f'timm/{source}'
+    assert 'not ConvNN-trained' in cfg.notes and 'not measured' in cfg.notes
+    model = timm.create_model(name, pretrained=True).eval()
+    src_sd, sd = src.state_dict(), model.state_dict()
+    loaded = [k for k in sd if k in src_sd]
+    assert loaded and all(torch.equal(sd[k], src_sd[k]) for k in loaded)
+    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 224, 224)
+    assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
+    # timm's own pretrained-loading test (in_chans / num_classes adaptation) for the tag
+    from .timm_sdist import import_timm_test_models
+    import_timm_test_models().test_model_load_pretrained(name, 1)
+
+
+def test_no_weights_and_unknown_tag_list_the_tags_with_weights():
+    with pytest.raises(RuntimeError, match=r'Tags with weights: vit_tiny_convnn_all\.from_timm_augreg_in21k_ft_in1k'):
+        timm.create_model('vit_tiny_convnn_all.nonexistent', pretrained=True)
+    match = r'has no pretrained weights\. Tags with weights: resnet18_convnn\.from_timm'
+    with pytest.raises(RuntimeError, match=match):
+        timm.create_model('resnet18_convnn', pretrained=True, pretrained_cfg=dict(architecture='resnet18_convnn'))
+
+
+def test_bad_checkpoints_fail_clearly(cache, tmp_path):
+    kw = dict(img_size=32, patch_size=4)
+    good = hub.save(timm.create_model('vit_tiny_convnn_all', num_neighbors=16, **kw), tmp_path / 'k16')
+
+    # config.json but no weights file
+    cache.add_repo('org/no-weights', {'config.json': good / 'config.json'})
+    with pytest.raises(RuntimeError, match=r'org/no-weights.*not in the local Hugging Face cache \(cached files of '
+                                           r'this repo: config.json\)'):
+        timm.create_model('hf-hub:org/no-weights', pretrained=True)
+
+    # truncated safetensors file
+    blob = (good / 'model.safetensors').read_bytes()
+    cache.add_repo('org/truncated', {'config.json': good / 'config.json', 'model.safetensors': blob[:len(blob) // 3]})
+    with pytest.raises(RuntimeError, match=r'org/truncated \(file model.safetensors\).*truncated or corrupt'):
+        timm.create_model('hf-hub:org/truncated', pretrained=True)
+
+    # a checkpoint with another K: shape mismatch, nothing half-loaded
+    cache.add_folder('org/k16', good)
+    with pytest.raises(RuntimeError, match=r'org/k16.*does not match .*num_neighbors'):
+        timm.create_model('vit_tiny_convnn_all', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='org/k16'),
+                          **kw)
+
+    # config.json (and weights) of another architecture
+    other = hub.save(timm.create_model('resnet18_convnn_branch', num_classes=10), tmp_path / 'resnet')
+    cache.add_folder('org/resnet', other)
+    with pytest.raises(RuntimeError, match=r'org/resnet.*config.json says it is a resnet18_convnn_branch checkpoint'):
+        timm.create_model('vit_tiny_convnn_all', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='org/resnet'),
+                          **kw)
+
+    # offline, nothing cached
+    with pytest.raises(RuntimeError, match=r'timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k.*nothing of this repo '
+                                           r'is cached.*HF_HUB_OFFLINE'):
+        timm.create_model('vit_base_convnn_all_k16', pretrained=True)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_convnn_random', 'resnet50_convnn_branch', 'vgg11_convnn'])
+def test_model_cards_render_for_every_family(name):
+    model = timm.create_model(name, device='meta')
+    text = hub.render_model_card(model, 'org/card')
+    assert '$' not in text.replace('$$', '')
+    assert text.startswith('---\n') and 'library_name: timm' in text
+    assert f'`{name}`' in text and 'hf-hub:org/card' in text and 'arXiv 2511.14137' in text
+    assert '| `num_neighbors` | `9` |' in text and 'Not measured' in text and '@article{kang2025convnn' in text
+    assert ('ViT with ConvNN' in text) == name.startswith('vit')
+
+
+def _train_checkpoint(tmp_path, ema=True):
+    """A checkpoint laid out as timm train.py writes it, plus its summary.csv."""
+    model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_classes=10,
+                                       num_neighbors=6))
+    ema_model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_classes=10,
+                                           num_neighbors=6))
+    args = argparse.Namespace(model='vit_tiny_convnn_random', num_classes=10, img_size=32, in_chans=None,
+                              model_kwargs={'patch_size': 4, 'num_neighbors': 6, 'img_size': 32}, epochs=3, lr=1e-3,
+                              opt='adamw', weight_decay=0.05, batch_size=64, sched='cosine', seed=42)
+    ckpt = {'epoch': 2, 'arch': 'vit_tiny_convnn_random', 'state_dict': model.state_dict(), 'args': args,
+            'version': 2, 'metric': 91.5}
+    if ema:
+        ckpt['state_dict_ema'] = ema_model.state_dict()
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save(ckpt, run / 'model_best.pth.tar')
+    with open(run / 'summary.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'])
+        w.writerows([[0, 2.1, 1.9, 55.0, 90.0, 1e-3], [1, 1.2, 0.8, 91.5, 99.0, 5e-4],
+                     [2, 0.9, 0.85, 90.0, 99.5, 1e-4]])
+    return model, ema_model, run
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_export_train_checkpoint_cli(ema, cache, tmp_path):
+    model, ema_model, run = _train_checkpoint(tmp_path)
+    out = tmp_path / 'exported'
+    argv = ['export', str(run / 'model_best.pth.tar'), str(out), '--repo-id', 'org/digits', '--dataset', 'digits']
+    assert cli_main(argv + (['--ema'] if ema else [])) == 0
+    card = (out / 'README.md').read_text()
+    assert '| best top-1 (epoch 1) | 91.50 |' in card and '| last-epoch top-1 | 90.00 |' in card
+    assert "| `opt` | `'adamw'` |" in card and 'digits' in card
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['num_neighbors'] == 6 and config['num_classes'] == 10
+    assert 'warm start' not in json.dumps(config).lower()
+    cache.add_folder('org/digits', out)
+    loaded = timm.create_model('hf-hub:org/digits', pretrained=True)
+    assert _same_weights(ema_model if ema else model, loaded)
+
+
+def test_export_ema_missing_is_a_clear_error(tmp_path):
+    _, _, run = _train_checkpoint(tmp_path, ema=False)
+    with pytest.raises(ValueError, match='has no state_dict_ema .*--model-ema'):
+        hub.export_checkpoint(run / 'model_best.pth.tar', tmp_path / 'out', use_ema=True)
+
+
+def test_push_uploads_exactly_the_exported_files(tmp_path, monkeypatch):
+    model, _, run = _train_checkpoint(tmp_path)
+    record = {}
+
+    def recorder(folder, repo_id, token, private, commit_message):
+        record.update(repo_id=repo_id, token=token, private=private,
+                      files={p.name: p.read_bytes() for p in folder.iterdir()})
+        return 'recorded'
+
+    monkeypatch.setattr(hub, '_hf_upload', recorder)
+    assert cli_main(['push', str(run / 'model_best.pth.tar'), 'org/pushed', '--private']) == 0
+    assert record['repo_id'] == 'org/pushed' and record['private'] is True
+    assert sorted(record['files']) == ['README.md', 'config.json', 'model.safetensors']
+    assert json.loads(record['files']['config.json'])['architecture'] == 'vit_tiny_convnn_random'
+    assert b'hf-hub:org/pushed' in record['files']['README.md']
+    from safetensors.torch import load
+    weights = load(record['files']['model.safetensors'])
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+    # --dry-run writes the folder and uploads nothing
+    record.clear()
+    assert cli_main(['push', str(run / 'model_best.pth.tar'), 'org/pushed', '--dry-run',
+                     '--out-dir', str(tmp_path / 'dry')]) == 0
+    assert not record and sorted(p.name for p in (tmp_path / 'dry').iterdir()) == [
+        'README.md', 'config.json', 'model.safetensors']
+    with pytest.raises(ValueError, match='org/name'):
+        hub.push(run / 'model_best.pth.tar', 'no-org', dry_run=True)
+
+
+def test_readme_weights_table_is_current():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    block = readme.split('<!-- weights-table:begin -->')[1].split('<!-- weights-table:end -->')[0]
+    assert block.strip() == hub.weights_table()
+    assert len(timm.list_pretrained('*convnn*')) == 30

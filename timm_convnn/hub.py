@@ -1,0 +1,304 @@
+""" Hugging Face Hub export, model cards and push for ConvNN models.
+
+``save(model, dir)`` writes what ``timm.create_model('hf-hub:org/repo', pretrained=True)`` reads: ``model.safetensors``,
+``config.json`` (architecture, num_classes, pretrained_cfg and ``model_args`` including every ConvNN option, so a
+non-default model round-trips) and a ``README.md`` model card rendered from ``model_cards/``.
+``export_checkpoint`` converts a timm ``train.py`` checkpoint (``model_best.pth.tar`` etc., EMA or not) to that
+format; ``push`` uploads the folder with huggingface_hub (token from the usual HF env / cache).
+"""
+import argparse
+import csv
+import datetime
+import string
+import tempfile
+from importlib import resources
+from pathlib import Path
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import timm
+from timm.models import save_for_hf
+
+from .layers import ConvNN2d, ConvNNAttention, ConvNNBranch2d, ConvNNBranchAttention
+from .version import __version__
+
+__all__ = ['convnn_model_args', 'save', 'render_model_card', 'read_train_summary', 'load_train_checkpoint',
+           'export_checkpoint', 'push', 'register_pretrained', 'weights_table']
+
+CITATION = """@article{kang2025convnn,
+  title   = {Attention Via Convolutional Nearest Neighbors},
+  author  = {Kang, Mingi and Farias, Jeov{\\'a}},
+  journal = {arXiv preprint arXiv:2511.14137},
+  year    = {2025}
+}"""
+
+_OPTIONS = ('num_neighbors', 'candidates', 'num_samples', 'similarity', 'weighting', 'aggregation', 'coords',
+            'coord_scale', 'neighbor_order')
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, 'module', model)
+
+
+def convnn_model_args(model: nn.Module) -> Dict[str, Any]:
+    """The ConvNN options of ``model`` as ``create_model`` kwargs (read from its layers, JSON-serialisable)."""
+    model = _unwrap(model)
+    layers = [m for m in model.modules() if isinstance(m, (ConvNNAttention, ConvNN2d))]
+    if not layers:
+        return {}
+    first = layers[0]
+    args = {k: getattr(first, k) for k in _OPTIONS}
+    branch = [m for m in model.modules() if isinstance(m, (ConvNNBranchAttention, ConvNNBranch2d))]
+    if branch:
+        args['branch_ratio'] = branch[0].branch_ratio
+    return args
+
+
+def _family(architecture: str) -> str:
+    return 'vit' if architecture.startswith('vit_') else 'cnn'
+
+
+def read_train_summary(path: Union[str, Path]) -> Dict[str, Any]:
+    """Metrics from timm train.py's ``summary.csv``: best and last epoch (top-1 / top-5 / loss)."""
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f'{path}: no epochs in train.py summary')
+    if 'eval_top1' not in rows[0]:
+        raise ValueError(f'{path}: not a timm train.py summary.csv (no eval_top1 column)')
+    best = max(rows, key=lambda r: float(r['eval_top1']))
+    last = rows[-1]
+    return dict(
+        epochs=len(rows),
+        best_epoch=int(best['epoch']), best_top1=float(best['eval_top1']), best_top5=float(best['eval_top5']),
+        last_top1=float(last['eval_top1']), last_top5=float(last['eval_top5']),
+        last_eval_loss=float(last['eval_loss']),
+    )
+
+
+def _export_notes(metrics: Optional[Dict[str, Any]], dataset: str) -> str:
+    if metrics:
+        return (f'Weights trained with timm train.py{" on " + dataset if dataset else ""}; metrics are from its '
+                f'summary.csv (evaluation split of that run).')
+    return 'Accuracy of these weights: not measured.'
+
+
+def render_model_card(
+        model: nn.Module,
+        repo_id: str = '',
+        metrics: Optional[Dict[str, Any]] = None,
+        train_args: Optional[Dict[str, Any]] = None,
+        dataset: str = '',
+) -> str:
+    """The model card (README.md) for ``model`` from the family template in ``model_cards/``.
+
+    Metrics come from ``metrics`` (train.py's summary, see ``read_train_summary``) or are stated as not measured.
+    """
+    model = _unwrap(model)
+    cfg = model.pretrained_cfg
+    arch = cfg['architecture']
+    family = _family(arch)
+    template = string.Template(resources.files('timm_convnn.model_cards').joinpath(f'{family}.md').read_text())
+    opts = convnn_model_args(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    input_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    options = '\n'.join(f'| `{k}` | `{v!r}` |' for k, v in opts.items())
+    if metrics:
+        metric_text = '\n'.join([
+            '| metric | value |', '|---|---|',
+            f'| epochs | {metrics["epochs"]} |',
+            f'| best top-1 (epoch {metrics["best_epoch"]}) | {metrics["best_top1"]:.2f} |',
+            f'| best top-5 | {metrics["best_top5"]:.2f} |',
+            f'| last-epoch top-1 | {metrics["last_top1"]:.2f} |',
+            f'| last-epoch eval loss | {metrics["last_eval_loss"]:.4f} |',
+        ])
+    else:
+        metric_text = 'Not measured: no training summary was given when this card was written.'
+    if train_args:
+        keys = ('model', 'data_dir', 'dataset', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
+                'warmup_epochs', 'clip_grad', 'smoothing', 'mixup', 'cutmix', 'aa', 'drop_path', 'model_ema',
+                'amp', 'img_size', 'input_size', 'num_classes', 'seed')
+        recipe = '\n'.join(f'| `{k}` | `{train_args[k]!r}` |' for k in keys if train_args.get(k) not in (None, ''))
+        recipe = '| train.py argument | value |\n|---|---|\n' + recipe
+    else:
+        recipe = 'Not recorded (weights exported without a train.py checkpoint).'
+    name = repo_id or arch
+    fields = dict(
+        repo_id=name, architecture=arch, tag=cfg.get('tag') or '', family=family,
+        license=cfg.get('license') or 'apache-2.0', dataset=dataset or 'unspecified',
+        num_classes=model.num_classes, params_m=f'{n_params / 1e6:.2f}',
+        input_size=f'{input_size[1]} x {input_size[2]}', mean=tuple(cfg.get('mean', ())), std=tuple(cfg.get('std', ())),
+        options=options or '| (none) | |', metrics=metric_text, recipe=recipe, notes=_export_notes(metrics, dataset),
+        citation=CITATION, version=__version__, date=datetime.date.today().isoformat(),
+        hub_name=f'hf-hub:{repo_id}' if repo_id else arch,
+    )
+    return template.substitute(fields)
+
+
+def save(
+        model: nn.Module,
+        save_directory: Union[str, Path],
+        repo_id: str = '',
+        model_args: Optional[Dict[str, Any]] = None,
+        metrics: Optional[Dict[str, Any]] = None,
+        train_args: Optional[Dict[str, Any]] = None,
+        dataset: str = '',
+        model_card: bool = True,
+) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and (``model_card``) ``README.md`` to ``save_directory``."""
+    model = _unwrap(model)
+    save_directory = Path(save_directory)
+    args = convnn_model_args(model)
+    args.update(model_args or {})
+    # the exported weights are whatever the model holds now: drop the source tag's notes (e.g. "warm start")
+    model_config = {'pretrained_cfg': {'tag': None, 'notes': _export_notes(metrics, dataset)}}
+    save_for_hf(model, save_directory, model_config=model_config, model_args=args, safe_serialization=True)
+    if model_card:
+        text = render_model_card(model, repo_id, metrics=metrics, train_args=train_args, dataset=dataset)
+        (save_directory / 'README.md').write_text(text, encoding='utf-8')
+    return save_directory
+
+
+def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor], Dict]:
+    """(architecture, state_dict, train.py args) from a timm train.py checkpoint.
+
+    ``use_ema`` picks ``state_dict_ema`` (saved when training with ``--model-ema``) and fails clearly if absent.
+    """
+    path = Path(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise ValueError(f'{path} is not a timm train.py checkpoint (no state_dict entry)')
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if key not in ckpt:
+        raise ValueError(f'{path} has no {key} (it was not trained with --model-ema); export without --ema')
+    args = ckpt.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    arch = ckpt.get('arch') or args.get('model')
+    if not arch:
+        raise ValueError(f'{path} records no architecture (arch); pass the model name')
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt[key].items()}
+    return arch, state_dict, args
+
+
+def export_checkpoint(
+        checkpoint: Union[str, Path],
+        save_directory: Union[str, Path],
+        repo_id: str = '',
+        use_ema: bool = False,
+        model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        summary: Optional[Union[str, Path]] = None,
+        dataset: str = '',
+) -> Path:
+    """Convert a timm train.py checkpoint to Hub format (``save``), with train.py's recipe and metrics in the card.
+
+    The model is rebuilt from the checkpoint's architecture and train.py arguments (num_classes, in_chans, img_size,
+    ``--model-kwargs``), the weights load strictly, and ``summary.csv`` next to the checkpoint is used for metrics
+    when ``summary`` is not given.
+    """
+    arch, state_dict, args = load_train_checkpoint(checkpoint, use_ema=use_ema)
+    arch = model_name or arch
+    kwargs: Dict[str, Any] = dict(args.get('model_kwargs') or {})
+    for key in ('num_classes', 'in_chans'):
+        if args.get(key) is not None:
+            kwargs.setdefault(key, args[key])
+    if args.get('img_size') is not None and timm.models.get_pretrained_cfg_value(arch, 'fixed_input_size'):
+        kwargs.setdefault('img_size', args['img_size'])
+    kwargs.update(model_kwargs or {})
+    model = timm.create_model(arch, **kwargs)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f'{checkpoint}: weights do not fit {arch} built with {kwargs}: {e}') from e
+    summary = Path(summary) if summary else Path(checkpoint).with_name('summary.csv')
+    metrics = read_train_summary(summary) if summary.exists() else None
+    return save(model, save_directory, repo_id=repo_id, metrics=metrics, train_args=args, dataset=dataset)
+
+
+def _hf_upload(folder: Path, repo_id: str, token: Optional[str], private: bool, commit_message: str) -> str:
+    from huggingface_hub import HfApi
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, 'commit_url', info))
+
+
+def push(
+        checkpoint: Union[str, Path],
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        dry_run: bool = False,
+        out_dir: Optional[Union[str, Path]] = None,
+        commit_message: str = 'Add ConvNN model (timm-convnn)',
+        uploader: Optional[Callable[..., str]] = None,
+        **export_kwargs: Any,
+) -> Tuple[Path, Optional[str]]:
+    """Export ``checkpoint`` (train.py checkpoint, or an already exported folder) and upload it to ``repo_id``.
+
+    ``dry_run`` writes the folder (``out_dir``, default a new temporary folder) and uploads nothing.
+    Returns (folder, upload result or None).
+    """
+    if '/' not in repo_id:
+        raise ValueError(f'repo_id must be "org/name", got {repo_id!r}')
+    checkpoint = Path(checkpoint)
+    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix='timm-convnn-push-'))
+    if checkpoint.is_dir():
+        missing = [f for f in ('model.safetensors', 'config.json') if not (checkpoint / f).exists()]
+        if missing:
+            raise FileNotFoundError(f'{checkpoint} is not an exported model folder: missing {", ".join(missing)}')
+        folder = checkpoint
+    else:
+        export_checkpoint(checkpoint, folder, repo_id=repo_id, **export_kwargs)
+    if dry_run:
+        return folder, None
+    upload = uploader or _hf_upload
+    return folder, upload(folder, repo_id, token, private, commit_message)
+
+
+def register_pretrained(name: str, hf_hub_id: str, default: bool = False, **cfg: Any) -> None:
+    """Register a pretrained tag ``arch.tag`` for ConvNN weights published on the Hub (e.g. with ``push``).
+
+    The tag gets the architecture's pretrained cfg with ``hf_hub_id`` and any ``cfg`` fields replaced, so that
+    ``timm.create_model('arch.tag', pretrained=True)`` (and ``default=True``: ``pretrained=True`` on ``arch``) loads
+    it like any timm weights. Permanent tags belong in the model file's ``default_cfgs``; this is for weights
+    published after a release.
+    """
+    from timm.models import _registry as reg
+    arch, _, tag = name.partition('.')
+    if 'convnn' not in arch or arch not in reg._model_entrypoints:
+        raise ValueError(f'{arch!r} is not a registered ConvNN architecture')
+    if not tag:
+        raise ValueError(f'name must be "arch.tag", got {name!r}')
+    base = reg._model_pretrained_cfgs[arch]
+    pcfg = replace(base, hf_hub_id=hf_hub_id, url='', file=None, state_dict=None, hf_hub_filename=None,
+                   custom_load=False, tag=tag, notes=cfg.pop('notes', ''), **cfg)
+    reg._model_pretrained_cfgs[name] = pcfg
+    reg._model_has_pretrained.add(name)
+    if name not in reg._model_with_tags[arch]:
+        reg._model_with_tags[arch].append(name)
+    default_cfg = reg._model_default_cfgs[arch]
+    default_cfg.cfgs[tag] = pcfg
+    if tag not in default_cfg.tags:
+        default_cfg.tags.append(tag)
+    if default:
+        default_cfg.tags.remove(tag)
+        default_cfg.tags.appendleft(tag)
+        reg._model_pretrained_cfgs[arch] = pcfg
+        reg._model_has_pretrained.add(arch)
+
+
+def weights_table() -> str:
+    """Markdown table of every pretrained tag of the registered ConvNN models (kept in the README by a test)."""
+    lines = ['| model.tag | weights | trained as ConvNN | top-1 |', '|---|---|---|---|']
+    for name in timm.list_pretrained('*convnn*'):
+        cfg = timm.models.get_pretrained_cfg(name)
+        source = cfg.hf_hub_id or cfg.url or cfg.file
+        warm = (cfg.tag or '').startswith('from_timm_')
+        trained = 'no: warm start (ConvNN layers new)' if warm else 'yes'
+        top1 = 'not measured' if warm else (cfg.notes or 'see model card')
+        lines.append(f'| `{name}` | `{source}` | {trained} | {top1} |')
+    return '\n'.join(lines)
