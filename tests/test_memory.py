@@ -90,9 +90,10 @@ def _peak(n):
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='peak RSS accounting reads /proc (Linux only)')
 def test_random_mode_peak_memory_grows_linearly():
-    # forward + backward peak at n = 1024 and 4096: O(n (r + K + d)) work buffers give ~4x; any n x n term ~16x
+    # forward + backward peak at n = 1024 and 4096: O(n (r + K + d)) buffers plus a bounded working set (the
+    # slot-chunk budget) grow at most ~4x; any n x n term would grow ~16x
     p1, p4 = _peak(1024), _peak(4096)
     ratio = p4 / p1
     score_matrix_4096 = 4 * 4 * 4096 * 4096 * 4  # bytes of fp32 (B, H, n, n) scores at n = 4096 (1 GiB)
-    assert p1 > 0 and 2.5 < ratio < 6, (p1, p4, ratio)
+    assert p1 > 0 and 1.0 < ratio < 6, (p1, p4, ratio)
     assert p4 < score_matrix_4096 / 4, (p4, score_matrix_4096)

@@ -16,21 +16,27 @@ def _rand_idx(B, G, N, M, K):
     return torch.stack([torch.randperm(M)[:K] for _ in range(B * G * N)]).view(B, G, N, K)
 
 
-def test_gather_dot_gradcheck():
-    B, G, N, M, D, K = 2, 2, 5, 7, 3, 4
+# slot-chunk budgets: one slot at a time, chunks of 2 slots (uneven last chunk), all slots at once
+BUDGETS = {'per-slot': 1, 'two-slots': 2 * 2 * 2 * 5 * 8 * 4, 'all-slots': 1024 * 1024}
+
+
+@pytest.mark.parametrize('budget', list(BUDGETS))
+def test_gather_dot_gradcheck(budget):
+    B, G, N, M, D, K = 2, 2, 5, 7, 3, 5
     q = torch.randn(B, G, N, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, G, M, D, dtype=torch.float64, requires_grad=True)
     idx = _rand_idx(B, G, N, M, K)
-    assert torch.autograd.gradcheck(lambda a, b: FN.gather_dot(a, b, idx), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: FN.gather_dot(a, b, idx, BUDGETS[budget]), (q, k))
     ref = torch.einsum('bgnd,bgnkd->bgnk', q, k[torch.arange(B)[:, None, None, None],
                                               torch.arange(G)[None, :, None, None], idx])
     torch.testing.assert_close(FN.gather_dot(q, k, idx), ref)
 
 
+@pytest.mark.parametrize('budget', list(BUDGETS))
 @pytest.mark.parametrize('depthwise', [True, False])
 @pytest.mark.parametrize('with_rho', [True, False])
-def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho):
-    B, G, N, M, C, Co, K = 2, 2, 4, 6, 3, 5, 3
+def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho, budget):
+    B, G, N, M, C, Co, K = 2, 2, 4, 6, 3, 5, 5
     v = torch.randn(B, G, M, C, dtype=torch.float64, requires_grad=True)
     idx = _rand_idx(B, G, N, M, K)
     rho = torch.rand(B, G, N, K, dtype=torch.float64, requires_grad=True) if with_rho else None
@@ -39,7 +45,7 @@ def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho):
     inputs = (v, w) + ((rho,) if with_rho else ())
 
     def fn(v_, w_, *r):
-        return FN.neighbor_aggregate(v_, idx, r[0] if r else None, w_, depthwise)
+        return FN.neighbor_aggregate(v_, idx, r[0] if r else None, w_, depthwise, BUDGETS[budget])
 
     assert torch.autograd.gradcheck(fn, inputs)
     # definition: the paper's Conv1d(kernel K, stride K) over the materialised neighbour sequence
@@ -58,16 +64,22 @@ def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho):
     torch.testing.assert_close(fn(v, w, *((rho,) if with_rho else ())), torch.stack(outs, 1))
 
 
-def test_custom_functions_match_eager_fallback():
+@pytest.mark.parametrize('budget', list(BUDGETS))
+@pytest.mark.parametrize('depthwise', [True, False])
+def test_custom_functions_match_eager_fallback(budget, depthwise):
     B, G, N, M, C, K = 2, 3, 9, 11, 4, 5
     q, k, v = (torch.randn(B, G, n, C, requires_grad=True) for n in (N, M, M))
-    w = torch.randn(G, C, K, requires_grad=True)
+    w = torch.randn(*((G, C, K) if depthwise else (G, 6, C, K)), requires_grad=True)
     idx = _rand_idx(B, G, N, M, K)
+    b = BUDGETS[budget]
 
     def run(fast):
-        s = FN.gather_dot(q, k, idx) if fast else FN._gather_dot_eager(q, k, idx)
+        s = FN.gather_dot(q, k, idx, b) if fast else FN._gather_dot_eager(q, k, idx, b)
         rho = s.softmax(-1)
-        y = FN.neighbor_aggregate(v, idx, rho, w, True) if fast else FN._aggregate_eager(v, idx, rho, w, True)
+        if fast:
+            y = FN.neighbor_aggregate(v, idx, rho, w, depthwise, b)
+        else:
+            y = FN._aggregate_eager(v, idx, rho, w, depthwise, b)
         return (y,) + torch.autograd.grad(y.square().sum(), (q, k, v, w))
 
     for a, b in zip(run(True), run(False)):

@@ -48,20 +48,29 @@ def import_timm_test_models():
 
 
 _RESULT = re.compile(r'^(PASSED|FAILED|ERROR|SKIPPED)\S* \S*::(test_\w+)\[(?:\d+-)?([\w.]+)\]', re.M)
+_NODE = re.compile(r'^(\S*test_models\.py::test_\w+\[(?:\d+-)?([\w.]+)\])$', re.M)
 
 
-def run_timm_model_suite(keyword: str, timeout: int = 1800) -> Tuple[Dict[Tuple[str, str], str], str]:
-    """Run timm's test_models.py with the plugin loaded, selecting tests by ``-k keyword``.
-
-    Returns ({(test function, model name): outcome}, output). Runs as timm's CI would locally (no GITHUB_ACTIONS),
-    offline from the Hub.
-    """
+def _pytest(args: List[str], timeout: int) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE='1')
     env.pop('GITHUB_ACTIONS', None)
-    cmd = [sys.executable, '-m', 'pytest', '-p', 'timm_convnn', '-p', 'no:cacheprovider', '-q', '-rA',
-           str(timm_tests_dir() / 'test_models.py'), '-k', keyword]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    text = out.stdout + out.stderr
+    cmd = [sys.executable, '-m', 'pytest', '-p', 'timm_convnn', '-p', 'no:cacheprovider'] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=timm_tests_dir().parent)
+    return out.stdout + out.stderr
+
+
+def run_timm_model_suite(names: List[str], timeout: int = 3600) -> Tuple[Dict[Tuple[str, str], str], str]:
+    """Run timm's test_models.py, unmodified, with the plugin loaded, on exactly the models ``names``.
+
+    Collects timm's tests for ConvNN models (minus the ones needing real Hub weights), keeps those whose model
+    parameter is one of ``names`` and runs them as timm's CI would locally (no GITHUB_ACTIONS), offline.
+    Returns ({(test function, model name): outcome}, output).
+    """
+    listing = _pytest(['--collect-only', '-q', 'tests/test_models.py', '-k', 'convnn and not pretrained'], timeout)
+    nodes = [m.group(1) for m in _NODE.finditer(listing) if m.group(2) in set(names)]
+    if not nodes:
+        return {}, listing
+    text = _pytest(['-q', '-rA'] + nodes, timeout)
     results = {(m.group(2), m.group(3)): m.group(1) for m in _RESULT.finditer(text)}
     return results, text
 

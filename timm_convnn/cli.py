@@ -11,6 +11,22 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return run_selfcheck(quick=args.quick)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(epochs=args.epochs, quick=args.quick, out_dir=args.out_dir, seed=args.seed,
+             progress=not args.no_progress)
+    return 0
+
+
+def _cmd_digits(args: argparse.Namespace) -> int:
+    from .data import write_digits_imagefolder
+    root = write_digits_imagefolder(args.out_dir, img_size=args.img_size)
+    counts = {split: sum(1 for _ in (root / split).rglob('*.png')) for split in ('train', 'validation')}
+    print(f'wrote scikit-learn digits to {root}: train/ {counts["train"]} and validation/ {counts["validation"]} '
+          f'images, 10 classes, {args.img_size} px')
+    return 0
+
+
 def _kv(text: str):
     import ast
     key, sep, value = text.partition('=')
@@ -58,13 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--version', action='version', version=f'timm-convnn {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
-    for name, help_text in (
-            ('demo', 'run the demo (for now: the operator self-check, on this machine)'),
-            ('selfcheck', 'check the attention and convolution identities and time ConvNN against SDPA'),
-    ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument('--quick', action='store_true', help='smaller timing run (seconds)')
-        p.set_defaults(func=_cmd_selfcheck)
+    p = sub.add_parser('demo', help='train a ConvNN ViT and timm\'s ViT on digits (CPU, minutes), export, reload',
+                       description='Train a small ConvNN ViT and the same-size timm ViT on the embedded scikit-learn '
+                                   'digits with timm\'s optimizer / scheduler / loss, print what was measured, export '
+                                   'the ConvNN model in Hub format and reload it with timm.create_model.')
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument('--quick', action='store_true', help='smaller models and at most 8 epochs (seconds)')
+    p.add_argument('--out-dir', default=None, help='where to export the ConvNN model (default: a temporary folder)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser('selfcheck', help='check the attention and convolution identities and time ConvNN vs SDPA')
+    p.add_argument('--quick', action='store_true', help='smaller timing run (seconds)')
+    p.set_defaults(func=_cmd_selfcheck)
+
+    p = sub.add_parser('digits', help='write scikit-learn digits as an ImageFolder (train/, validation/)')
+    p.add_argument('out_dir')
+    p.add_argument('--img-size', type=int, default=32)
+    p.set_defaults(func=_cmd_digits)
 
     def export_args(p):
         p.add_argument('checkpoint', help='timm train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)')

@@ -145,58 +145,88 @@ def _select_listed(
 
 
 def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(B, G, N) token ids -> row ids into a (B * G * M, C) table."""
+    """(B, G, ...) token ids -> row ids into a (B * G * M, C) table, flattened."""
     B, G = idx.shape[0], idx.shape[1]
-    base = torch.arange(B * G, device=idx.device, dtype=idx.dtype).view(B, G, 1) * num_tokens
+    shape = [B, G] + [1] * (idx.dim() - 2)
+    base = torch.arange(B * G, device=idx.device, dtype=idx.dtype).view(shape) * num_tokens
     return (idx + base).reshape(-1)
 
 
 def _gather_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """table (B*G*M, C), idx (B, G, N) -> (B, G, N, C)."""
-    B, G, N = idx.shape[0], idx.shape[1], idx.shape[2]
-    return table.index_select(0, _flat_rows(idx, num_tokens)).view(B, G, N, table.shape[-1])
+    """table (B*G*M, C), idx (B, G, ...) -> (B, G, ..., C)."""
+    shape = list(idx.shape) + [table.shape[-1]]
+    return table.index_select(0, _flat_rows(idx, num_tokens)).view(shape)
 
 
-def _gather_dot_eager(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _slot_chunk(rows: int, channels: int, num_slots: int, budget_bytes: int) -> int:
+    """How many neighbour slots to gather at once: all of them when the (rows, slots, channels) block fits the
+    budget, down to one slot at a time; the working set never depends on K beyond the budget."""
+    return max(1, min(num_slots, budget_bytes // max(1, rows * channels * 4)))
+
+
+# The slot-chunked kernels below keep at most ``budget_bytes`` (1 MiB) of gathered neighbour rows in flight.
+# (A literal default, not a module constant: TorchScript cannot read module globals.)
+
+
+def _gather_dot_eager(
+        q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, budget_bytes: int = 1024 * 1024) -> torch.Tensor:
     B, G, M, D = k.shape
+    K = idx.shape[-1]
     table = k.reshape(B * G * M, D)
+    step = _slot_chunk(idx[..., 0].numel(), D, K, budget_bytes)
     cols: List[torch.Tensor] = []
-    for s in range(idx.shape[-1]):
-        cols.append((q * _gather_rows(table, idx[..., s], M)).sum(-1))
-    return torch.stack(cols, dim=-1)
+    for s in range(0, K, step):
+        cols.append((q.unsqueeze(-2) * _gather_rows(table, idx[..., s:s + step], M)).sum(-1))
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
 
 
 class _GatherDot(torch.autograd.Function):
     """s[b, g, i, t] = <q[b, g, i], k[b, g, idx[b, g, i, t]]>, storing only q, k and idx for backward."""
 
     @staticmethod
-    def forward(ctx, q, k, idx):
+    def forward(ctx, q, k, idx, budget_bytes):
         ctx.save_for_backward(q, k, idx)
+        ctx.budget_bytes = budget_bytes
         with torch.no_grad():
-            return _gather_dot_eager(q, k, idx)
+            return _gather_dot_eager(q, k, idx, budget_bytes)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, idx = ctx.saved_tensors
         B, G, M, D = k.shape
+        K = idx.shape[-1]
         table = k.reshape(B * G * M, D)
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq = torch.zeros_like(q) if need_q else None
         dk = torch.zeros(B * G * M, D, dtype=k.dtype, device=k.device) if need_k else None
-        for s in range(idx.shape[-1]):
-            g = grad[..., s:s + 1]
+        step = _slot_chunk(idx[..., 0].numel(), D, K, ctx.budget_bytes)
+        for s in range(0, K, step):
+            g = grad[..., s:s + step].unsqueeze(-1)  # (B, G, N, ks, 1)
             if dq is not None:
-                dq.add_(g * _gather_rows(table, idx[..., s], M))
+                dq.add_((g * _gather_rows(table, idx[..., s:s + step], M)).sum(-2))
             if dk is not None:
-                dk.index_add_(0, _flat_rows(idx[..., s], M), (g * q).reshape(-1, D))
-        return dq, dk.view(B, G, M, D) if dk is not None else None, None
+                contrib = (g * q.unsqueeze(-2)).reshape(-1, D)
+                dk.index_add_(0, _flat_rows(idx[..., s:s + step], M), contrib)
+        return dq, dk.view(B, G, M, D) if dk is not None else None, None, None
 
 
-def gather_dot(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_dot(
+        q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, budget_bytes: int = 1024 * 1024) -> torch.Tensor:
     """Scores of the selected pairs only: (B, G, N, D) x (B, G, M, D) at (B, G, N, K) -> (B, G, N, K)."""
     if torch.jit.is_scripting():
-        return _gather_dot_eager(q, k, idx)
-    return _GatherDot.apply(q, k, idx)
+        return _gather_dot_eager(q, k, idx, budget_bytes)
+    return _GatherDot.apply(q, k, idx, budget_bytes)
+
+
+def _apply_weight(g: torch.Tensor, weight: torch.Tensor, s: int, e: int, depthwise: bool) -> torch.Tensor:
+    """sum over slots s..e of W_t g_t: g (B, G, N, ks, C) -> (B, G, N, Cout)."""
+    if depthwise:
+        # weight (G, C, K) -> (1, G, 1, ks, C)
+        return (g * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)).sum(-2)
+    # weight (G, Cout, C, K): contract slots and input channels in one product
+    B, G, N, ks, C = g.shape
+    w = weight[:, :, :, s:e].permute(0, 3, 2, 1).reshape(G, ks * C, -1)  # (G, ks * C, Cout)
+    return torch.matmul(g.reshape(B, G, N, ks * C), w)
 
 
 def _aggregate_eager(
@@ -205,19 +235,19 @@ def _aggregate_eager(
         rho: Optional[torch.Tensor],
         weight: torch.Tensor,
         depthwise: bool,
+        budget_bytes: int = 1024 * 1024,
 ) -> torch.Tensor:
     B, G, M, C = v.shape
     K = idx.shape[3]
     table = v.reshape(B * G * M, C)
+    step = _slot_chunk(idx[..., 0].numel(), C, K, budget_bytes)
     out = torch.zeros(0, device=v.device, dtype=v.dtype)
-    for s in range(K):
-        g = _gather_rows(table, idx[..., s], M)
+    for s in range(0, K, step):
+        e = min(K, s + step)
+        g = _gather_rows(table, idx[..., s:e], M)  # (B, G, N, ks, C)
         if rho is not None:
-            g = g * rho[..., s:s + 1]
-        if depthwise:
-            y = g * weight[:, :, s].unsqueeze(1)  # (G, C) -> (G, 1, C), broadcast over B and N
-        else:
-            y = torch.matmul(g, weight[:, :, :, s].transpose(-1, -2))  # (G, C, Cout)
+            g = g * rho[..., s:e].unsqueeze(-1)
+        y = _apply_weight(g, weight, s, e, depthwise)
         out = y if s == 0 else out + y
     return out
 
@@ -226,12 +256,13 @@ class _NeighborAggregate(torch.autograd.Function):
     """y_i = sum_t W_t (rho_it v_{idx_it}); saves v, idx, rho, weight (never the gathered neighbours)."""
 
     @staticmethod
-    def forward(ctx, v, idx, rho, weight, depthwise: bool):
+    def forward(ctx, v, idx, rho, weight, depthwise: bool, budget_bytes: int):
         ctx.depthwise = depthwise
+        ctx.budget_bytes = budget_bytes
         ctx.has_rho = rho is not None
         ctx.save_for_backward(v, idx, rho if rho is not None else v.new_zeros(0), weight)
         with torch.no_grad():
-            return _aggregate_eager(v, idx, rho, weight, depthwise)
+            return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -239,31 +270,37 @@ class _NeighborAggregate(torch.autograd.Function):
         rho = rho if ctx.has_rho else None
         depthwise = ctx.depthwise
         B, G, M, C = v.shape
-        K = idx.shape[-1]
+        N, K = idx.shape[2], idx.shape[3]
         table = v.reshape(B * G * M, C)
         need_v, need_rho, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
         drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
         dw = torch.zeros_like(weight) if need_w else None
-        for s in range(K):
-            g = _gather_rows(table, idx[..., s], M)  # re-gathered, (B, G, N, C)
+        step = _slot_chunk(idx[..., 0].numel(), max(C, grad.shape[-1]), K, ctx.budget_bytes)
+        for s in range(0, K, step):
+            e = min(K, s + step)
+            g = _gather_rows(table, idx[..., s:e], M)  # re-gathered, (B, G, N, ks, C)
             if depthwise:
-                gw = grad * weight[:, :, s].unsqueeze(1)
+                gw = grad.unsqueeze(-2) * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)  # (B, G, N, ks, C)
             else:
-                gw = torch.matmul(grad, weight[:, :, :, s])  # (B, G, N, Cout) @ (G, Cout, C)
+                # (B, G, N, Cout) @ (G, Cout, ks * C) -> (B, G, N, ks, C)
+                w = weight[:, :, :, s:e].permute(0, 1, 3, 2).reshape(G, -1, (e - s) * C)
+                gw = torch.matmul(grad, w).view(B, G, N, e - s, C)
             if drho is not None:
-                drho[..., s] = (gw * g).sum(-1)
-            g_rho = g * rho[..., s:s + 1] if rho is not None else g
+                drho[..., s:e] = (gw * g).sum(-1)
+            g_rho = g * rho[..., s:e].unsqueeze(-1) if rho is not None else g
             if dw is not None:
                 if depthwise:
-                    dw[:, :, s] = (g_rho * grad).sum(dim=(0, 2))
+                    dw[:, :, s:e] = (g_rho * grad.unsqueeze(-2)).sum(dim=(0, 2)).transpose(1, 2)
                 else:
-                    # (B, G, C, N) @ (B, G, N, Cout) summed over B -> (G, C, Cout)
-                    dw[:, :, :, s] = torch.matmul(g_rho.transpose(-1, -2), grad).sum(0).transpose(-1, -2)
+                    # sum over B, N of grad (Cout) x g_rho (ks, C) -> (G, Cout, ks, C)
+                    gt = grad.permute(1, 3, 0, 2).reshape(G, grad.shape[-1], B * N)
+                    gr = g_rho.permute(1, 0, 2, 3, 4).reshape(G, B * N, (e - s) * C)
+                    dw[:, :, :, s:e] = torch.matmul(gt, gr).view(G, -1, e - s, C).transpose(2, 3)
             if dv is not None:
-                gv = gw * rho[..., s:s + 1] if rho is not None else gw
-                dv.index_add_(0, _flat_rows(idx[..., s], M), gv.reshape(-1, C))
-        return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw, None
+                gv = gw * rho[..., s:e].unsqueeze(-1) if rho is not None else gw
+                dv.index_add_(0, _flat_rows(idx[..., s:e], M), gv.reshape(-1, C))
+        return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw, None, None
 
 
 def neighbor_aggregate(
@@ -272,8 +309,12 @@ def neighbor_aggregate(
         rho: Optional[torch.Tensor],
         weight: torch.Tensor,
         depthwise: bool,
+        budget_bytes: int = 1024 * 1024,
 ) -> torch.Tensor:
     """ConvNN aggregation, Conv1d(kernel K, stride K) over each query's K (weighted) neighbours.
+
+    Neighbour slots are processed in chunks whose gathered rows fit a fixed working-set budget, so memory does not
+    grow with K, and backward re-gathers instead of storing.
 
     Args:
         v: (B, G, M, C) values of all tokens.
@@ -289,8 +330,8 @@ def neighbor_aggregate(
     if rho is not None:
         rho = rho.to(v.dtype)
     if torch.jit.is_scripting():
-        return _aggregate_eager(v, idx, rho, weight, depthwise)
-    return _NeighborAggregate.apply(v, idx, rho, weight, depthwise)
+        return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
+    return _NeighborAggregate.apply(v, idx, rho, weight, depthwise, budget_bytes)
 
 
 def hashed_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:

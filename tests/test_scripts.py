@@ -1,0 +1,170 @@
+"""timm's own scripts with ConvNN models: launcher, configs, train/validate/benchmark on the digits ImageFolder.
+
+timm ships train.py / validate.py / benchmark.py only in its git repository (not in the wheel or sdist), so the tests
+that run them need ``TIMM_SCRIPTS_DIR`` (a folder holding them) and are skipped without it.
+"""
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import timm
+import timm_convnn  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = os.environ.get('TIMM_SCRIPTS_DIR')
+needs_scripts = pytest.mark.skipif(
+    not SCRIPTS, reason='TIMM_SCRIPTS_DIR is not set: timm\'s train.py / validate.py / benchmark.py are not in '
+                        'timm\'s wheel or sdist; point it at a checkout of timm\'s repository to run these tests')
+CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
+ENV = dict(os.environ, OMP_NUM_THREADS='2')
+
+
+def _run(args, timeout=900, check=True, env=None):
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f'{" ".join(map(str, args))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n'
+                             f'{out.stderr[-5000:]}')
+    return out
+
+
+# -- always: launcher, configs, shell launchers -------------------------------------------------------------------
+
+def test_launcher_runs_a_script_as_main_with_models_registered(tmp_path):
+    script = tmp_path / 'probe.py'
+    script.write_text('import sys, timm\n'
+                      'assert __name__ == "__main__"\n'
+                      'assert "vit_tiny_convnn_random" in timm.list_models("*convnn*")\n'
+                      'print("argv", sys.argv[1:], "script", sys.argv[0].endswith("probe.py"))\n')
+    out = _run([sys.executable, '-m', 'timm_convnn.run', str(script), '--a', '1'])
+    assert "argv ['--a', '1'] script True" in out.stdout
+    # and under torchrun (two processes on the CPU)
+    out = _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'timm_convnn.run',
+                str(script), '--b'])
+    assert out.stdout.count("argv ['--b'] script True") == 2
+    missing = _run([sys.executable, '-m', 'timm_convnn.run', str(tmp_path / 'nope.py')], check=False)
+    assert missing.returncode != 0 and 'no such script' in missing.stderr
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
+def test_config_names_a_registered_model(config):
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg['model'] in timm.list_models('*convnn*')
+    assert all('-' not in k for k in cfg), 'YAML keys are train.py dests (underscores)'
+
+
+@pytest.mark.parametrize('script', ['train_single.sh', 'train_torchrun.sh', 'train_multinode.sh'])
+def test_shell_launchers_print_the_command(script, tmp_path):
+    path = ROOT / 'train_scripts' / script
+    out = _run(['bash', str(path), '--help'])
+    assert out.stdout.startswith(f'usage: train_scripts/{script} CONFIG DATA_DIR')
+    env = dict(ENV, TIMM_SCRIPTS_DIR=str(tmp_path), DRY_RUN='1', MASTER_ADDR='10.0.0.1', NNODES='2', NODE_RANK='1',
+               NPROC='4')
+    out = _run(['bash', str(path), 'configs/x.yaml', '/data', '--epochs', '1'], env=env)
+    line = out.stdout.strip()
+    assert f'-m timm_convnn.run {tmp_path}/train.py -c configs/x.yaml --data-dir /data --epochs 1' in line
+    if script != 'train_single.sh':
+        assert '--nproc_per_node 4' in line
+    if script == 'train_multinode.sh':
+        assert '--nnodes 2' in line and '--node_rank 1' in line and '--rdzv_endpoint 10.0.0.1:29500' in line
+    assert _run(['bash', str(path)], check=False).returncode == 2
+
+
+# -- with timm's scripts -----------------------------------------------------------------------------------------
+
+@needs_scripts
+def test_config_keys_are_train_py_options():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('timm_train_script', Path(SCRIPTS) / 'train.py')
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)  # defines the parser; main() runs only as __main__
+    dests = {a.dest for a in train.parser._actions} | {a.dest for a in train.config_parser._actions}
+    for config in CONFIGS:
+        unknown = set(yaml.safe_load(config.read_text())) - dests
+        assert not unknown, f'{config.name}: not train.py options: {unknown}'
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('digits')
+    _run([sys.executable, '-m', 'timm_convnn', 'digits', str(root), '--img-size', '32'])
+    return root
+
+
+VIT_ARGS = ['--model', 'vit_tiny_convnn_random', '--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=32',
+            'depth=2', 'num_heads=2']
+DATA_ARGS = ['--num-classes', '10', '--input-size', '3', '32', '32', '--mean', '0.5', '0.5', '0.5', '--std', '0.5',
+             '0.5', '0.5', '--crop-pct', '1.0', '--interpolation', 'bicubic', '--device', 'cpu', '-j', '0']
+TRAIN_ARGS = ['--epochs', '1', '--warmup-epochs', '0', '--opt', 'adamw', '--lr', '2e-3', '-b', '64', '--hflip', '0',
+              '--scale', '0.75', '1', '--color-jitter', '0', '--checkpoint-hist', '1', '--log-interval', '10']
+
+
+def _summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def trained_vit(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/train.py', '--data-dir', str(digits_dir),
+          '--output', str(out), '--experiment', 'vit', '--model-ema', *VIT_ARGS, *DATA_ARGS, *TRAIN_ARGS])
+    return out / 'vit'
+
+
+@needs_scripts
+def test_train_vit_via_launcher_then_validate_reproduces_top1(trained_vit, digits_dir):
+    rows = _summary(trained_vit)
+    assert len(rows) == 1 and (trained_vit / 'model_best.pth.tar').exists()
+    out = _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/validate.py', '--data-dir', str(digits_dir),
+                '--checkpoint', str(trained_vit / 'model_best.pth.tar'), '-b', '64', *VIT_ARGS, *DATA_ARGS])
+    result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
+    assert result['top1'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3)
+
+
+@needs_scripts
+def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
+    args = ['--data-dir', str(digits_dir), '--output', str(tmp_path), '--experiment', 'resnet',
+            '--device-modules', 'timm_convnn', '--model', 'resnet18_convnn_branch', *DATA_ARGS, *TRAIN_ARGS]
+    _run([sys.executable, f'{SCRIPTS}/train.py', *args])
+    run = tmp_path / 'resnet'
+    assert len(_summary(run)) == 1
+    out = _run([sys.executable, f'{SCRIPTS}/train.py', *args, '--resume', str(run / 'last.pth.tar'),
+                '--epochs', '2'])
+    assert re.search(r'Restoring model state from checkpoint|Loaded checkpoint', out.stdout + out.stderr)
+    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
+
+
+@needs_scripts
+@pytest.mark.parametrize('bench', ['inference', 'train'])
+def test_benchmark_py(bench):
+    out = _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/benchmark.py', '--bench', bench,
+                '--device', 'cpu', '--num-warm-iter', '1', '--num-bench-iter', '5', '-b', '4', *VIT_ARGS,
+                '--img-size', '32'])
+    result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
+    key = 'infer_samples_per_sec' if bench == 'inference' else 'train_samples_per_sec'
+    assert result['model'] == 'vit_tiny_convnn_random' and result[key] > 0
+
+
+@needs_scripts
+def test_export_a_real_train_py_checkpoint(trained_vit, tmp_path, monkeypatch):
+    # issue "Hub": converting a train.py checkpoint (EMA or not) is one command
+    from timm_convnn import hub
+    from .hub_cache import use_cache
+    for ema in (False, True):
+        out = tmp_path / f'export-{ema}'
+        _run([sys.executable, '-m', 'timm_convnn', 'export', str(trained_vit / 'model_best.pth.tar'), str(out)]
+             + (['--ema'] if ema else []))
+        card = (out / 'README.md').read_text()
+        assert '| epochs | 1 |' in card and "| `model` | `'vit_tiny_convnn_random'` |" in card
+        cache = use_cache(monkeypatch, tmp_path / 'hub')
+        cache.add_folder(f'org/digits-{ema}', out)
+        model = timm.create_model(f'hf-hub:org/digits-{ema}', pretrained=True)
+        arch, sd, _ = hub.load_train_checkpoint(trained_vit / 'model_best.pth.tar', use_ema=ema)
+        assert all((model.state_dict()[k] == v).all() for k, v in sd.items())
