@@ -107,7 +107,7 @@ TRAIN_ARGS = ['--epochs', '1', '--warmup-epochs', '0', '--opt', 'adamw', '--lr',
 
 def _summary(run_dir):
     with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if r['epoch'] != 'epoch']  # a resumed run repeats the header
 
 
 @pytest.fixture(scope='module')
@@ -122,8 +122,10 @@ def trained_vit(digits_dir, tmp_path_factory):
 def test_train_vit_via_launcher_then_validate_reproduces_top1(trained_vit, digits_dir):
     rows = _summary(trained_vit)
     assert len(rows) == 1 and (trained_vit / 'model_best.pth.tar').exists()
+    # trained with --model-ema: train.py reports (and selects on) the EMA weights' metrics
     out = _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/validate.py', '--data-dir', str(digits_dir),
-                '--checkpoint', str(trained_vit / 'model_best.pth.tar'), '-b', '64', *VIT_ARGS, *DATA_ARGS])
+                '--checkpoint', str(trained_vit / 'model_best.pth.tar'), '--use-ema', '-b', '64', *VIT_ARGS,
+                *DATA_ARGS])
     result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
     assert result['top1'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3)
 
@@ -139,6 +141,8 @@ def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
                 '--epochs', '2'])
     assert re.search(r'Restoring model state from checkpoint|Loaded checkpoint', out.stdout + out.stderr)
     assert [r['epoch'] for r in _summary(run)] == ['0', '1']
+    from timm_convnn.hub import read_train_summary
+    assert read_train_summary(run / 'summary.csv')['epochs'] == 2
 
 
 @needs_scripts

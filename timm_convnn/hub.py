@@ -63,7 +63,8 @@ def _family(architecture: str) -> str:
 def read_train_summary(path: Union[str, Path]) -> Dict[str, Any]:
     """Metrics from timm train.py's ``summary.csv``: best and last epoch (top-1 / top-5 / loss)."""
     with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+        # a resumed train.py run appends a second header row: skip repeated headers
+        rows = [r for r in csv.DictReader(f) if r.get('epoch') != 'epoch']
     if not rows:
         raise ValueError(f'{path}: no epochs in train.py summary')
     if 'eval_top1' not in rows[0]:

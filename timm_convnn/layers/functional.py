@@ -223,10 +223,11 @@ def _apply_weight(g: torch.Tensor, weight: torch.Tensor, s: int, e: int, depthwi
     if depthwise:
         # weight (G, C, K) -> (1, G, 1, ks, C)
         return (g * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)).sum(-2)
-    # weight (G, Cout, C, K): contract slots and input channels in one product
+    # weight (G, Cout, C, K): contract slots and input channels in one (G, B * N, ks * C) @ (G, ks * C, Cout) product
     B, G, N, ks, C = g.shape
-    w = weight[:, :, :, s:e].permute(0, 3, 2, 1).reshape(G, ks * C, -1)  # (G, ks * C, Cout)
-    return torch.matmul(g.reshape(B, G, N, ks * C), w)
+    w = weight[:, :, :, s:e].permute(0, 3, 2, 1).reshape(G, ks * C, -1)
+    y = torch.bmm(g.reshape(B, G, N * ks * C).transpose(0, 1).reshape(G, B * N, ks * C), w)
+    return y.view(G, B, N, -1).transpose(0, 1)
 
 
 def _aggregate_eager(
@@ -283,9 +284,10 @@ class _NeighborAggregate(torch.autograd.Function):
             if depthwise:
                 gw = grad.unsqueeze(-2) * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)  # (B, G, N, ks, C)
             else:
-                # (B, G, N, Cout) @ (G, Cout, ks * C) -> (B, G, N, ks, C)
+                # (G, B * N, Cout) @ (G, Cout, ks * C) -> (B, G, N, ks, C)
                 w = weight[:, :, :, s:e].permute(0, 1, 3, 2).reshape(G, -1, (e - s) * C)
-                gw = torch.matmul(grad, w).view(B, G, N, e - s, C)
+                gg = grad.transpose(0, 1).reshape(G, B * N, grad.shape[-1])
+                gw = torch.bmm(gg, w).view(G, B, N, e - s, C).transpose(0, 1)
             if drho is not None:
                 drho[..., s:e] = (gw * g).sum(-1)
             g_rho = g * rho[..., s:e].unsqueeze(-1) if rho is not None else g
