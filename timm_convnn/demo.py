@@ -111,7 +111,8 @@ def run_demo(epochs: int = 15, quick: bool = False, out_dir: Optional[str] = Non
         model = timm.create_model(name, **model_kwargs)
         t0 = time.perf_counter()
         top1 = train_model(model, data, epochs, seed=seed, desc=f'{label:<10}', progress=progress)
-        results.append(DemoResult(label, name, top1, time.perf_counter() - t0, sum(p.numel() for p in model.parameters())))
+        seconds = time.perf_counter() - t0
+        results.append(DemoResult(label, name, top1, seconds, sum(p.numel() for p in model.parameters())))
         trained[name] = model
 
     print(f'\n| {"model":<36} | {"val top-1":>9} | {"train time":>10} | {"params":>8} |')
