@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Several nodes with torchrun (c10d rendezvous): run this same command on every node.
 set -euo pipefail
+# shellcheck source=train_scripts/_common.sh
+source "$(dirname "$0")/_common.sh"
 usage() {
     cat <<'TXT'
 usage: train_scripts/train_multinode.sh CONFIG DATA_DIR [train.py options ...]
@@ -21,20 +23,10 @@ environment (rendezvous; SLURM's SLURM_NNODES / SLURM_NODEID are used when set):
   DRY_RUN=1         print the command, do not run it
 TXT
 }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
-if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
-config=$1; data=$2; shift 2
-scripts=${TIMM_SCRIPTS_DIR:?set TIMM_SCRIPTS_DIR to the folder holding timm\'s train.py}
+launch_setup "$@"
 master=${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}
 nnodes=${NNODES:-${SLURM_NNODES:?set NNODES}}
 node_rank=${NODE_RANK:-${SLURM_NODEID:?set NODE_RANK}}
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-    [[ "$NPROC" -ge 1 ]] || NPROC=1
-fi
-cmd=("${TORCHRUN:-torchrun}" --nnodes "$nnodes" --nproc_per_node "$NPROC" --node_rank "$node_rank"
-     --rdzv_backend c10d --rdzv_endpoint "$master:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-timm-convnn}}"
-     -m timm_convnn.run "$scripts/train.py" -c "$config" --data-dir "$data" "$@")
-printf '%q ' "${cmd[@]}"; echo
-if [[ "${DRY_RUN:-0}" == "1" ]]; then exit 0; fi
-exec "${cmd[@]}"
+launch "${TORCHRUN:-torchrun}" --nnodes "$nnodes" --nproc_per_node "$(default_nproc)" --node_rank "$node_rank" \
+    --rdzv_backend c10d --rdzv_endpoint "$master:${MASTER_PORT:-29500}" \
+    --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-timm-convnn}}" "${train[@]}" "${extra[@]}"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One node, N processes (one per GPU) with torchrun: timm's own train.py with the ConvNN models registered.
 set -euo pipefail
+# shellcheck source=train_scripts/_common.sh
+source "$(dirname "$0")/_common.sh"
 usage() {
     cat <<'TXT'
 usage: train_scripts/train_torchrun.sh CONFIG DATA_DIR [train.py options ...]
@@ -15,16 +17,5 @@ environment:
   DRY_RUN=1         print the command, do not run it
 TXT
 }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
-if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
-config=$1; data=$2; shift 2
-scripts=${TIMM_SCRIPTS_DIR:?set TIMM_SCRIPTS_DIR to the folder holding timm\'s train.py}
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-    [[ "$NPROC" -ge 1 ]] || NPROC=1
-fi
-cmd=("${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$NPROC"
-     -m timm_convnn.run "$scripts/train.py" -c "$config" --data-dir "$data" "$@")
-printf '%q ' "${cmd[@]}"; echo
-if [[ "${DRY_RUN:-0}" == "1" ]]; then exit 0; fi
-exec "${cmd[@]}"
+launch_setup "$@"
+launch "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$(default_nproc)" "${train[@]}" "${extra[@]}"

@@ -201,14 +201,23 @@ class ConvNNAttention(nn.Module):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
+        q, k, v, gate = self._project(x, attn_mask, is_causal)
+        return self._output(self.convnn_mix(q, k, v), gate)
+
+    def _project(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Checked input -> per-head (B, H, N, d) q, k, v (as timm's Attention computes them) and the gate."""
         self._check_input(x, attn_mask, is_causal)
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = self.convnn_mix(q, k, v)
-        return self._output(out, gate)
+        return q, k, v, gate
 
     def _output(self, out: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         B, N = out.shape[0], out.shape[2]
@@ -263,12 +272,7 @@ class ConvNNBranchAttention(ConvNNAttention):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        self._check_input(x, attn_mask, is_causal)
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = self._project(x, attn_mask, is_causal)
         c = self.convnn_head_channels
         out = self.convnn_mix(q[..., :c], k[..., :c], v[..., :c])
         if self.attn_head_channels > 0:
