@@ -32,6 +32,20 @@ def cache(tmp_path, monkeypatch):
     return use_cache(monkeypatch, tmp_path / 'hub')
 
 
+@pytest.fixture
+def restore_registry():
+    """Undo tags registered by a test (timm's registry is process-global)."""
+    from copy import deepcopy
+    from timm.models import _registry as reg
+    saved = {k: deepcopy(getattr(reg, k)) for k in (
+        '_model_pretrained_cfgs', '_model_has_pretrained', '_model_with_tags', '_model_default_cfgs')}
+    yield
+    for k, v in saved.items():
+        target = getattr(reg, k)
+        target.clear()
+        target.update(v)
+
+
 def _same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -46,7 +60,7 @@ def _perturb(model):
 
 
 @pytest.mark.parametrize('case', list(ROUND_TRIP))
-def test_round_trip_hf_hub(case, cache, tmp_path):
+def test_round_trip_hf_hub(case, cache, tmp_path, restore_registry):
     name, kwargs = ROUND_TRIP[case]
     model = _perturb(timm.create_model(name, **kwargs)).eval()
     folder = hub.save(model, tmp_path / 'export', repo_id=f'org/{case}')
