@@ -22,6 +22,7 @@ import timm
 from timm.models import save_for_hf
 
 from .layers import ConvNN2d, ConvNNAttention, ConvNNBranch2d, ConvNNBranchAttention
+from .models._pretrained import WARM_START_PREFIX
 from .version import __version__
 
 __all__ = ['convnn_model_args', 'save', 'render_model_card', 'read_train_summary', 'load_train_checkpoint',
@@ -298,7 +299,7 @@ def weights_table() -> str:
     for name in timm.list_pretrained('*convnn*'):
         cfg = timm.models.get_pretrained_cfg(name)
         source = cfg.hf_hub_id or cfg.url or cfg.file
-        warm = (cfg.tag or '').startswith('from_timm_')
+        warm = (cfg.tag or '').startswith(WARM_START_PREFIX)
         trained = 'no: warm start (ConvNN layers new)' if warm else 'yes'
         top1 = 'not measured' if warm else (cfg.notes or 'see model card')
         lines.append(f'| `{name}` | `{source}` | {trained} | {top1} |')
