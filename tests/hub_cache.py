@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Dict, Union
 
 import huggingface_hub.constants as hf_constants
+import timm
+from safetensors.torch import save_file
 
 
 class HubCache:
@@ -50,3 +52,13 @@ def use_cache(monkeypatch, root: Path) -> HubCache:
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(root))
     return HubCache(root)
+
+
+def add_timm_stand_in(cache: HubCache, tmp_path: Path, source: str):
+    """A small stand-in of timm's weights repo ``timm/<source>`` (random weights of the right architecture)."""
+    arch = source.split('.')[0]
+    model = timm.create_model(arch)
+    path = Path(tmp_path) / f'{arch}.safetensors'
+    save_file(model.state_dict(), str(path))
+    cache.add_repo(f'timm/{source}', {'model.safetensors': path})
+    return model, path

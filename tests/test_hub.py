@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import timm
 import timm_convnn  # noqa: F401
 from timm_convnn import hub
 from timm_convnn.cli import main as cli_main
 
-from .hub_cache import HubCache, use_cache
+from .hub_cache import HubCache, add_timm_stand_in, use_cache
 
 ROUND_TRIP = {
     'vit-default': ('vit_tiny_convnn_all', dict(img_size=32, patch_size=4, num_classes=7)),
@@ -108,21 +107,12 @@ def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
     assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
 
 
-def _stand_in(cache, tmp_path, source):
-    """A small stand-in of a timm weights repo (random weights of the right architecture)."""
-    arch, tag = source.split('.')
-    model = timm.create_model(arch)
-    save_file(model.state_dict(), str(tmp_path / f'{arch}.safetensors'))
-    cache.add_repo(f'timm/{source}', {'model.safetensors': tmp_path / f'{arch}.safetensors'})
-    return model
-
-
 @pytest.mark.parametrize('name,source', [
     ('vit_tiny_convnn_random', 'vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
     ('resnet18_convnn_branch', 'resnet18.a1_in1k'),
 ])
 def test_warm_start_tag_from_timm_repo(name, source, cache, tmp_path):
-    src = _stand_in(cache, tmp_path, source)
+    src, _ = add_timm_stand_in(cache, tmp_path, source)
     cfg = timm.models.get_pretrained_cfg(name)
     assert cfg.tag == 'from_timm_' + source.split('.')[1] and cfg.hf_hub_id == f'timm/{source}'
     assert 'not ConvNN-trained' in cfg.notes and 'not measured' in cfg.notes
