@@ -123,7 +123,8 @@ def test_train_vit_via_launcher_then_validate_reproduces_top1(trained_vit, digit
     rows = _summary(trained_vit)
     assert len(rows) == 1 and (trained_vit / 'model_best.pth.tar').exists()
     # trained with --model-ema: train.py reports (and selects on) the EMA weights' metrics
-    out = _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/validate.py', '--data-dir', str(digits_dir),
+    # validate.py unmodified and without the launcher: the autoload hook registers the models
+    out = _run([sys.executable, f'{SCRIPTS}/validate.py', '--data-dir', str(digits_dir),
                 '--checkpoint', str(trained_vit / 'model_best.pth.tar'), '--use-ema', '-b', '64', *VIT_ARGS,
                 *DATA_ARGS])
     result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
@@ -134,11 +135,13 @@ def test_train_vit_via_launcher_then_validate_reproduces_top1(trained_vit, digit
 def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
     args = ['--data-dir', str(digits_dir), '--output', str(tmp_path), '--experiment', 'resnet',
             '--device-modules', 'timm_convnn', '--model', 'resnet18_convnn_branch', *DATA_ARGS, *TRAIN_ARGS]
-    _run([sys.executable, f'{SCRIPTS}/train.py', *args])
+    # --device-modules registers the models by itself: autoload off here
+    env = dict(ENV, TIMM_CONVNN_AUTOLOAD='0')
+    _run([sys.executable, f'{SCRIPTS}/train.py', *args], env=env)
     run = tmp_path / 'resnet'
     assert len(_summary(run)) == 1
     out = _run([sys.executable, f'{SCRIPTS}/train.py', *args, '--resume', str(run / 'last.pth.tar'),
-                '--epochs', '2'])
+                '--epochs', '2'], env=env)
     assert re.search(r'Restoring model state from checkpoint|Loaded checkpoint', out.stdout + out.stderr)
     assert [r['epoch'] for r in _summary(run)] == ['0', '1']
     from timm_convnn.hub import read_train_summary
@@ -148,12 +151,26 @@ def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
 @needs_scripts
 @pytest.mark.parametrize('bench', ['inference', 'train'])
 def test_benchmark_py(bench):
-    out = _run([sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/benchmark.py', '--bench', bench,
+    out = _run([sys.executable, f'{SCRIPTS}/benchmark.py', '--bench', bench,  # zero-touch: no launcher
                 '--device', 'cpu', '--num-warm-iter', '1', '--num-bench-iter', '5', '-b', '4', *VIT_ARGS,
                 '--img-size', '32'])
     result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
     key = 'infer_samples_per_sec' if bench == 'inference' else 'train_samples_per_sec'
     assert result['model'] == 'vit_tiny_convnn_random' and result[key] > 0
+
+
+@needs_scripts
+def test_inference_py_zero_touch(trained_vit, digits_dir, tmp_path):
+    out = _run([sys.executable, f'{SCRIPTS}/inference.py', str(digits_dir / 'validation'), '--checkpoint',
+                str(trained_vit / 'model_best.pth.tar'), '-b', '64', '--topk', '3', '--results-dir', str(tmp_path),
+                '--results-format', 'csv', '--no-console-results', *VIT_ARGS, *DATA_ARGS])
+    with open(next(tmp_path.glob('*.csv'))) as f:
+        rows = list(csv.DictReader(f))
+    images = sorted(p.name for p in (digits_dir / 'validation').rglob('*.png'))
+    assert sorted(Path(r['filename']).name for r in rows) == images
+    for r in rows:  # top-3 class probabilities of the trained convnn model, best first
+        probs = [float(v) for v in r['prob'].strip('[]').split()]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
 
 @needs_scripts
