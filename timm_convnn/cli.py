@@ -68,6 +68,68 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .catalog import model_table
+    print(model_table(args.pattern or '', flops=not args.no_flops))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+    from .catalog import model_info
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f'{info["model"]}: {info["class_name"]} (entrypoint {info["entrypoint"]}), '
+          f'{info["params_m"]:.3f} M params, {info["num_classes"]} classes, {info["num_features"]} features')
+    print('\nConvNN options (create_model kwargs):')
+    for k, v in info['convnn_options'].items():
+        print(f'  {k} = {v!r}')
+    print('\nConvNN layers:')
+    for layer, count in info['convnn_layers'].items():
+        print(f'  {count} x {layer}')
+    print('\nfeature maps (features_only):')
+    for f in info['feature_info']:
+        print(f'  {f.get("module")}: {f.get("num_chs")} channels, reduction {f.get("reduction")}')
+    print('\ndefault pretrained cfg:')
+    print('  ' + json.dumps(info['default_pretrained_cfg'], indent=2).replace('\n', '\n  '))
+    print('\npretrained tags:')
+    for tag, cfg in info['pretrained_tags'].items():
+        src = (cfg or {}).get('hf_hub_id') or (cfg or {}).get('url') or '-'
+        print(f'  {tag}: {src}')
+    return 0
+
+
+def _parse_query(text: str):
+    x, sep, y = text.partition(',')
+    try:
+        return int(x), int(y)
+    except ValueError:
+        raise ValueError(f'--query must be X,Y in pixels of the model input (e.g. 112,80); got {text!r}') from None
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> int:
+    import timm
+    from PIL import Image
+    from .catalog import check_model_name
+    from .viz import neighbor_map
+
+    name = check_model_name(args.model)
+    if args.pretrained and args.checkpoint:
+        raise ValueError('use --pretrained or --checkpoint, not both')
+    query = _parse_query(args.query) if args.query else None
+    kwargs = dict(args.model_kwargs or [])
+    if args.checkpoint:
+        kwargs['checkpoint_path'] = args.checkpoint
+    model = timm.create_model(name, pretrained=args.pretrained, **kwargs).eval()
+    image = Image.open(args.image) if args.image else None
+    (w, h), records, (qx, qy) = neighbor_map(model, args.out, image, query, args.layers, args.img_size)
+    shown = len(args.layers) if args.layers else len(records)
+    print(f'wrote {args.out} ({w}x{h} px): {shown} ConvNN layers of {name}, query pixel ({qx}, {qy})')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-convnn', description='Convolutional Nearest Neighbors (arXiv 2511.14137) for timm.')
@@ -122,11 +184,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('weights', help='print the table of pretrained tags of the ConvNN models')
     p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser('list', help='table of the registered ConvNN models: params, GFLOPs, K, r, candidates, tags')
+    p.add_argument('pattern', nargs='?', help='name pattern (fnmatch, or a word matched as a substring)')
+    p.add_argument('--no-flops', action='store_true', help='skip the GFLOPs column (faster)')
+    p.set_defaults(func=_cmd_list, friendly_errors=True)
+
+    p = sub.add_parser('info', help='full config and pretrained cfgs of one model')
+    p.add_argument('model')
+    p.add_argument('--json', action='store_true', help='machine-readable output')
+    p.set_defaults(func=_cmd_info, friendly_errors=True)
+
+    p = sub.add_parser('neighbors', help='PNG of the neighbours each ConvNN layer picks for one query position',
+                       description='Run MODEL on an image and draw, for every ConvNN layer, the query position and '
+                                   'the K neighbours that layer selected (weight as intensity).')
+    p.add_argument('model', help='registered name (optionally .tag), or hf-hub:ORG/REPO')
+    p.add_argument('--image', help='image file (default: an embedded synthetic scene, works offline)')
+    p.add_argument('--pretrained', action='store_true', help='load the pretrained weights of the name / tag')
+    p.add_argument('--checkpoint', help='load weights from a checkpoint file (timm load_checkpoint)')
+    p.add_argument('--query', help='X,Y pixel of the model input (after resize and crop); default: the centre')
+    p.add_argument('--out', default='neighbors.png', help='output PNG (default: neighbors.png)')
+    p.add_argument('--layers', nargs='+', help='only these ConvNN layers (module names)')
+    p.add_argument('--img-size', type=int, help='input size (default: the model\'s pretrained cfg)')
+    p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='KEY=VALUE', help='create_model kwargs')
+    p.set_defaults(func=_cmd_neighbors, friendly_errors=True)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, 'friendly_errors', False):  # bad names / coordinates: one line, no traceback
+        try:
+            return args.func(args)
+        except ValueError as e:
+            print(f'timm-convnn {args.command}: error: {e}', file=sys.stderr)
+            return 2
     return args.func(args)
 
 

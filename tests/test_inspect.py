@@ -1,0 +1,173 @@
+"""Neighbour maps (timm_convnn.inspect, timm-convnn neighbors) and the model catalogue (timm-convnn list / info)."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from timm_convnn.catalog import check_model_name, model_summary
+from timm_convnn.cli import main as cli_main
+from timm_convnn.inspect import convnn_layers, neighbors, record_neighbors
+from timm_convnn.utils import count_params
+from timm_convnn.viz import QUERY_RGB, figure_size, neighbor_map
+
+VIT = dict(img_size=32, patch_size=4, depth=2)  # 8 x 8 patches + class token, 3 heads of 64
+
+
+def _vit(**kw):
+    return timm.create_model('vit_tiny_convnn_random', **{**VIT, **kw}).eval()
+
+
+def test_vit_records_shapes_ranges_and_weights():
+    model = _vit(num_samples=16)
+    x = torch.randn(2, 3, 32, 32)
+    maps = neighbors(model, x)
+    assert list(maps) == ['blocks.0.attn', 'blocks.1.attn']
+    for m in maps.values():
+        assert m.query_grid == m.key_grid == (8, 8) and m.num_prefix_tokens == 1
+        assert m.indices.shape == (2, 3, 65, 9) and m.indices.dtype == torch.int64
+        assert m.indices.min() >= 0 and m.indices.max() < 65
+        assert torch.allclose(m.weights.sum(-1), torch.ones(2, 3, 65))  # softmax over the K kept
+        # random candidates: every query sees the class token, itself and the same 16 sampled patches
+        others = m.indices[0, 0][m.indices[0, 0] != torch.arange(65).view(65, 1)]
+        assert len(torch.unique(others)) <= 17
+        rows, cols = m.positions()
+        prefix = m.is_prefix()
+        assert ((rows == -1) == prefix).all() and rows.max() < 8 and cols.max() < 8
+        assert m.query_index(0, 0) == 1 and m.query_index(7, 7) == 64
+    with pytest.raises(ValueError, match='outside its 8 x 8 query grid'):
+        maps['blocks.0.attn'].query_index(8, 0)
+
+
+def test_recording_changes_no_output_and_removes_its_hooks():
+    model = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with record_neighbors(model) as rec:
+            recorded = model(x)
+    assert torch.equal(plain, recorded) and len(rec) == 2
+    for layer in convnn_layers(model).values():
+        assert not layer._forward_pre_hooks and not layer.aggregate._forward_hooks
+
+
+def test_eval_is_deterministic_training_draws_are_recorded():
+    model = _vit(num_samples=16)
+    x = torch.randn(1, 3, 32, 32)
+    a, b = neighbors(model, x), neighbors(model, x)
+    assert all(torch.equal(a[k].indices, b[k].indices) for k in a)
+    model.train()
+    torch.manual_seed(0)
+    c = neighbors(model, x)
+    torch.manual_seed(1)
+    d = neighbors(model, x)
+    assert not torch.equal(c['blocks.0.attn'].indices, d['blocks.0.attn'].indices)  # fresh draws per forward
+
+
+def test_coordinate_mode_selects_the_3x3_window():
+    # ConvNN on coordinates only, euclidean: the K = 9 nearest pixels are the 3x3 window (stride 2 layers included)
+    model = timm.create_model('resnet18_convnn', coords='only', similarity='euclidean', num_classes=3).eval()
+    maps = neighbors(model, torch.randn(1, 3, 32, 32))
+    assert len(maps) == 16 and maps['layer1.0.conv1'].layer == 'ConvNN2d'
+    strided = 0
+    for m in maps.values():
+        assert m.weights is None and m.padding == 1
+        rows, cols = m.positions()
+        qh, qw = m.query_grid
+        i = torch.arange(qh).view(qh, 1).expand(qh, qw).reshape(-1) * m.stride
+        j = torch.arange(qw).view(1, qw).expand(qh, qw).reshape(-1) * m.stride
+        got = torch.stack([rows[0, 0] - i[:, None], cols[0, 0] - j[:, None]], -1)  # offsets from each query
+        window = sorted((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        for q in range(qh * qw):
+            assert sorted(map(tuple, got[q].tolist())) == window, (m.name, q)
+        strided += m.stride == 2
+    assert strided == 3
+
+
+def test_cnn_branch_records_padded_candidates():
+    model = timm.create_model('resnet18_convnn_branch', num_classes=3).eval()
+    maps = neighbors(model, torch.randn(1, 3, 64, 64))
+    m = maps['layer1.0.conv1.convnn']
+    assert m.key_grid == (16, 16) and m.query_grid == (16, 16) and m.indices.shape == (1, 1, 256, 9)
+    assert m.indices.max() < 18 * 18
+    assert maps['layer2.0.conv1.convnn'].query_grid == (8, 8)
+    with pytest.raises(ValueError, match='has no ConvNN layer'):
+        neighbors(timm.create_model('resnet18'), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r'images must be a \(B, C, H, W\) tensor; got a 3-D tensor'):
+        neighbors(model, torch.randn(3, 32, 32))
+
+
+def test_neighbors_cli_writes_the_png_of_the_checkpoint_it_loads(tmp_path, capsys):
+    model = _vit(num_neighbors=5)
+    torch.save(model.state_dict(), tmp_path / 'ckpt.pth')
+    out = tmp_path / 'cli.png'
+    args = ['neighbors', 'vit_tiny_convnn_random', '--checkpoint', str(tmp_path / 'ckpt.pth'), '--img-size', '32',
+            '--query', '5,20', '--out', str(out), '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2',
+            'num_neighbors=5']
+    assert cli_main(args) == 0
+    assert 'wrote' in capsys.readouterr().out
+    png = Image.open(out)
+    assert png.size == figure_size(2) and png.mode == 'RGB'
+    # the same picture from the API with the same weights: the CLI used the checkpoint, not a fresh init
+    size, records, query = neighbor_map(model, str(tmp_path / 'api.png'), query=(5, 20), img_size=32)
+    assert query == (5, 20) and size == png.size
+    assert out.read_bytes() == (tmp_path / 'api.png').read_bytes()
+    # the query cell is outlined: its colour is in the first panel
+    assert QUERY_RGB in {png.getpixel((x, y)) for x in range(8, 232) for y in range(36, 260)}
+
+
+def test_neighbors_cli_cnn_default_image(tmp_path):
+    out = tmp_path / 'cnn.png'
+    assert cli_main(['neighbors', 'resnet18_convnn_branch', '--img-size', '64', '--out', str(out),
+                     '--layers', 'layer1.0.conv1.convnn', 'layer4.1.conv2.convnn']) == 0
+    assert Image.open(out).size == figure_size(2)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert cli_main(['neighbors', 'vit_tiny_convn_random', '--out', str(tmp_path / 'x.png')]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'vit_tiny_convn_random'; did you mean: vit_tiny_convnn_random" in err
+    base = ['neighbors', 'vit_tiny_convnn_random', '--img-size', '32', '--out', str(tmp_path / 'x.png'),
+            '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=1']
+    assert cli_main(base + ['--query', '32,0']) == 2
+    assert 'query 32,0 is outside the 32x32 model input: X must be in [0, 31] and Y in [0, 31]' in capsys.readouterr().err
+    assert cli_main(base + ['--query', '3;4']) == 2
+    assert "--query must be X,Y in pixels" in capsys.readouterr().err
+    assert cli_main(base + ['--layers', 'blocks.7.attn']) == 2
+    assert "no ConvNN layer named ['blocks.7.attn']; layers: blocks.0.attn" in capsys.readouterr().err
+    assert cli_main(['info', 'resnet5O_convnn']) == 2
+    assert 'did you mean: resnet50_convnn' in capsys.readouterr().err
+    assert cli_main(['list', 'nothing_like_this']) == 2
+    assert "no ConvNN model matches 'nothing_like_this'" in capsys.readouterr().err
+    assert not (tmp_path / 'x.png').exists()
+    with pytest.raises(ValueError, match='unknown model'):
+        check_model_name('vit_convnn')
+
+
+def test_list_rows_match_the_models(capsys):
+    assert cli_main(['list', 'vit_tiny_convnn_random', '--no-flops']) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('| vit_')]
+    assert [r.split(' | ')[0] for r in rows] == ['| vit_tiny_convnn_random', '| vit_tiny_convnn_random_k16']
+    cells = [c.strip() for c in rows[0].strip('|').split('|')]
+    params = count_params(timm.create_model('vit_tiny_convnn_random', device='meta')) / 1e6
+    assert cells[1] == f'{params:.2f}' and cells[3:8] == ['ConvNNAttention', 'random', '9', '32', 'dot']
+    assert cells[8] == 'from_timm_augreg_in21k_ft_in1k'
+    s = model_summary('resnet18_convnn_branch')
+    assert s['candidates'] == 'all' and s['num_samples'] is None and s['branch_ratio'] == 0.5
+    assert s['num_layers'] == 16 and 1.0 < s['gflops'] < 20.0  # 224 px, ConvNN 3x3s + timm's other convs
+
+
+def test_info_json(capsys):
+    assert cli_main(['info', 'vit_small_convnn_spatial_k16', '--json']) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info['convnn_options']['num_neighbors'] == 16 and info['convnn_options']['candidates'] == 'spatial'
+    assert list(info['convnn_layers'].values()) == [12]
+    assert info['default_pretrained_cfg']['architecture'] == 'vit_small_convnn_spatial_k16'
+    tag = 'vit_small_convnn_spatial_k16.from_timm_augreg_in21k_ft_in1k'
+    assert info['pretrained_tags'][tag]['hf_hub_id'] == 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'
+    assert cli_main(['info', 'resnet50_convnn_branch']) == 0
+    text = capsys.readouterr().out
+    assert 'branch_ratio = 0.5' in text and 'timm/resnet50.a1_in1k' in text
+    counts = [int(line.split(' x ')[0]) for line in text.splitlines() if ' x ConvNN2d(' in line]
+    assert sum(counts) == 16 and len(counts) == 7  # 16 ConvNN 3x3s in 7 distinct shapes / strides
