@@ -68,6 +68,12 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    run(args)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .catalog import model_table
     print(model_table(args.pattern or '', flops=not args.no_flops))
@@ -184,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('weights', help='print the table of pretrained tags of the ConvNN models')
     p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser('bench', help='benchmark ConvNN vs SDPA and timm models (JSON, markdown, plot)',
+                       description='Operator level: the ConvNN attention core vs F.scaled_dot_product_attention vs the '
+                                   'paper-style implementation; model level: convnn models vs timm\'s, inference and '
+                                   'train step. Ratios come from the same run.')
+    from .bench import add_arguments as bench_arguments
+    bench_arguments(p)
+    p.set_defaults(func=_cmd_bench, friendly_errors=True)
 
     p = sub.add_parser('list', help='table of the registered ConvNN models: params, GFLOPs, K, r, candidates, tags')
     p.add_argument('pattern', nargs='?', help='name pattern (fnmatch, or a word matched as a substring)')

@@ -109,8 +109,8 @@ def _select_all(qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_b
     kt = kf.transpose(-1, -2)
     out: List[torch.Tensor] = []
     for start in range(0, N, chunk):
-        scores = torch.matmul(qf[:, :, start:start + chunk], kt)  # (B, G, c, M)
-        out.append(scores.topk(k_eff, dim=-1).indices)
+        # (B, G, c, M) score slice, freed by topk before the next slice exists: one slice alive at a time
+        out.append(torch.matmul(qf[:, :, start:start + chunk], kt).topk(k_eff, dim=-1).indices)
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 

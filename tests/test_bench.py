@@ -1,0 +1,94 @@
+"""The benchmark harness: its paper-style implementation is the same operator, its memory meter counts right, and
+``timm-convnn bench`` writes JSON, markdown and a plot. (Speed itself is measured by the harness, never asserted.)"""
+import json
+
+import pytest
+import torch
+
+from timm_convnn.bench import _LiveTensorBytes, measure, paper_convnn_attention
+from timm_convnn.cli import main as cli_main
+from timm_convnn.layers import ConvNNAttention
+
+
+@pytest.mark.parametrize('mode', ['all', 'random', 'spatial'])
+def test_paper_style_code_is_the_same_operator(mode):
+    torch.manual_seed(0)
+    heads, d, n = 2, 8, 50  # 1 prefix token + 7 x 7 patches
+    layer = ConvNNAttention(heads * d, num_heads=heads, num_neighbors=6, candidates=mode, num_samples=20,
+                            num_prefix_tokens=1, grid_size=(7, 7)).double().eval()
+    with torch.no_grad():
+        layer.aggregate.weight.normal_()
+    q, k, v = (torch.randn(2, heads, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = layer.convnn_mix(q, k, v)
+    cand = layer._candidate_ids(n, q.device)
+    assert (cand is None) == (mode == 'all')
+    ref = paper_convnn_attention(q, k, v, layer.aggregate.weight.view(heads, d, 6), 6, cand)
+    assert (ours - ref).abs().max() < 1e-12
+    g = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_live_tensor_meter():
+    mode = _LiveTensorBytes()
+    with mode:
+        a = torch.zeros(1024, 256)  # 1 MiB
+        b = a + 1  # 2 MiB live
+        del a
+        c = b * 2  # still 2 MiB live: a was freed
+        del b, c
+        d = torch.zeros(3 * 1024, 256)  # 3 MiB
+        view = d[:10]  # a view: no new bytes
+        del d, view
+    assert mode.peak == 3 * 2 ** 20 and mode.current == 0
+    # measure() reports the peak above what existed before the call
+    keep = torch.zeros(4096, 256)
+    res = measure(lambda: keep * 3, torch.device('cpu'), warmup=0, iters=1)
+    assert res['peak_bytes'] == keep.numel() * 4 and res['ms'] > 0
+
+
+def test_convnn_core_keeps_far_less_than_the_paper_style_code():
+    torch.manual_seed(0)
+    heads, d, n, kk = 6, 16, 3137, 16  # the 56 x 56 map of the issue's memory target
+    layer = ConvNNAttention(heads * d, num_heads=heads, num_neighbors=kk)
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+    w = layer.aggregate.weight.detach().view(heads, d, kk)
+
+    def step(fn):
+        return lambda: fn().sum().backward()
+    ours = measure(step(lambda: layer.convnn_mix(q, k, v)), torch.device('cpu'), warmup=0, iters=1)['peak_bytes']
+    paper = measure(step(lambda: paper_convnn_attention(q, k, v, w, kk)), torch.device('cpu'), warmup=0,
+                    iters=1)['peak_bytes']
+    n_by_n = heads * n * n * 4
+    assert paper > 2 * n_by_n  # dense scores + topk's dense gradient
+    assert ours < 0.5 * n_by_n  # one bounded score slice at a time; nothing n x n or (B, H, D, n, K) kept
+    assert paper / ours > 5, (paper, ours)  # the performance issue's memory target at n = 3137
+
+
+def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
+    out = tmp_path / 'bench'
+    assert cli_main(['bench', '--ops', '--models', '--device', 'cpu', '--tokens', '65', '--neighbors', '9',
+                     '--modes', 'all', 'random', '--heads', '2', '--head-dim', '16', '--num-samples', '16',
+                     '--warmup', '0', '--iters', '1', '--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224',
+                     '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2', '--batch-size', '2',
+                     '--out', str(out)]) == 0
+    result = json.loads((out / 'results.json').read_text())
+    assert result['environment']['device'] == 'cpu' and result['environment']['torch'] == torch.__version__
+    ops = result['ops']
+    assert sorted({(r['impl'], r['mode']) for r in ops}) == [
+        ('convnn', 'all'), ('convnn', 'random'), ('paper', 'all'), ('paper', 'random'), ('sdpa', 'dense')]
+    assert all(r['pass_'] in ('fwd', 'fwd+bwd') and r['ms'] > 0 and r['time_vs_sdpa'] > 0 for r in ops)
+    sdpa = [r for r in ops if r['impl'] == 'sdpa']
+    assert all(r['time_vs_sdpa'] == 1.0 for r in sdpa)
+    models = {r['model']: r for r in result['models']}
+    convnn = models['vit_tiny_convnn_random']
+    assert convnn['baseline'] == 'vit_tiny_patch16_224' and convnn['img_size'] == 32
+    assert convnn['train_vs_baseline'] == pytest.approx(
+        convnn['train_img_s'] / models['vit_tiny_patch16_224']['train_img_s'])
+    md = (out / 'results.md').read_text()
+    assert ops[0]['batch'] == 1576 // 65
+    assert f'| convnn | 65 | {1576 // 65} | 9 | random (r 16) | fwd+bwd |' in md and '| vit_tiny_convnn_random | 2 | 32 |' in md
+    from PIL import Image
+    assert Image.open(out / 'ops.png').size[0] > 300

@@ -1,0 +1,477 @@
+""" Benchmark harness: ConvNN against SDPA / timm's own models, as ratios measured in the same run.
+
+    timm-convnn bench --ops                    # operator level: ConvNN vs SDPA vs the paper-style implementation
+    timm-convnn bench --models                 # model level: train step and inference of convnn vs timm models
+    timm-convnn bench --ops --models --device cuda --amp --compile --out bench-out/
+
+Operator level: the ConvNN-attention core (``ConvNNAttention.convnn_mix``: similarity, top-K selection, softmax over
+the K kept scores, depthwise aggregation; the code the models run) against ``F.scaled_dot_product_attention`` and
+against ``paper_convnn_attention`` (the paper's algorithm written as the authors' code does: dense scores, K-fold
+copies of V, gather, Conv1d), forward and forward + backward, over token counts n, K and candidate modes. Model level:
+inference and train-step (forward, backward, SGD step) throughput and peak memory.
+
+Time: median of timed iterations after warm-up (CUDA: synchronised). Memory: CUDA peak allocated bytes during the
+call; CPU peak bytes of live tensors created during the call (a dispatch-level tensor tracker: exact tensor bytes,
+no allocator overhead), both above what existed before. Output: JSON (every number + environment), a markdown table
+and a PNG plot of time vs n (matplotlib, the ``viz`` extra).
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ['paper_convnn_attention', 'measure', 'op_benchmark', 'model_benchmark', 'markdown', 'plot', 'main']
+
+
+# -- the paper's algorithm, written the straightforward way ---------------------------------------------------------
+
+def paper_convnn_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+        num_neighbors: int,
+        candidates: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """ConvNN attention as the authors' code computes it (for benchmarks, and an independent oracle in tests).
+
+    Dense scores q k^T / sqrt(d) against all tokens (or the listed candidates plus the query itself), ``torch.topk``
+    with autograd, softmax over the K kept scores, then the reference's data path: V expanded K-fold and made
+    contiguous, the (B*H, D, N, K) index expanded over channels, gathered, weighted, and reduced by a depthwise
+    ``Conv1d(kernel K, stride K)``. Semantics are this package's (q selects, k is selected; per-head; per-channel
+    weights), so the output equals ``ConvNNAttention.convnn_mix`` with ``similarity='dot'``.
+
+    q, k, v: (B, H, N, D); weight: (H, D, K) depthwise taps; candidates: optional (r,) token ids.
+    """
+    B, H, N, D = q.shape
+    if candidates is None:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # (B, H, N, N): the dense score matrix
+    else:  # dense scores against the r listed candidates, plus each query's own score as the last column
+        self_col = torch.arange(N, device=q.device)
+        listed = torch.matmul(q, k[:, :, candidates].transpose(-1, -2)) * D ** -0.5
+        listed = listed.masked_fill(candidates.view(1, -1) == self_col.view(-1, 1), float('-inf'))
+        scores = torch.cat([listed, (q * k).sum(-1, keepdim=True) * D ** -0.5], dim=-1)
+        ids = torch.cat([candidates.view(1, -1).expand(N, -1), self_col.view(-1, 1)], dim=1)
+    kk = min(num_neighbors, scores.shape[-1])
+    top, cols = scores.topk(kk, dim=-1)
+    idx = cols if candidates is None else torch.gather(ids.expand(B, H, N, ids.shape[-1]), -1, cols)
+    rho = top.softmax(dim=-1)  # (B, H, N, K)
+    x = v.transpose(-1, -2).reshape(B * H, D, N)
+    x_exp = x.unsqueeze(-1).expand(B * H, D, N, kk).contiguous()  # the K-fold copy of V
+    idx_exp = idx.reshape(B * H, 1, N, kk).expand(B * H, D, N, kk)  # index expanded over channels
+    gathered = torch.gather(x_exp, 2, idx_exp)  # gathered[., c, i, r] = v[., c, idx[i, r]]
+    prime = gathered * rho.reshape(B * H, 1, N, kk)
+    w = weight[:, :, :kk].reshape(H * D, 1, kk)
+    out = F.conv1d(prime.reshape(B, H * D, N * kk), w, stride=kk, groups=H * D)  # (B, H*D, N)
+    return out.view(B, H, D, N).transpose(-1, -2)
+
+
+# -- measurement -----------------------------------------------------------------------------------------------------
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensors alive at once among those created while active (CPU memory without allocator stats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: Dict[int, List[int]] = {}  # storage ptr -> [bytes, tensor refs]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters: int = 5,
+            memory: bool = True) -> Dict[str, float]:
+    """Median milliseconds of ``fn()`` and its peak memory (bytes above the memory in use before the call)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    result = dict(ms=1000 * times[len(times) // 2], ms_min=1000 * times[0])
+    if memory:
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            result['peak_bytes'] = torch.cuda.max_memory_allocated(device) - base
+        else:
+            mode = _LiveTensorBytes()
+            with mode:
+                fn()
+            result['peak_bytes'] = mode.peak
+    return result
+
+
+@contextmanager
+def _autocast(device: torch.device, amp: bool) -> Iterator[None]:
+    if amp:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+# -- operator level --------------------------------------------------------------------------------------------------
+
+DEFAULT_TOKENS = (197, 785, 3137, 16385)
+DEFAULT_BATCH = {197: 8, 785: 2, 3137: 1, 16385: 1}
+
+
+def _estimate_paper_bytes(b: int, h: int, n: int, d: int, k: int, m: int, elem: int) -> int:
+    # dense scores (+ their gradient and topk's scatter) and five (B*H, D, N, K) copies (expand, index, gather,
+    # weighted, grads)
+    return b * h * n * m * elem * 3 + b * h * d * n * k * (elem * 4 + 8)
+
+
+def op_benchmark(
+        device: torch.device,
+        tokens: Sequence[int] = DEFAULT_TOKENS,
+        neighbors: Sequence[int] = (9, 16),
+        modes: Sequence[str] = ('all', 'random', 'spatial'),
+        heads: int = 6,
+        head_dim: int = 64,
+        num_samples: int = 128,
+        batch: Optional[Dict[int, int]] = None,
+        amp: bool = False,
+        memory_cap_bytes: int = 4 << 30,
+        warmup: int = 2,
+        iters: int = 5,
+        log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
+    """ConvNN core vs SDPA vs the paper-style code, forward and forward+backward; one row per (impl, n, K, mode)."""
+    from .layers import ConvNNAttention
+    dtype = torch.bfloat16 if amp else torch.float32
+    rows: List[Dict[str, Any]] = []
+    for n in tokens:
+        b = (batch or DEFAULT_BATCH).get(n, max(1, 1576 // n))  # other n: about as many tokens as 8 x 197
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(b, heads, n, head_dim, generator=g).to(device, dtype).requires_grad_()
+                   for _ in range(3))
+        side = int(round(math.sqrt(n - 1)))
+        grad_out = torch.randn(b, heads, n, head_dim, generator=g).to(device, dtype)
+
+        def run(fn, backward):
+            def call():
+                with _autocast(device, amp):
+                    out = fn()
+                if backward:
+                    out.backward(grad_out)
+                    q.grad = k.grad = v.grad = None
+            return call
+
+        def record(impl, mode, kk, r, fn):
+            for backward in (False, True):
+                if backward:
+                    res = measure(run(fn, True), device, warmup, iters)
+                else:
+                    with torch.no_grad():
+                        res = measure(run(fn, False), device, warmup, iters)
+                row = dict(impl=impl, n=n, batch=b, heads=heads, head_dim=head_dim, K=kk, mode=mode,
+                           num_samples=r, pass_='fwd+bwd' if backward else 'fwd', **res)
+                rows.append(row)
+                log(f'  {impl:6s} n {n:6d} K {kk!s:>3} {mode:8s} {row["pass_"]:8s} {res["ms"]:9.2f} ms  '
+                    f'{res["peak_bytes"] / 2 ** 20:9.1f} MiB')
+
+        record('sdpa', 'dense', None, None, lambda: F.scaled_dot_product_attention(q, k, v))
+        for kk in neighbors:
+            for mode in modes:
+                r = num_samples if mode != 'all' else None
+                layer = ConvNNAttention(heads * head_dim, num_heads=heads, num_neighbors=kk, candidates=mode,
+                                        num_samples=num_samples, num_prefix_tokens=1,
+                                        grid_size=(side, side)).to(device)
+                record('convnn', mode, kk, r, lambda: layer.convnn_mix(q, k, v))
+                m = n if mode == 'all' else num_samples + 1
+                if _estimate_paper_bytes(b, heads, n, head_dim, kk, m, 4) > memory_cap_bytes:
+                    log(f'  paper  n {n:6d} K {kk:3d} {mode:8s} skipped: over the {memory_cap_bytes >> 20} MiB cap')
+                    continue
+                cand = layer._candidate_ids(n, device) if mode != 'all' else None
+                weight = layer.aggregate.weight.view(heads, head_dim, kk).to(dtype)
+                record('paper', mode, kk, r, lambda: paper_convnn_attention(q, k, v, weight, kk, cand))
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """time / memory relative to SDPA for the same n and pass."""
+    base = {(r['n'], r['pass_']): r for r in rows if r['impl'] == 'sdpa'}
+    for r in rows:
+        ref = base.get((r['n'], r['pass_']))
+        if ref is not None:
+            r['time_vs_sdpa'] = r['ms'] / ref['ms']
+            if ref.get('peak_bytes'):
+                r['memory_vs_sdpa'] = r['peak_bytes'] / ref['peak_bytes']
+
+
+# -- model level -----------------------------------------------------------------------------------------------------
+
+DEFAULT_PAIRS = (('vit_tiny_convnn_all_k16', 'vit_tiny_patch16_224'),
+                 ('vit_tiny_convnn_random', 'vit_tiny_patch16_224'),
+                 ('vit_base_convnn_all_k16', 'vit_base_patch16_224'),
+                 ('resnet50_convnn_branch', 'resnet50'))
+
+
+def model_benchmark(
+        device: torch.device,
+        pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS,
+        batch_size: int = 8,
+        img_size: Optional[int] = None,
+        amp: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
+        warmup: int = 1,
+        iters: int = 3,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
+    """Inference and train-step throughput / peak memory of each (convnn, timm) pair, in the same run."""
+    import timm
+    from . import models  # noqa: F401  (registers the models)
+    rows: List[Dict[str, Any]] = []
+    done: Dict[str, Dict[str, Any]] = {}
+    for pair in pairs:
+        for name in pair:
+            if name in done:
+                continue
+            kwargs = dict(model_kwargs or {})
+            model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
+            fixed = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # a ViT built for another size
+            size = img_size or (fixed[-1] if fixed else model.pretrained_cfg['input_size'][-1])
+            x = torch.randn(batch_size, 3, size, size, device=device)
+            y = torch.randint(0, 1000, (batch_size,), device=device)
+            if channels_last:
+                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            run_model = torch.compile(model) if compile else model
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+            def infer():
+                with torch.no_grad(), _autocast(device, amp):
+                    run_model(x)
+
+            def train():
+                with _autocast(device, amp):
+                    loss = F.cross_entropy(run_model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            row = dict(model=name, batch=batch_size, img_size=size, amp=amp, compile=compile)
+            model.eval()
+            inf = measure(infer, device, warmup, iters)
+            model.train()
+            tr = measure(train, device, warmup, iters)
+            row.update(infer_ms=inf['ms'], infer_img_s=batch_size * 1000 / inf['ms'], infer_peak_bytes=inf['peak_bytes'],
+                       train_ms=tr['ms'], train_img_s=batch_size * 1000 / tr['ms'], train_peak_bytes=tr['peak_bytes'])
+            done[name] = row
+            rows.append(row)
+            log(f'  {name:28s} infer {row["infer_img_s"]:9.1f} img/s  train {row["train_img_s"]:9.1f} img/s  '
+                f'train peak {row["train_peak_bytes"] / 2 ** 20:8.1f} MiB')
+            del model, run_model, opt
+    for convnn, base in pairs:
+        c, t = done[convnn], done[base]
+        c['baseline'] = base
+        c['infer_vs_baseline'] = c['infer_img_s'] / t['infer_img_s']
+        c['train_vs_baseline'] = c['train_img_s'] / t['train_img_s']
+        c['train_memory_vs_baseline'] = c['train_peak_bytes'] / max(1, t['train_peak_bytes'])
+    return rows
+
+
+# -- reports ---------------------------------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    import timm
+    from .version import __version__
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+               torch=torch.__version__, timm=timm.__version__, timm_convnn=__version__,
+               python=platform.python_version(), device=device.type, threads=torch.get_num_threads())
+    if device.type == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(device)
+    else:
+        env['cpu'] = platform.processor() or platform.machine()
+    return env
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    env = result['environment']
+    lines = [f'Run {env["date"]}, {env.get("gpu") or env.get("cpu")} ({env["device"]}, {env["threads"]} threads), '
+             f'torch {env["torch"]}, timm {env["timm"]}, timm-convnn {env["timm_convnn"]}'
+             + (', bf16 autocast' if result.get('amp') else ', fp32') + '.', '']
+    ops = result.get('ops') or []
+    if ops:
+        lines += ['| impl | n | batch | K | candidates | pass | ms | x SDPA time | peak MiB | x SDPA memory |',
+                  '|---|---|---|---|---|---|---|---|---|---|']
+        for r in ops:
+            mode = r['mode'] + (f' (r {r["num_samples"]})' if r.get('num_samples') else '')
+            lines.append(f'| {r["impl"]} | {r["n"]} | {r["batch"]} | {r["K"] or "-"} | {mode} | {r["pass_"]} | '
+                         f'{r["ms"]:.2f} | {r.get("time_vs_sdpa", float("nan")):.2f} | '
+                         f'{r["peak_bytes"] / 2 ** 20:.1f} | {r.get("memory_vs_sdpa", float("nan")):.2f} |')
+        lines.append('')
+    mods = result.get('models') or []
+    if mods:
+        lines += ['| model | batch | px | infer img/s | train img/s | train peak MiB | infer x timm | train x timm | '
+                  'memory x timm |', '|---|---|---|---|---|---|---|---|---|']
+        for r in mods:
+            rel = (f'{r["infer_vs_baseline"]:.2f} | {r["train_vs_baseline"]:.2f} | {r["train_memory_vs_baseline"]:.2f}'
+                   if 'baseline' in r else '- | - | -')
+            lines.append(f'| {r["model"]} | {r["batch"]} | {r["img_size"]} | {r["infer_img_s"]:.1f} | '
+                         f'{r["train_img_s"]:.1f} | {r["train_peak_bytes"] / 2 ** 20:.0f} | {rel} |')
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Time (fwd+bwd) vs n, one line per implementation / K / candidate mode; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ops = [r for r in result.get('ops') or [] if r['pass_'] == 'fwd+bwd']
+    if not ops:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: Dict[str, List] = {}
+    for r in ops:
+        label = 'SDPA' if r['impl'] == 'sdpa' else f'{r["impl"]} {r["mode"]} K={r["K"]}'
+        series.setdefault(label, []).append((r['n'], r['ms']))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        style = dict(color='black', linewidth=2.5) if label == 'SDPA' else \
+            dict(linestyle='--' if label.startswith('paper') else '-', marker='o', markersize=3)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+    env = result['environment']
+    ax.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='fwd+bwd ms (median)',
+           title=f'ConvNN attention core vs SDPA, {env.get("gpu") or env["device"]}, {env["date"][:10]}')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--ops', action='store_true', help='operator level (default when neither is given: both)')
+    p.add_argument('--models', action='store_true', help='model level')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast (CUDA; CPU autocast otherwise)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the models (model level)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last models and input (model level)')
+    p.add_argument('--tokens', type=int, nargs='+', default=list(DEFAULT_TOKENS), help='operator token counts n')
+    p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16], help='operator K values')
+    p.add_argument('--modes', nargs='+', default=['all', 'random', 'spatial'], help='candidate modes')
+    p.add_argument('--heads', type=int, default=6)
+    p.add_argument('--head-dim', type=int, default=64)
+    p.add_argument('--num-samples', type=int, default=128, help='r for random / spatial candidates')
+    p.add_argument('--pairs', nargs='+', metavar='CONVNN:TIMM',
+                   help='model pairs (default: ' + ' '.join(f'{a}:{b}' for a, b in DEFAULT_PAIRS) + ')')
+    p.add_argument('--batch-size', type=int, default=None, help='model batch (default: 256 CUDA, 4 CPU)')
+    p.add_argument('--img-size', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='create_model kwargs for every model (e.g. img_size=32 patch_size=4 for small ViTs)')
+    p.add_argument('--warmup', type=int, default=None)
+    p.add_argument('--iters', type=int, default=None)
+    p.add_argument('--memory-cap-mib', type=int, default=4096, help='skip paper-style cases estimated above this')
+    p.add_argument('--out', default='bench-out', help='folder for results.json, results.md, ops.png')
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    import ast
+    device = torch.device(args.device)
+    both = not args.ops and not args.models
+    cuda = device.type == 'cuda'
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    result: Dict[str, Any] = dict(environment=environment(device), amp=args.amp, compile=args.compile)
+    if args.ops or both:
+        log('operator level (ConvNN core vs SDPA vs paper-style):')
+        result['ops'] = op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim,
+                                     args.num_samples, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20,
+                                     warmup=warmup, iters=iters, log=log)
+    if args.models or both:
+        pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
+        for p in pairs:
+            if len(p) != 2:
+                raise ValueError(f'--pairs takes CONVNN:TIMM; got {":".join(p)!r}')
+        kwargs = {}
+        for item in args.model_kwargs:
+            key, _, value = item.partition('=')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        log('model level (inference, train step):')
+        result['models'] = model_benchmark(device, pairs, args.batch_size or (256 if cuda else 4), args.img_size,
+                                           args.amp, args.compile, args.channels_last, warmup, iters, kwargs, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.json').write_text(json.dumps(result, indent=2))
+    (out / 'results.md').write_text(markdown(result))
+    png = plot(result, out / 'ops.png')
+    log(f'wrote {out / "results.json"}, {out / "results.md"}' + (f', {png}' if png else
+                                                                 ' (no plot: pip install matplotlib)'))
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == '__main__':
+    main()
