@@ -263,6 +263,40 @@ DEFAULT_PAIRS = (('vit_tiny_convnn_all_k16', 'vit_tiny_patch16_224'),
                  ('resnet50_convnn_branch', 'resnet50'))
 
 
+def _bench_model(name: str, device: torch.device, batch_size: int, img_size: Optional[int], amp: bool,
+                 compile: bool, channels_last: bool, warmup: int, iters: int,
+                 model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    import timm
+    model = timm.create_model(name, num_classes=1000, **model_kwargs).to(device)
+    fixed = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # a ViT built for another size
+    size = img_size or (fixed[-1] if fixed else model.pretrained_cfg['input_size'][-1])
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    run_model = torch.compile(model) if compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def infer():
+        with torch.no_grad(), _autocast(device, amp):
+            run_model(x)
+
+    def train():
+        with _autocast(device, amp):
+            loss = F.cross_entropy(run_model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.eval()
+    inf = measure(infer, device, warmup, iters)
+    model.train()
+    tr = measure(train, device, warmup, iters)
+    return dict(model=name, batch=batch_size, img_size=size, amp=amp, compile=compile,
+                infer_ms=inf['ms'], infer_img_s=batch_size * 1000 / inf['ms'], infer_peak_bytes=inf['peak_bytes'],
+                train_ms=tr['ms'], train_img_s=batch_size * 1000 / tr['ms'], train_peak_bytes=tr['peak_bytes'])
+
+
 def model_benchmark(
         device: torch.device,
         pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS,
@@ -277,7 +311,6 @@ def model_benchmark(
         log: Callable[[str], None] = print,
 ) -> List[Dict[str, Any]]:
     """Inference and train-step throughput / peak memory of each (convnn, timm) pair, in the same run."""
-    import timm
     from . import models  # noqa: F401  (registers the models)
     rows: List[Dict[str, Any]] = []
     done: Dict[str, Dict[str, Any]] = {}
@@ -285,40 +318,12 @@ def model_benchmark(
         for name in pair:
             if name in done:
                 continue
-            kwargs = dict(model_kwargs or {})
-            model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
-            fixed = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # a ViT built for another size
-            size = img_size or (fixed[-1] if fixed else model.pretrained_cfg['input_size'][-1])
-            x = torch.randn(batch_size, 3, size, size, device=device)
-            y = torch.randint(0, 1000, (batch_size,), device=device)
-            if channels_last:
-                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            run_model = torch.compile(model) if compile else model
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-            def infer():
-                with torch.no_grad(), _autocast(device, amp):
-                    run_model(x)
-
-            def train():
-                with _autocast(device, amp):
-                    loss = F.cross_entropy(run_model(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            row = dict(model=name, batch=batch_size, img_size=size, amp=amp, compile=compile)
-            model.eval()
-            inf = measure(infer, device, warmup, iters)
-            model.train()
-            tr = measure(train, device, warmup, iters)
-            row.update(infer_ms=inf['ms'], infer_img_s=batch_size * 1000 / inf['ms'], infer_peak_bytes=inf['peak_bytes'],
-                       train_ms=tr['ms'], train_img_s=batch_size * 1000 / tr['ms'], train_peak_bytes=tr['peak_bytes'])
+            row = _bench_model(name, device, batch_size, img_size, amp, compile, channels_last, warmup, iters,
+                               dict(model_kwargs or {}))
             done[name] = row
             rows.append(row)
             log(f'  {name:28s} infer {row["infer_img_s"]:9.1f} img/s  train {row["train_img_s"]:9.1f} img/s  '
                 f'train peak {row["train_peak_bytes"] / 2 ** 20:8.1f} MiB')
-            del model, run_model, opt
     for convnn, base in pairs:
         c, t = done[convnn], done[base]
         c['baseline'] = base
