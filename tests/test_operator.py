@@ -32,6 +32,28 @@ def test_gather_dot_gradcheck(budget):
     torch.testing.assert_close(FN.gather_dot(q, k, idx), ref)
 
 
+@pytest.mark.parametrize('tokens', [7, 300])  # M <= 48 K: dense backward; M > 48 K: gather / scatter backward
+def test_gather_dot_backward_paths_and_reused_scores(tokens):
+    B, G, N, D, K = 2, 2, 5, 3, 5
+    q = torch.randn(B, G, N, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, G, tokens, D, dtype=torch.float64, requires_grad=True)
+    idx = _rand_idx(B, G, N, tokens, K)
+    assert FN._dense_backward_is_cheaper(tokens, K) == (tokens == 7)
+    assert torch.autograd.gradcheck(lambda a, b: FN.gather_dot(a, b, idx, 64), (q, k))
+    # the selection's own scores are returned as differentiable scores: same values, same gradients
+    qs, ks = q.detach().requires_grad_(), k.detach().requires_grad_()
+    sel_idx, sel_scores = FN.select_scored_neighbors(q.detach(), k.detach(), K)
+    reused = FN.gather_dot(qs, ks, sel_idx, scores=sel_scores)
+    recomputed = FN._gather_dot_eager(q, k, sel_idx)
+    torch.testing.assert_close(reused, recomputed)
+    g = torch.randn_like(reused)
+    ref = torch.autograd.grad(recomputed, (q, k), g)
+    torch.testing.assert_close(torch.autograd.grad(reused, (qs, ks), g), ref)
+    for name in ('_gather_dot_backward_dense', '_gather_dot_backward_sparse'):  # both paths, whatever the size
+        dq, dk = getattr(FN, name)(q.detach(), k.detach(), sel_idx, g, True, True, 256)
+        torch.testing.assert_close((dq, dk), ref)
+
+
 @pytest.mark.parametrize('budget', list(BUDGETS))
 @pytest.mark.parametrize('depthwise', [True, False])
 @pytest.mark.parametrize('with_rho', [True, False])

@@ -21,9 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from . import triton_attention
+from .backend import get_backend
 from .common import NeighborAggregation, check_convnn_args
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features,
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
     softmax_weights)
 
 __all__ = ['ConvNNAttention', 'ConvNNBranchAttention']
@@ -185,15 +187,43 @@ class ConvNNAttention(nn.Module):
         qs, ks = similarity_features(q, k, self.similarity)
 
         cand = self._candidate_ids(N, q.device)
+        if not torch.jit.is_scripting():
+            if cand is None and self._fused_supported(N, q.device):
+                return self._fused(qs, ks, v)
         query_index = torch.arange(N, device=q.device) if cand is not None else None
-        idx = select_neighbors(qs, ks, self.num_neighbors, cand, query_index)
+        idx, scores = select_scored_neighbors(qs, ks, self.num_neighbors, cand, query_index)
         if self.neighbor_order == 'position':
-            idx = idx.sort(dim=-1).values
+            idx, order = idx.sort(dim=-1)
+            scores = scores.gather(-1, order)
 
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = self.attn_drop(softmax_weights(gather_dot(qs, ks, idx)))
+            rho = self.attn_drop(softmax_weights(gather_dot(qs, ks, idx, scores=scores)))
         return self.aggregate(v, idx, rho)
+
+    @torch.jit.unused
+    def _fused_supported(self, num_tokens: int, device: torch.device) -> bool:
+        """Whether this call runs the fused Triton kernels (see ``timm_convnn.layers.backend``)."""
+        backend = get_backend()
+        if backend == 'torch':
+            return False
+        supported = (
+            self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
+            and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
+            and not (self.training and self.attn_drop.p > 0)
+            and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
+            and not (self.aggregate._forward_hooks or self.aggregate._forward_pre_hooks))  # inspection hooks
+        if backend == 'auto':
+            return supported and device.type == 'cuda' and triton_attention.triton_available(device)
+        if supported and not triton_attention.triton_available(device):
+            raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but Triton cannot run on {device} '
+                               f'tensors (CUDA, or CPU under TRITON_INTERPRET=1)')
+        return supported
+
+    @torch.jit.unused
+    def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors)
+        return out
 
     def forward(
             self,

@@ -8,7 +8,7 @@ from timm.layers import register_notrace_module
 
 from .common import NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_neighbors, similarity_features,
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
     softmax_weights)
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
@@ -173,12 +173,14 @@ class ConvNN2d(nn.Module):
         qs, ks = similarity_features(feat.index_select(2, query_index), feat, self.similarity)
 
         cand = self._candidate_ids(H, W, x.device)
-        idx = select_neighbors(qs, ks, self.num_neighbors, cand, query_index if cand is not None else None)
+        idx, scores = select_scored_neighbors(
+            qs, ks, self.num_neighbors, cand, query_index if cand is not None else None)
         if self.neighbor_order == 'position':
-            idx = idx.sort(dim=-1).values
+            idx, order = idx.sort(dim=-1)
+            scores = scores.gather(-1, order)
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = softmax_weights(gather_dot(qs, ks, idx))
+            rho = softmax_weights(gather_dot(qs, ks, idx, scores=scores))
         out = self.aggregate(tokens, idx, rho)  # (B, 1, Nq, out)
         return out.view(B, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 

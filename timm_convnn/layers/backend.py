@@ -1,0 +1,30 @@
+""" Which implementation ConvNN attention runs: the PyTorch path (every device, the reference) or the fused Triton
+kernels (CUDA). ``TIMM_CONVNN_BACKEND`` sets the start value; ``set_backend`` changes it at run time.
+
+* ``auto`` (default): fused kernels for CUDA tensors when the layer and input are supported (all candidates,
+  softmax weights, depthwise aggregation, rank order, <= 1024 tokens, K <= 64, no attention dropout in training, not
+  under ``torch.use_deterministic_algorithms(True)``, nothing hooked on the layer's aggregation); PyTorch otherwise.
+* ``torch``: always the PyTorch path.
+* ``triton``: the fused kernels wherever the layer is supported, CPU tensors included under Triton's interpreter
+  (``TRITON_INTERPRET=1``, for testing); an error when Triton cannot run on the input's device.
+"""
+import os
+
+__all__ = ['set_backend', 'get_backend', 'BACKENDS']
+
+BACKENDS = ('auto', 'torch', 'triton')
+_backend = [os.environ.get('TIMM_CONVNN_BACKEND', 'auto').strip().lower() or 'auto']
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f'ConvNN backend must be one of {", ".join(BACKENDS)}; got {name!r}')
+    return name
+
+
+def set_backend(name: str) -> None:
+    _backend[0] = _check(str(name).strip().lower())
+
+
+def get_backend() -> str:
+    return _check(_backend[0])

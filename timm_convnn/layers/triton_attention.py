@@ -1,0 +1,257 @@
+""" Fused ConvNN attention (all candidates, softmax, depthwise aggregation) as Triton kernels behind a
+``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
+
+Forward, one program per (batch x head, block of queries): the whole score row of each query in registers
+(``tl.dot`` of the query block with every token, fp32 accumulation), K rounds of row-max extraction (ties: the
+smallest token id), a softmax over the K kept scores, and the weighted depthwise gather of the K value rows. Nothing
+of size n x n leaves the kernel; it writes the output, the K indices and the K softmax weights per query.
+Backward, one program per query block: recomputes nothing but the K gathered rows it needs; dq in registers,
+dk / dv / dw accumulated with atomics (not bit-deterministic: the dispatcher uses the PyTorch path under
+``torch.use_deterministic_algorithms(True)``).
+
+Limits (otherwise ``ConvNNAttention`` uses the PyTorch path): token count <= ``MAX_TOKENS`` (the score row must fit a
+program), K <= ``MAX_NEIGHBORS``. Inputs may be fp32 / fp16 / bf16; all arithmetic is fp32.
+
+The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how the CPU test
+suite checks them against the PyTorch path.
+"""
+import os
+from typing import Tuple
+
+import torch
+
+__all__ = ['triton_available', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS']
+
+MAX_TOKENS = 1024
+MAX_NEIGHBORS = 64
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the PyTorch path serves everything
+    triton = None
+    tl = None
+
+
+def interpreting() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels can run on tensors of ``device`` (CUDA, or any device under the CPU interpreter)."""
+    if triton is None:
+        return False
+    return device.type == 'cuda' or (interpreting() and device.type == 'cpu')
+
+
+def _pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (max(1, x) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _convnn_fwd_kernel(
+            Q, Kf, V, W, O, IDX, P,
+            N, M, H,
+            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+            DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        dq = tl.arange(0, BLOCK_DQ)
+        dv = tl.arange(0, BLOCK_DV)
+        kk = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        col_ok = cols < M
+
+        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.).to(tl.float32)
+        kt = tl.load(Kf + bh * stride_kb + cols[None, :] * stride_kn + dq[:, None],
+                     mask=col_ok[None, :] & (dq[:, None] < DQ), other=0.).to(tl.float32)
+        s = tl.dot(q, kt, input_precision='ieee')  # (BLOCK_M, BLOCK_N) scores, fp32
+        s = tl.where(col_ok[None, :], s, float('-inf'))
+
+        m0 = tl.max(s, axis=1)  # the best score: softmax reference
+        denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        sel_idx = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        sel_e = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for r in tl.static_range(NUM_K):
+            mr = tl.max(s, axis=1)
+            jr = tl.min(tl.where(s == mr[:, None], cols[None, :], BLOCK_N), axis=1)  # smallest id among ties
+            s = tl.where(cols[None, :] == jr[:, None], float('-inf'), s)
+            e = tl.exp(mr - m0)
+            denom += e
+            sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
+            sel_e = tl.where(kk[None, :] == r, e[:, None], sel_e)
+            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
+                           mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
+            wr = tl.load(W + h * DV * NUM_K + dv * NUM_K + r, mask=dv < DV, other=0.).to(tl.float32)
+            acc += (e[:, None] * vrow) * wr[None, :]
+
+        denom = tl.where(row_ok, denom, 1.)
+        out = acc / denom[:, None]
+        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
+        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
+        tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
+        tl.store(P + sel_off, sel_e / denom[:, None], mask=sel_mask)
+
+    @triton.jit
+    def _convnn_bwd_kernel(
+            GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
+            N, M, H,
+            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+            DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dq_r = tl.arange(0, BLOCK_DQ)
+        dv_r = tl.arange(0, BLOCK_DV)
+        kk = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        mq = row_ok[:, None] & (dq_r[None, :] < DQ)
+        mv = row_ok[:, None] & (dv_r[None, :] < DV)
+        sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
+        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
+        idx = tl.load(IDX + sel_off, mask=sel_mask, other=0)
+        p = tl.load(P + sel_off, mask=sel_mask, other=0.)
+        go = tl.load(GO + bh * stride_ob + rows[:, None] * stride_on + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
+        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
+
+        # through the aggregation: dp (weights), dv and dw
+        dp = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for r in tl.static_range(NUM_K):
+            jr = tl.sum(tl.where(kk[None, :] == r, idx, 0), axis=1)
+            pr = tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)
+            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv_r[None, :], mask=mv,
+                           other=0.).to(tl.float32)
+            wr = tl.load(W + h * DV * NUM_K + dv_r * NUM_K + r, mask=dv_r < DV, other=0.).to(tl.float32)
+            t = vrow * go
+            dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
+            tl.atomic_add(DWo + h * DV * NUM_K + dv_r * NUM_K + r, tl.sum(pr[:, None] * t, axis=0),
+                          mask=dv_r < DV)
+            tl.atomic_add(DVo + bh * M * DV + jr[:, None] * DV + dv_r[None, :],
+                          (pr[:, None] * wr[None, :]) * go, mask=mv)
+        # through the softmax over the K kept scores, then the selected dot products
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
+        for r in tl.static_range(NUM_K):
+            jr = tl.sum(tl.where(kk[None, :] == r, idx, 0), axis=1)
+            dsr = tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)
+            krow = tl.load(Kf + bh * stride_kb + jr[:, None] * stride_kn + dq_r[None, :], mask=mq,
+                           other=0.).to(tl.float32)
+            dq += dsr[:, None] * krow
+            tl.atomic_add(DKo + bh * M * DQ + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq)
+        tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
+
+
+def _block_m(n_cols: int) -> int:
+    # keep the (BLOCK_M, BLOCK_N) fp32 score tile at <= 16 K elements per program
+    return max(16, min(64, 16384 // n_cols))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B*H, L, D) with unit stride on D."""
+    B, H, L, D = x.shape
+    x = x.reshape(B * H, L, D)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
+def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                      num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, DQ = qs.shape
+    M, DV = ks.shape[2], v.shape[3]
+    K = min(num_neighbors, M)
+    q, k, vv = _flat(qs), _flat(ks), _flat(v)
+    w = weight.reshape(H, DV, -1)[:, :, :K].contiguous()
+    out = torch.empty(B * H, N, DV, device=v.device, dtype=v.dtype)
+    idx = torch.empty(B * H, N, K, device=v.device, dtype=torch.int32)
+    p = torch.empty(B * H, N, K, device=v.device, dtype=torch.float32)
+    block_n = _pow2(M)
+    block_m = _block_m(block_n)
+    grid = (triton.cdiv(N, block_m), B * H)
+    _convnn_fwd_kernel[grid](
+        q, k, vv, w, out, idx, p, N, M, H,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
+        out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
+        BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2))
+    return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
+
+
+@_convnn_attention.register_fake
+def _convnn_attention_fake(qs, ks, v, weight, num_neighbors):
+    B, H, N, _ = qs.shape
+    K = min(num_neighbors, ks.shape[2])
+    return (v.new_empty(B, H, N, v.shape[3]), v.new_empty(B, H, N, K, dtype=torch.int32),
+            v.new_empty(B, H, N, K, dtype=torch.float32))
+
+
+@torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
+def _convnn_attention_backward(
+        grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+        idx: torch.Tensor, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, DQ = qs.shape
+    M, DV = ks.shape[2], v.shape[3]
+    K = idx.shape[-1]
+    q, k, vv, go = _flat(qs), _flat(ks), _flat(v), _flat(grad_out)
+    w = weight.reshape(H, DV, -1)[:, :, :K].contiguous()
+    dq = torch.empty(B * H, N, DQ, device=v.device, dtype=torch.float32)
+    dk = torch.zeros(B * H, M, DQ, device=v.device, dtype=torch.float32)
+    dv = torch.zeros(B * H, M, DV, device=v.device, dtype=torch.float32)
+    dw = torch.zeros(H, DV, K, device=v.device, dtype=torch.float32)
+    block_m = 16
+    grid = (triton.cdiv(N, block_m), B * H)
+    _convnn_bwd_kernel[grid](
+        go, q, k, vv, w, idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous(),
+        dq, dk, dv, dw, N, M, H,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0), go.stride(1),
+        DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2))
+    full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    full_dw.view(H, DV, -1)[:, :, :K] = dw
+    return (dq.view(B, H, N, DQ).to(qs.dtype), dk.view(B, H, M, DQ).to(ks.dtype), dv.view(B, H, M, DV).to(v.dtype),
+            full_dw.to(weight.dtype))
+
+
+@_convnn_attention_backward.register_fake
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
+    return torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(v), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    qs, ks, v, weight, _ = inputs
+    _, idx, p = output
+    ctx.save_for_backward(qs, ks, v, weight, idx, p)
+    ctx.mark_non_differentiable(idx, p)
+
+
+def _backward(ctx, grad_out, grad_idx, grad_p):
+    qs, ks, v, weight, idx, p = ctx.saved_tensors
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out.contiguous(), qs, ks, v, weight, idx, p)
+    return dq, dk, dv, dw, None
+
+
+_convnn_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                    num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ConvNN attention over all tokens: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv),
+    depthwise weights (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32)."""
+    if triton is None:
+        raise RuntimeError('the fused ConvNN kernels need triton (pip install triton)')
+    if not triton_available(qs.device):
+        raise RuntimeError(f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under '
+                           f'TRITON_INTERPRET=1); got {qs.device} tensors')
+    return _convnn_attention(qs, ks, v, weight, num_neighbors)
