@@ -1,5 +1,6 @@
 """ViT family: registry, warm start from timm ViT weights, kwargs, data config, determinism, parameter counts."""
 import json
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,9 @@ def test_registry_lists_every_vit_name():
 
 def test_names_never_collide_with_timm():
     code = 'import json, timm; print(json.dumps(timm.list_models()))'
+    env = dict(os.environ, TIMM_CONVNN_AUTOLOAD='0')  # timm alone (installed, the plugin registers with timm)
     timm_only = set(json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                                              check=True).stdout))
+                                              check=True, env=env).stdout))
     ours = set(timm.list_models('*convnn*'))
     assert not ours & timm_only
     assert not any('convnn' in n for n in timm_only)
