@@ -311,3 +311,19 @@ def test_timm_vit_runs_with_convnn_attention_as_attn_layer():
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 3)
     out.sum().backward()
+
+
+@pytest.mark.parametrize('candidates', ['all', 'random'])
+def test_torch_compile_fullgraph(candidates):
+    # the PyTorch path traces as one graph (custom autograd Functions included): no graph breaks
+    torch.manual_seed(0)
+    layer = ConvNNAttention(64, num_heads=2, num_neighbors=5, candidates=candidates, num_samples=16).eval()
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (rx,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(gx, rx)

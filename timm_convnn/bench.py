@@ -376,7 +376,8 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
-    """Time (fwd+bwd) vs n, one line per implementation / K / candidate mode; None without matplotlib."""
+    """Forward + backward time vs n (left) and the same as a ratio to SDPA (right); colour = candidate mode and K,
+    line style = implementation. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -386,21 +387,33 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     ops = [r for r in result.get('ops') or [] if r['pass_'] == 'fwd+bwd']
     if not ops:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: Dict[str, List] = {}
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
+    series: Dict[tuple, List] = {}
     for r in ops:
-        label = 'SDPA' if r['impl'] == 'sdpa' else f'{r["impl"]} {r["mode"]} K={r["K"]}'
-        series.setdefault(label, []).append((r['n'], r['ms']))
-    for label, pts in sorted(series.items()):
+        series.setdefault((r['impl'], r['mode'], r['K']), []).append((r['n'], r['ms'], r.get('time_vs_sdpa')))
+    variants = sorted({(m, k) for i, m, k in series if i != 'sdpa'}, key=str)
+    colours = {v: plt.get_cmap('tab10')(i % 10) for i, v in enumerate(variants)}
+    for (impl, mode, kk), pts in sorted(series.items(), key=str):
         pts.sort()
-        style = dict(color='black', linewidth=2.5) if label == 'SDPA' else \
-            dict(linestyle='--' if label.startswith('paper') else '-', marker='o', markersize=3)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        if impl == 'sdpa':
+            style, label = dict(color='black', linewidth=2.5), 'SDPA'
+        else:
+            style = dict(color=colours[(mode, kk)], linestyle='--' if impl == 'paper' else '-', marker='o',
+                         markersize=3)
+            label = f'{impl} {mode} K={kk}'
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        ax_r.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
     env = result['environment']
-    ax.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='fwd+bwd ms (median)',
-           title=f'ConvNN attention core vs SDPA, {env.get("gpu") or env["device"]}, {env["date"][:10]}')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    batches = ', '.join(f'n {n}: B {b}' for n, b in sorted({(r['n'], r['batch']) for r in ops}))
+    ax_t.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='fwd+bwd ms per call (median)',
+             title=f'time ({batches})')
+    ax_r.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='time / SDPA time (same run)',
+             title='ratio to SDPA (solid: ConvNN, dashed: paper-style)')
+    for ax in (ax_t, ax_r):
+        ax.grid(True, which='both', alpha=0.3)
+    ax_r.legend(fontsize=7, ncol=2)
+    fig.suptitle(f'ConvNN attention core vs SDPA, {env.get("gpu") or env.get("cpu") or env["device"]} '
+                 f'({env["device"]}, {env["threads"]} threads), torch {env["torch"]}, {env["date"]}', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -467,8 +480,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
     (out / 'results.json').write_text(json.dumps(result, indent=2))
     (out / 'results.md').write_text(markdown(result))
     png = plot(result, out / 'ops.png')
-    log(f'wrote {out / "results.json"}, {out / "results.md"}' + (f', {png}' if png else
-                                                                 ' (no plot: pip install matplotlib)'))
+    note = f', {png}' if png else (' (no plot: pip install matplotlib)' if result.get('ops') else '')
+    log(f'wrote {out / "results.json"}, {out / "results.md"}{note}')
     return result
 
 
