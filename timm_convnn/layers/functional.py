@@ -399,8 +399,8 @@ class _NeighborAggregate(torch.autograd.Function):
         rho = rho if ctx.has_rho else None
         depthwise = ctx.depthwise
         if depthwise:
-            return _aggregate_depthwise_backward(
-                v, idx, rho, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+            return _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
+                v, idx, rho, weight, grad.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[2],
                 ctx.needs_input_grad[3]) + (None, None)
         B, G, M, C = v.shape
         N, K = idx.shape[2], idx.shape[3]
