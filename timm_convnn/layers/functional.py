@@ -66,7 +66,7 @@ def select_neighbors(
         num_neighbors: int,
         candidates: Optional[torch.Tensor] = None,
         query_index: Optional[torch.Tensor] = None,
-        budget_bytes: int = 64 * 1024 * 1024,
+        budget_bytes: int = 8 * 1024 * 1024,
 ) -> torch.Tensor:
     """Indices of the top-K candidates of every query (no autograd graph; scores in fp32).
 
@@ -77,7 +77,9 @@ def select_neighbors(
         candidates: optional (r,) int64 token ids shared by all queries. None means all M tokens.
         query_index: (N,) int64 token id of each query, required with ``candidates``: the query token itself is
             always a candidate (added when it is not in the list, never counted twice).
-        budget_bytes: the largest fp32 score slice computed at once (queries are processed in chunks).
+        budget_bytes: the largest fp32 score slice computed at once (queries are processed in chunks). 8 MiB
+            slices stay in the CPU cache between the matmul and topk: measured 1.5x faster selection at n = 4097
+            than 64 MiB slices, and the same at n = 197.
 
     Returns:
         (B, G, N, K_eff) int64 token ids, best first.
@@ -91,7 +93,7 @@ def select_scored_neighbors(
         num_neighbors: int,
         candidates: Optional[torch.Tensor] = None,
         query_index: Optional[torch.Tensor] = None,
-        budget_bytes: int = 64 * 1024 * 1024,
+        budget_bytes: int = 8 * 1024 * 1024,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``select_neighbors`` that also returns the selected scores <qs_i, ks_j> (fp32, no grad), (B, G, N, K_eff)
     each; ``gather_dot(..., scores=...)`` turns them into differentiable scores without recomputing them."""
@@ -240,7 +242,7 @@ class _GatherDot(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budget_bytes: int = 64 * 1024 * 1024):
+def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budget_bytes: int = 8 * 1024 * 1024):
     B, G, N, D = q.shape
     M = k.shape[2]
     dq = torch.empty_like(q) if need_q else None
