@@ -331,9 +331,7 @@ def _aggregate_eager(
 
 def _slot_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, G, N, K) token ids -> (K, B * G * N) row ids into the (B * G * M, C) table, one contiguous row per slot."""
-    B, G = idx.shape[0], idx.shape[1]
-    base = torch.arange(B * G, device=idx.device, dtype=idx.dtype).view(B, G, 1, 1) * num_tokens
-    return (idx + base).reshape(-1, idx.shape[-1]).t().contiguous()
+    return _flat_rows(idx, num_tokens).view(-1, idx.shape[-1]).t().contiguous()
 
 
 def _aggregate_depthwise_forward(v, idx, rho: Optional[torch.Tensor], weight):
@@ -399,44 +397,44 @@ class _NeighborAggregate(torch.autograd.Function):
     def backward(ctx, grad):
         v, idx, rho, weight = ctx.saved_tensors
         rho = rho if ctx.has_rho else None
-        depthwise = ctx.depthwise
-        if depthwise:
-            return _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
-                v, idx, rho, weight, grad.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[2],
-                ctx.needs_input_grad[3]) + (None, None)
-        B, G, M, C = v.shape
-        N, K = idx.shape[2], idx.shape[3]
-        table = v.reshape(B * G * M, C)
         need_v, need_rho, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
-        drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
-        dw = torch.zeros_like(weight) if need_w else None
-        step = _slot_chunk(idx[..., 0].numel(), max(C, grad.shape[-1]), K, ctx.budget_bytes)
-        for s in range(0, K, step):
-            e = min(K, s + step)
-            g = _gather_rows(table, idx[..., s:e], M)  # re-gathered, (B, G, N, ks, C)
-            if depthwise:
-                gw = grad.unsqueeze(-2) * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)  # (B, G, N, ks, C)
-            else:
-                # (G, B * N, Cout) @ (G, Cout, ks * C) -> (B, G, N, ks, C)
-                w = weight[:, :, :, s:e].permute(0, 1, 3, 2).reshape(G, -1, (e - s) * C)
-                gg = grad.transpose(0, 1).reshape(G, B * N, grad.shape[-1])
-                gw = torch.bmm(gg, w).view(G, B, N, e - s, C).transpose(0, 1)
-            if drho is not None:
-                drho[..., s:e] = (gw * g).sum(-1)
+        if ctx.depthwise:
+            grads = _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
+                v, idx, rho, weight, grad.contiguous(), need_v, need_rho, need_w)
+        else:
+            grads = _aggregate_standard_backward(v, idx, rho, weight, grad, need_v, need_rho, need_w, ctx.budget_bytes)
+        return grads + (None, None)
+
+
+def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, grad, need_v: bool, need_rho: bool,
+                                 need_w: bool, budget_bytes: int):
+    """Gradients of the standard (full Conv1d) aggregation, in slot chunks that fit the budget; re-gathers v."""
+    B, G, M, C = v.shape
+    N, K = idx.shape[2], idx.shape[3]
+    table = v.reshape(B * G * M, C)
+    dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
+    drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
+    dw = torch.zeros_like(weight) if need_w else None
+    step = _slot_chunk(idx[..., 0].numel(), max(C, grad.shape[-1]), K, budget_bytes)
+    for s in range(0, K, step):
+        e = min(K, s + step)
+        g = _gather_rows(table, idx[..., s:e], M)  # re-gathered, (B, G, N, ks, C)
+        # (G, B * N, Cout) @ (G, Cout, ks * C) -> (B, G, N, ks, C)
+        w = weight[:, :, :, s:e].permute(0, 1, 3, 2).reshape(G, -1, (e - s) * C)
+        gg = grad.transpose(0, 1).reshape(G, B * N, grad.shape[-1])
+        gw = torch.bmm(gg, w).view(G, B, N, e - s, C).transpose(0, 1)
+        if drho is not None:
+            drho[..., s:e] = (gw * g).sum(-1)
+        if dw is not None:
             g_rho = g * rho[..., s:e].unsqueeze(-1) if rho is not None else g
-            if dw is not None:
-                if depthwise:
-                    dw[:, :, s:e] = (g_rho * grad.unsqueeze(-2)).sum(dim=(0, 2)).transpose(1, 2)
-                else:
-                    # sum over B, N of grad (Cout) x g_rho (ks, C) -> (G, Cout, ks, C)
-                    gt = grad.permute(1, 3, 0, 2).reshape(G, grad.shape[-1], B * N)
-                    gr = g_rho.permute(1, 0, 2, 3, 4).reshape(G, B * N, (e - s) * C)
-                    dw[:, :, :, s:e] = torch.matmul(gt, gr).view(G, -1, e - s, C).transpose(2, 3)
-            if dv is not None:
-                gv = gw * rho[..., s:e].unsqueeze(-1) if rho is not None else gw
-                dv.index_add_(0, _flat_rows(idx[..., s:e], M), gv.reshape(-1, C))
-        return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw, None, None
+            # sum over B, N of grad (Cout) x g_rho (ks, C) -> (G, Cout, ks, C)
+            gt = grad.permute(1, 3, 0, 2).reshape(G, grad.shape[-1], B * N)
+            gr = g_rho.permute(1, 0, 2, 3, 4).reshape(G, B * N, (e - s) * C)
+            dw[:, :, :, s:e] = torch.matmul(gt, gr).view(G, -1, e - s, C).transpose(2, 3)
+        if dv is not None:
+            gv = gw * rho[..., s:e].unsqueeze(-1) if rho is not None else gw
+            dv.index_add_(0, _flat_rows(idx[..., s:e], M), gv.reshape(-1, C))
+    return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw
 
 
 def neighbor_aggregate(
