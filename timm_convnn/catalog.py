@@ -4,10 +4,9 @@
 import difflib
 import fnmatch
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import timm
-import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the models)
 from .hub import convnn_model_args
@@ -40,16 +39,11 @@ def check_model_name(name: str) -> str:
     raise ValueError(f'unknown model {name!r}{hint}')
 
 
-def _first_layer(model: nn.Module) -> Optional[nn.Module]:
-    layers = list(convnn_layers(model).values())
-    return layers[0] if layers else None
-
-
 def model_summary(name: str, flops: bool = True) -> Dict[str, Any]:
     """Params, GFLOPs at the default input size, ConvNN settings and pretrained tags of a registered model."""
     model = timm.create_model(check_model_name(name), device='meta')
-    layer = _first_layer(model)
-    if layer is None:
+    layers = list(convnn_layers(model).values())
+    if not layers:
         raise ValueError(f'{name} has no ConvNN layer')
     input_size = tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
     args = convnn_model_args(model)
@@ -58,8 +52,8 @@ def model_summary(name: str, flops: bool = True) -> Dict[str, Any]:
         params_m=count_params(model) / 1e6,
         gflops=count_flops(model, input_size) / 1e9 if flops else None,
         input_size=input_size,
-        mixer=type(layer).__name__,
-        num_layers=len(convnn_layers(model)),
+        mixer=type(layers[0]).__name__,
+        num_layers=len(layers),
         candidates=args['candidates'],
         num_neighbors=args['num_neighbors'],
         num_samples=args['num_samples'] if args['candidates'] != 'all' else None,

@@ -4,7 +4,6 @@ Run with ``timm-convnn selfcheck`` (also what ``timm-convnn demo`` runs until th
 printed is computed here and now; the check fails (exit status 1) if an identity does not hold.
 """
 import platform
-import time
 from dataclasses import dataclass
 from typing import Callable, List
 
@@ -56,14 +55,9 @@ def _conv_identity(channels: int, size: int, stride: int, kernel: int, dtype: to
 
 
 def _time_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+    """Median ms after one warm-up call (the benchmark harness's timer)."""
+    from .bench import measure
+    return measure(fn, torch.device('cpu'), warmup=1, iters=repeats, memory=False)['ms']
 
 
 def _speed(batch: int, tokens: int, dim: int, heads: int, k: int, candidates: str, repeats: int) -> List[str]:
