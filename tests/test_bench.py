@@ -73,13 +73,17 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
                      '--modes', 'all', 'random', '--heads', '2', '--head-dim', '16', '--num-samples', '16',
                      '--warmup', '0', '--iters', '1', '--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224',
                      '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2', '--batch-size', '2',
-                     '--out', str(out)]) == 0
+                     '--backends', 'auto', 'torch', '--out', str(out)]) == 0
     result = json.loads((out / 'results.json').read_text())
     assert result['environment']['device'] == 'cpu' and result['environment']['torch'] == torch.__version__
     ops = result['ops']
     assert sorted({(r['impl'], r['mode']) for r in ops}) == [
         ('convnn', 'all'), ('convnn', 'random'), ('paper', 'all'), ('paper', 'random'), ('sdpa', 'dense')]
     assert all(r['pass_'] in ('fwd', 'fwd+bwd') and r['ms'] > 0 and r['time_vs_sdpa'] > 0 for r in ops)
+    # CPU tensors: 'auto' runs the PyTorch path, so the two backends are one timed case, labelled with what ran
+    assert sorted(r['backend'] for r in ops if r['impl'] == 'convnn' and r['pass_'] == 'fwd') == ['torch', 'torch']
+    assert [(r['model'], r['backend'], r['fused_layers']) for r in result['models']] == [
+        ('vit_tiny_convnn_random', 'torch', 0), ('vit_tiny_patch16_224', None, 0)]
     sdpa = [r for r in ops if r['impl'] == 'sdpa']
     assert all(r['time_vs_sdpa'] == 1.0 for r in sdpa)
     models = {r['model']: r for r in result['models']}
@@ -89,6 +93,7 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
         convnn['train_img_s'] / models['vit_tiny_patch16_224']['train_img_s'])
     md = (out / 'results.md').read_text()
     assert ops[0]['batch'] == 1576 // 65
-    assert f'| convnn | 65 | {1576 // 65} | 9 | random (r 16) | fwd+bwd |' in md and '| vit_tiny_convnn_random | 2 | 32 |' in md
+    assert f'| convnn (torch) | 65 | {1576 // 65} | 9 | random (r 16) | fwd+bwd |' in md
+    assert '| vit_tiny_convnn_random (torch) | 2 | 32 |' in md and '| vit_tiny_patch16_224 | 2 | 32 |' in md
     from PIL import Image
     assert Image.open(out / 'ops.png').size[0] > 300

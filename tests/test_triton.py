@@ -90,6 +90,28 @@ compare('euclidean_k_clamped', lambda: ConvNNAttention(32, num_heads=4, num_neig
         torch.randn(1, 20, 32))
 compare('branch', lambda: ConvNNBranchAttention(32, num_heads=2, branch_ratio=0.5, num_neighbors=5), x)
 compare('bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6).to(torch.bfloat16), x.to(torch.bfloat16))
+# more than ROW_TOKENS tokens: the streaming forward (key tiles through a running top-K buffer)
+compare('stream', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1, grid_size=(17, 17)),
+        torch.randn(1, 290, 32))
+
+# exact ties (small integer vectors: exact fp32 dot products in any order): both forwards keep the K best by
+# (score descending, token id ascending), as a stable sort does
+def tie_case(n, kk):
+    g = torch.Generator().manual_seed(n)
+    qs, ks = (torch.randint(-2, 3, (1, 2, n, 16), generator=g).float() for _ in range(2))
+    v, w = torch.randn(1, 2, n, 16, generator=g), torch.randn(32, 1, kk, generator=g)
+    out, idx, p = triton_attention._convnn_attention(qs, ks, v, w, kk)
+    s = qs.double() @ ks.double().transpose(-1, -2)
+    order = torch.sort(-s, dim=-1, stable=True).indices[..., :kk]
+    val = s.gather(-1, order)
+    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
+    ref = (rows * val.softmax(-1).unsqueeze(-1) * w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)).sum(3)
+    ties = int((s.unsqueeze(-1) == s.unsqueeze(-2)).sum() - s.numel())
+    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
+                p=(p.double() - val.softmax(-1)).abs().max().item(), ties=ties)
+
+results['ties_row'] = tie_case(40, 5)
+results['ties_stream'] = tie_case(triton_attention.ROW_TOKENS + 14, 16)
 
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
@@ -123,12 +145,15 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16'):
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
         tol = (3e-2, 3e-2) if case == 'bf16' else (1e-5, 1e-4)
         assert c['out'] <= tol[0] * max(1., c['scale']), (case, c)
         assert c['grad'] <= tol[1], (case, c)
+    for case in ('ties_row', 'ties_stream'):
+        c = r[case]
+        assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model'] < 1e-5  # one fused call per block
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
 
@@ -136,10 +161,11 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '
                                                           'kernel logic on every machine)')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_matches_torch_on_cuda(dtype, backend):
+@pytest.mark.parametrize('side', [14, 28])  # 197 tokens: the row kernel; 785: the streaming kernel
+def test_fused_matches_torch_on_cuda(dtype, side, backend):
     torch.manual_seed(0)
-    layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, num_prefix_tokens=1, grid_size=(14, 14)).cuda()
-    x = torch.randn(8, 197, 384, device='cuda', dtype=dtype, requires_grad=True)
+    layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, num_prefix_tokens=1, grid_size=(side, side)).cuda()
+    x = torch.randn(8, side * side + 1, 384, device='cuda', dtype=dtype, requires_grad=True)
     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         backend('torch')
         y0 = layer(x)
@@ -151,3 +177,56 @@ def test_fused_matches_torch_on_cuda(dtype, backend):
     assert (y0.float() - y1.float()).abs().max() <= tol * y0.float().abs().max()
     for a, b in zip(g0, g1):
         assert (a.float() - b.float()).abs().max() <= 10 * tol * a.float().abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_fused_model_train_step_on_cuda(backend, monkeypatch):
+    import timm
+    calls = []
+    real = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, 'fused_attention', lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_convnn_all_k16', num_classes=10).cuda()
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+    outs = {}
+    for b in ('torch', 'auto'):
+        backend(b)
+        model.zero_grad()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = model(x)
+        y.float().logsumexp(-1).sum().backward()
+        outs[b] = (y.float(), model.patch_embed.proj.weight.grad.clone())
+        assert len(calls) == (12 if b == 'auto' else 0)  # one fused call per block, and only under 'auto'
+    scale = outs['torch'][0].abs().max()
+    assert (outs['torch'][0] - outs['auto'][0]).abs().max() <= 0.1 * scale
+    g0, g1 = outs['torch'][1], outs['auto'][1]
+    assert torch.cosine_similarity(g0.flatten(), g1.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_fused_model_under_compile_on_cuda(backend):
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_convnn_all_k16', num_classes=10).cuda()
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+    backend('auto')
+    # the custom op inside a compiled graph (no graph break), eval: deterministic and equal to eager
+    model.eval()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert (eager.float() - compiled.float()).abs().max() <= 0.05 * eager.float().abs().max()
+
+
+def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
+    monkeypatch.setattr(triton_attention, 'triton_available', lambda device: True)
+    backend('auto')
+    cuda = torch.device('cuda')
+    assert _layer()._fused_supported(50, cuda)
+    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)  # a candidate subset
+    assert not _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
+    assert _layer(candidates='random', num_samples=64)._fused_supported(50, cuda)  # r >= patches: every token
+    assert not _layer(weighting='ones')._fused_supported(50, cuda)
+    assert not _layer()._fused_supported(triton_attention.MAX_TOKENS + 1, cuda)
+    backend('torch')
+    assert not _layer()._fused_supported(50, cuda)

@@ -164,6 +164,24 @@ def _autocast(device: torch.device, amp: bool) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _backend(name: str) -> Iterator[None]:
+    from .layers import get_backend, set_backend
+    saved = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(saved)
+
+
+def _fused_layers(model: torch.nn.Module, num_tokens: Optional[int], device: torch.device) -> int:
+    """How many ConvNN attention layers of ``model`` run the fused kernels under the current backend."""
+    from .layers import ConvNNAttention
+    return sum(1 for m in model.modules() if isinstance(m, ConvNNAttention) and num_tokens is not None
+               and m._fused_supported(num_tokens, device))
+
+
 # -- operator level --------------------------------------------------------------------------------------------------
 
 DEFAULT_TOKENS = (197, 785, 3137, 16385)
@@ -189,12 +207,17 @@ def op_benchmark(
         memory_cap_bytes: int = 4 << 30,
         warmup: int = 2,
         iters: int = 5,
+        backends: Sequence[str] = ('auto',),
         log: Callable[[str], None] = print,
+        rows: Optional[List[Dict[str, Any]]] = None,
 ) -> List[Dict[str, Any]]:
-    """ConvNN core vs SDPA vs the paper-style code, forward and forward+backward; one row per (impl, n, K, mode)."""
+    """ConvNN core vs SDPA vs the paper-style code, forward and forward+backward; one row per (impl, backend, n, K,
+    mode). ``backends``: ConvNN backends to time (``timm_convnn.layers.set_backend``); each row names the one that
+    ran (a case the fused kernels do not serve runs, and is timed, once). ``rows``: a list to append to as rows are
+    measured (default: a new one)."""
     from .layers import ConvNNAttention
     dtype = torch.bfloat16 if amp else torch.float32
-    rows: List[Dict[str, Any]] = []
+    rows = [] if rows is None else rows
     for n in tokens:
         b = (batch or DEFAULT_BATCH).get(n, max(1, 1576 // n))  # other n: about as many tokens as 8 x 197
         g = torch.Generator().manual_seed(n)
@@ -212,17 +235,18 @@ def op_benchmark(
                     q.grad = k.grad = v.grad = None
             return call
 
-        def record(impl, mode, kk, r, fn):
+        def record(impl, mode, kk, r, fn, backend=None):
             for backward in (False, True):
                 if backward:
                     res = measure(run(fn, True), device, warmup, iters)
                 else:
                     with torch.no_grad():
                         res = measure(run(fn, False), device, warmup, iters)
-                row = dict(impl=impl, n=n, batch=b, heads=heads, head_dim=head_dim, K=kk, mode=mode,
-                           num_samples=r, pass_='fwd+bwd' if backward else 'fwd', **res)
+                row = dict(impl=impl, backend=backend, n=n, batch=b, heads=heads, head_dim=head_dim, K=kk,
+                           mode=mode, num_samples=r, pass_='fwd+bwd' if backward else 'fwd', **res)
                 rows.append(row)
-                log(f'  {impl:6s} n {n:6d} K {kk!s:>3} {mode:8s} {row["pass_"]:8s} {res["ms"]:9.2f} ms  '
+                label = impl + (f'/{backend}' if backend else '')
+                log(f'  {label:13s} n {n:6d} K {kk!s:>3} {mode:8s} {row["pass_"]:8s} {res["ms"]:9.2f} ms  '
                     f'{res["peak_bytes"] / 2 ** 20:9.1f} MiB')
 
         record('sdpa', 'dense', None, None, lambda: F.scaled_dot_product_attention(q, k, v))
@@ -232,7 +256,13 @@ def op_benchmark(
                 layer = ConvNNAttention(heads * head_dim, num_heads=heads, num_neighbors=kk, candidates=mode,
                                         num_samples=num_samples, num_prefix_tokens=1,
                                         grid_size=(side, side)).to(device)
-                record('convnn', mode, kk, r, lambda: layer.convnn_mix(q, k, v))
+                timed = set()
+                for backend in backends:
+                    with _backend(backend):
+                        ran = 'triton' if layer._fused_supported(n, device) else 'torch'
+                        if ran not in timed:
+                            timed.add(ran)
+                            record('convnn', mode, kk, r, lambda: layer.convnn_mix(q, k, v), ran)
                 m = n if mode == 'all' else num_samples + 1
                 if _estimate_paper_bytes(b, heads, n, head_dim, kk, m, 4) > memory_cap_bytes:
                     log(f'  paper  n {n:6d} K {kk:3d} {mode:8s} skipped: over the {memory_cap_bytes >> 20} MiB cap')
@@ -289,10 +319,13 @@ def _bench_model(name: str, device: torch.device, batch_size: int, img_size: Opt
         opt.zero_grad(set_to_none=True)
 
     model.eval()
+    tokens = getattr(model, 'patch_embed', None) and model.patch_embed.num_patches + model.num_prefix_tokens
     inf = measure(infer, device, warmup, iters)
+    fused_infer = _fused_layers(model, tokens, device)
     model.train()
     tr = measure(train, device, warmup, iters)
     return dict(model=name, batch=batch_size, img_size=size, amp=amp, compile=compile,
+                fused_layers=max(fused_infer, _fused_layers(model, tokens, device)),
                 infer_ms=inf['ms'], infer_img_s=batch_size * 1000 / inf['ms'], infer_peak_bytes=inf['peak_bytes'],
                 train_ms=tr['ms'], train_img_s=batch_size * 1000 / tr['ms'], train_peak_bytes=tr['peak_bytes'])
 
@@ -308,28 +341,40 @@ def model_benchmark(
         warmup: int = 1,
         iters: int = 3,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        backends: Sequence[str] = ('auto',),
         log: Callable[[str], None] = print,
+        rows: Optional[List[Dict[str, Any]]] = None,
 ) -> List[Dict[str, Any]]:
-    """Inference and train-step throughput / peak memory of each (convnn, timm) pair, in the same run."""
+    """Inference and train-step throughput / peak memory of each (convnn, timm) pair, in the same run; each ConvNN
+    model once per backend in ``backends`` (rows name it; a model no layer of which runs fused is timed once)."""
     from . import models  # noqa: F401  (registers the models)
-    rows: List[Dict[str, Any]] = []
+    rows = [] if rows is None else rows
     done: Dict[str, Dict[str, Any]] = {}
+    convnn_names = {p[0] for p in pairs}
     for pair in pairs:
         for name in pair:
             if name in done:
                 continue
-            row = _bench_model(name, device, batch_size, img_size, amp, compile, channels_last, warmup, iters,
-                               dict(model_kwargs or {}))
-            done[name] = row
-            rows.append(row)
-            log(f'  {name:28s} infer {row["infer_img_s"]:9.1f} img/s  train {row["train_img_s"]:9.1f} img/s  '
-                f'train peak {row["train_peak_bytes"] / 2 ** 20:8.1f} MiB')
+            for backend in (backends if name in convnn_names else ('auto',)):
+                with _backend(backend):
+                    row = _bench_model(name, device, batch_size, img_size, amp, compile, channels_last, warmup,
+                                       iters, dict(model_kwargs or {}))
+                row['backend'] = ('triton' if row['fused_layers'] else 'torch') if name in convnn_names else None
+                if any(r['model'] == name and r['backend'] == row['backend'] for r in rows):
+                    continue  # this backend ran the same code as one already timed
+                done.setdefault(name, row)
+                rows.append(row)
+                label = name + (f' [{row["backend"]}]' if row['backend'] else '')
+                log(f'  {label:36s} infer {row["infer_img_s"]:9.1f} img/s  train {row["train_img_s"]:9.1f} img/s  '
+                    f'train peak {row["train_peak_bytes"] / 2 ** 20:8.1f} MiB')
     for convnn, base in pairs:
-        c, t = done[convnn], done[base]
-        c['baseline'] = base
-        c['infer_vs_baseline'] = c['infer_img_s'] / t['infer_img_s']
-        c['train_vs_baseline'] = c['train_img_s'] / t['train_img_s']
-        c['train_memory_vs_baseline'] = c['train_peak_bytes'] / max(1, t['train_peak_bytes'])
+        t = done[base]
+        for c in rows:
+            if c['model'] == convnn:
+                c['baseline'] = base
+                c['infer_vs_baseline'] = c['infer_img_s'] / t['infer_img_s']
+                c['train_vs_baseline'] = c['train_img_s'] / t['train_img_s']
+                c['train_memory_vs_baseline'] = c['train_peak_bytes'] / max(1, t['train_peak_bytes'])
     return rows
 
 
@@ -359,7 +404,8 @@ def markdown(result: Dict[str, Any]) -> str:
                   '|---|---|---|---|---|---|---|---|---|---|']
         for r in ops:
             mode = r['mode'] + (f' (r {r["num_samples"]})' if r.get('num_samples') else '')
-            lines.append(f'| {r["impl"]} | {r["n"]} | {r["batch"]} | {r["K"] or "-"} | {mode} | {r["pass_"]} | '
+            impl = r['impl'] + (f' ({r["backend"]})' if r.get('backend') else '')
+            lines.append(f'| {impl} | {r["n"]} | {r["batch"]} | {r["K"] or "-"} | {mode} | {r["pass_"]} | '
                          f'{r["ms"]:.2f} | {r.get("time_vs_sdpa", float("nan")):.2f} | '
                          f'{r["peak_bytes"] / 2 ** 20:.1f} | {r.get("memory_vs_sdpa", float("nan")):.2f} |')
         lines.append('')
@@ -370,7 +416,8 @@ def markdown(result: Dict[str, Any]) -> str:
         for r in mods:
             rel = (f'{r["infer_vs_baseline"]:.2f} | {r["train_vs_baseline"]:.2f} | {r["train_memory_vs_baseline"]:.2f}'
                    if 'baseline' in r else '- | - | -')
-            lines.append(f'| {r["model"]} | {r["batch"]} | {r["img_size"]} | {r["infer_img_s"]:.1f} | '
+            model = r['model'] + (f' ({r["backend"]})' if r.get('backend') else '')
+            lines.append(f'| {model} | {r["batch"]} | {r["img_size"]} | {r["infer_img_s"]:.1f} | '
                          f'{r["train_img_s"]:.1f} | {r["train_peak_bytes"] / 2 ** 20:.0f} | {rel} |')
     return '\n'.join(lines).rstrip() + '\n'
 
@@ -390,7 +437,8 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
     series: Dict[tuple, List] = {}
     for r in ops:
-        series.setdefault((r['impl'], r['mode'], r['K']), []).append((r['n'], r['ms'], r.get('time_vs_sdpa')))
+        impl = r['impl'] + (f' ({r["backend"]})' if r.get('backend') == 'triton' else '')
+        series.setdefault((impl, r['mode'], r['K']), []).append((r['n'], r['ms'], r.get('time_vs_sdpa')))
     variants = sorted({(m, k) for i, m, k in series if i != 'sdpa'}, key=str)
     colours = {v: plt.get_cmap('tab10')(i % 10) for i, v in enumerate(variants)}
     for (impl, mode, kk), pts in sorted(series.items(), key=str):
@@ -398,8 +446,8 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
         if impl == 'sdpa':
             style, label = dict(color='black', linewidth=2.5), 'SDPA'
         else:
-            style = dict(color=colours[(mode, kk)], linestyle='--' if impl == 'paper' else '-', marker='o',
-                         markersize=3)
+            style = dict(color=colours[(mode, kk)], marker='o', markersize=3,
+                         linestyle='--' if impl == 'paper' else ':' if 'triton' in impl else '-')
             label = f'{impl} {mode} K={kk}'
         ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         ax_r.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
@@ -408,7 +456,7 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     ax_t.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='fwd+bwd ms per call (median)',
              title=f'time ({batches})')
     ax_r.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='time / SDPA time (same run)',
-             title='ratio to SDPA (solid: ConvNN, dashed: paper-style)')
+             title='ratio to SDPA (solid: ConvNN, dotted: fused, dashed: paper-style)')
     for ax in (ax_t, ax_r):
         ax.grid(True, which='both', alpha=0.3)
     ax_r.legend(fontsize=7, ncol=2)
@@ -444,6 +492,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--warmup', type=int, default=None)
     p.add_argument('--iters', type=int, default=None)
     p.add_argument('--memory-cap-mib', type=int, default=4096, help='skip paper-style cases estimated above this')
+    p.add_argument('--backends', nargs='+', default=['auto'], choices=('auto', 'torch', 'triton'),
+                   help='ConvNN backends to time, e.g. "torch triton" for the PyTorch path and the fused kernels '
+                        'side by side (default: auto)')
     p.add_argument('--out', default='bench-out', help='folder for results.json, results.md, ops.png')
 
 
@@ -455,11 +506,25 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     iters = args.iters if args.iters is not None else (20 if cuda else 3)
     result: Dict[str, Any] = dict(environment=environment(device), amp=args.amp, compile=args.compile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(final: bool = False) -> Optional[Path]:
+        _add_ratios(result.get('ops') or [])
+        (out / 'results.json').write_text(json.dumps(result, indent=2))
+        (out / 'results.md').write_text(markdown(result))
+        return plot(result, out / 'ops.png') if final else None
+
+    def progress(line: str) -> None:  # every measured row is on disk at once: a run cut short keeps its results
+        log(line)
+        write()
+
     if args.ops or both:
         log('operator level (ConvNN core vs SDPA vs paper-style):')
-        result['ops'] = op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim,
-                                     args.num_samples, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20,
-                                     warmup=warmup, iters=iters, log=log)
+        result['ops'] = []
+        op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim, args.num_samples,
+                     amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup, iters=iters,
+                     backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
         for p in pairs:
@@ -473,13 +538,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         log('model level (inference, train step):')
-        result['models'] = model_benchmark(device, pairs, args.batch_size or (256 if cuda else 4), args.img_size,
-                                           args.amp, args.compile, args.channels_last, warmup, iters, kwargs, log)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'results.json').write_text(json.dumps(result, indent=2))
-    (out / 'results.md').write_text(markdown(result))
-    png = plot(result, out / 'ops.png')
+        result['models'] = []
+        model_benchmark(device, pairs, args.batch_size or (256 if cuda else 4), args.img_size, args.amp,
+                        args.compile, args.channels_last, warmup, iters, kwargs, args.backends, progress,
+                        rows=result['models'])
+    png = write(final=True)
     note = f', {png}' if png else (' (no plot: pip install matplotlib)' if result.get('ops') else '')
     log(f'wrote {out / "results.json"}, {out / "results.md"}{note}')
     return result

@@ -207,8 +207,10 @@ class ConvNNAttention(nn.Module):
         backend = get_backend()
         if backend == 'torch':
             return False
+        every_token = (self.candidates == 'all'
+                       or self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens))
         supported = (
-            self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
+            every_token and self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics

@@ -116,13 +116,21 @@ def softmax_weights(scores: torch.Tensor) -> torch.Tensor:
     return _at_least_fp32(scores).softmax(dim=-1)
 
 
+def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
+    """The score-slice budget for ``x``'s device: on CUDA every slice costs several kernel launches, so slices are
+    large (256 MiB: one or two per ViT-B layer at batch 256); on CPU they stay cache-sized."""
+    if x.is_cuda:
+        return max(budget_bytes, 256 * 1024 * 1024)
+    return budget_bytes
+
+
 def _select_all(
         qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
     M = kf.shape[2]
     k_eff = min(num_neighbors, M)
-    chunk = max(1, budget_bytes // max(1, B * G * M * 4))
+    chunk = max(1, _score_budget(budget_bytes, qf) // max(1, B * G * M * 4))
     kt = kf.transpose(-1, -2)
     ids: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
@@ -149,7 +157,7 @@ def _select_listed(
     k_eff = min(num_neighbors, r)
     kc = kf.index_select(2, candidates)
     kt = kc.transpose(-1, -2)
-    chunk = max(1, budget_bytes // max(1, B * G * (r + 1) * 4))
+    chunk = max(1, _score_budget(budget_bytes, qf) // max(1, B * G * (r + 1) * 4))
     out: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
     for start in range(0, N, chunk):
@@ -247,7 +255,7 @@ def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budg
     M = k.shape[2]
     dq = torch.empty_like(q) if need_q else None
     dk = torch.zeros_like(k) if need_k else None
-    chunk = max(1, budget_bytes // max(1, B * G * M * 4))
+    chunk = max(1, _score_budget(budget_bytes, q) // max(1, B * G * M * 4))
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         ds = torch.zeros(B, G, e - s, M, dtype=grad.dtype, device=grad.device)

@@ -1,16 +1,19 @@
 """ Fused ConvNN attention (all candidates, softmax, depthwise aggregation) as Triton kernels behind a
 ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
 
-Forward, one program per (batch x head, block of queries): the whole score row of each query in registers
-(``tl.dot`` of the query block with every token, fp32 accumulation), K rounds of row-max extraction (ties: the
-smallest token id), a softmax over the K kept scores, and the weighted depthwise gather of the K value rows. Nothing
-of size n x n leaves the kernel; it writes the output, the K indices and the K softmax weights per query.
+Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
+* up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction;
+* above, key tiles stream through a running top-K buffer (score, token id) per query, merged only while a tile
+  holds a score above some query's current K-th best; then the same K ranking rounds over the buffer.
+Ties go to the smallest token id. A softmax over the K kept scores and the weighted depthwise gather of the K value
+rows follow in the same program. Nothing of size n x n leaves the kernel; it writes the output, the K indices and the
+K softmax weights per query.
 Backward, one program per query block: recomputes nothing but the K gathered rows it needs; dq in registers,
 dk / dv / dw accumulated with atomics (not bit-deterministic: the dispatcher uses the PyTorch path under
 ``torch.use_deterministic_algorithms(True)``).
 
-Limits (otherwise ``ConvNNAttention`` uses the PyTorch path): token count <= ``MAX_TOKENS`` (the score row must fit a
-program), K <= ``MAX_NEIGHBORS``. Inputs may be fp32 / fp16 / bf16; all arithmetic is fp32.
+Limits (otherwise ``ConvNNAttention`` uses the PyTorch path): token count <= ``MAX_TOKENS``, K <= ``MAX_NEIGHBORS``.
+Inputs may be fp32 / fp16 / bf16; scores, softmax and accumulation are fp32.
 
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how the CPU test
 suite checks them against the PyTorch path.
@@ -22,8 +25,14 @@ import torch
 
 __all__ = ['triton_available', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS']
 
-MAX_TOKENS = 1024
+MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
+ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
+STREAM_BLOCK_N = 64  # key tile of the streaming forward
+
+# Launch configuration. None: the built-in choice (16 queries per program, 4 warps; see _block_m).
+# ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
+CONFIG = dict(fwd_block_m=None, fwd_warps=None, bwd_block_m=None, bwd_warps=None)
 
 try:
     import triton
@@ -51,32 +60,29 @@ def _pow2(x: int, minimum: int = 16) -> int:
 if triton is not None:
 
     @triton.jit
-    def _convnn_fwd_kernel(
-            Q, Kf, V, W, O, IDX, P,
-            N, M, H,
-            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
-            DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr,
+    def _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ: tl.constexpr, IEEE: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key tile ``cols`` (-inf past M)."""
+        kt = tl.load(Kf + kbase + cols[None, :] * stride_kn + dq[:, None],
+                     mask=(cols[None, :] < M) & (dq[:, None] < DQ), other=0.)
+        # half / bf16 inputs multiply exactly into the fp32 accumulator on the tensor cores (the same numbers as
+        # casting first, at a quarter of the registers); fp32 inputs use full-precision products, and so does
+        # Triton's CPU interpreter, whose half / bf16 tl.dot returns garbage (triton 3.8)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision='ieee')
+        else:
+            s = tl.dot(q, kt, out_dtype=tl.float32)
+        return tl.where(cols[None, :] < M, s, float('-inf'))
+
+    @triton.jit
+    def _rank_softmax_aggregate(
+            s, ids, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        h = bh % H
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        dq = tl.arange(0, BLOCK_DQ)
+        """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
+        id) is rank r; softmax over the K kept scores; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
         dv = tl.arange(0, BLOCK_DV)
         kk = tl.arange(0, BLOCK_K)
-        row_ok = rows < N
-        col_ok = cols < M
-
-        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.).to(tl.float32)
-        kt = tl.load(Kf + bh * stride_kb + cols[None, :] * stride_kn + dq[:, None],
-                     mask=col_ok[None, :] & (dq[:, None] < DQ), other=0.).to(tl.float32)
-        s = tl.dot(q, kt, input_precision='ieee')  # (BLOCK_M, BLOCK_N) scores, fp32
-        s = tl.where(col_ok[None, :], s, float('-inf'))
-
         m0 = tl.max(s, axis=1)  # the best score: softmax reference
         denom = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -84,8 +90,8 @@ if triton is not None:
         sel_e = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
             mr = tl.max(s, axis=1)
-            jr = tl.min(tl.where(s == mr[:, None], cols[None, :], BLOCK_N), axis=1)  # smallest id among ties
-            s = tl.where(cols[None, :] == jr[:, None], float('-inf'), s)
+            jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
+            s = tl.where(ids == jr[:, None], float('-inf'), s)
             e = tl.exp(mr - m0)
             denom += e
             sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
@@ -94,7 +100,6 @@ if triton is not None:
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
             wr = tl.load(W + h * DV * NUM_K + dv * NUM_K + r, mask=dv < DV, other=0.).to(tl.float32)
             acc += (e[:, None] * vrow) * wr[None, :]
-
         denom = tl.where(row_ok, denom, 1.)
         out = acc / denom[:, None]
         tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
@@ -105,16 +110,71 @@ if triton is not None:
         tl.store(P + sel_off, sel_e / denom[:, None], mask=sel_mask)
 
     @triton.jit
+    def _convnn_fwd_kernel(
+            Q, Kf, V, W, O, IDX, P,
+            N, M, H, BH0,
+            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+            DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
+        whole score row block in registers, ranked in place. STREAM=True: key tiles of BLOCK_N stream through a
+        running top-K buffer (value, id) per query; a tile is merged only while some query of the block has a tile
+        score above its current K-th best (CTA-uniform loop), so later tiles mostly cost one row max."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        h = (bh + BH0) % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dq = tl.arange(0, BLOCK_DQ)
+        row_ok = rows < N
+        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+        kbase = bh * stride_kb
+        if STREAM:
+            kk = tl.arange(0, BLOCK_K)
+            real = kk[None, :] < NUM_K
+            # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
+            # distinct negative ids so that "the largest id among the minima" is one slot)
+            best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+            thr = tl.min(best, axis=1)
+            for start in range(0, M, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                s = _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ, IEEE)
+                mx = tl.max(s, axis=1)
+                todo = (mx > thr) & row_ok
+                while tl.max(todo.to(tl.int32), axis=0) > 0:
+                    j = tl.min(tl.where(s == mx[:, None], cols[None, :], M), axis=1)  # ties: the smallest id
+                    # evict the worst kept entry: the minimum score, among equal minima the largest id
+                    evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
+                    upd = todo[:, None] & (best_i == evict[:, None])
+                    best = tl.where(upd, mx[:, None], best)
+                    best_i = tl.where(upd, j[:, None], best_i)
+                    s = tl.where(todo[:, None] & (cols[None, :] == j[:, None]), float('-inf'), s)
+                    thr = tl.min(best, axis=1)
+                    mx = tl.max(s, axis=1)
+                    todo = (mx > thr) & row_ok
+            best = tl.where(real, best, float('-inf'))
+            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
+                                    stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M)
+        else:
+            cols = tl.arange(0, BLOCK_N)
+            s = _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ, IEEE)
+            _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
+                                    stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N)
+
+    @triton.jit
     def _convnn_bwd_kernel(
             GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
-            N, M, H,
+            N, M, H, BH0,
             stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        h = bh % H
+        h = (bh + BH0) % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dq_r = tl.arange(0, BLOCK_DQ)
         dv_r = tl.arange(0, BLOCK_DV)
@@ -156,9 +216,16 @@ if triton is not None:
         tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
 
 
-def _block_m(n_cols: int) -> int:
-    # keep the (BLOCK_M, BLOCK_N) fp32 score tile at <= 16 K elements per program
-    return max(16, min(64, 16384 // n_cols))
+def _block_m(num_tokens: int) -> int:
+    # 16 queries per program (the smallest tensor-core tile), compiled for sm_90 by triton 3.6 with 4 warps, bf16,
+    # K 16: the row kernel (a 16 x 256 fp32 score block, 32 registers per thread) takes 224 registers, the streaming
+    # kernel 158, neither spills. Larger blocks spill: 64 x 256 rows, 27 KB of stack per thread (20x slower on an
+    # H200); streaming with 32 queries, 96 bytes.
+    return 16
+
+
+def _warps(key: str) -> dict:
+    return {'num_warps': CONFIG[key]} if CONFIG[key] else {}
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +233,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     B, H, L, D = x.shape
     x = x.reshape(B * H, L, D)
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bh_chunks(num_bh: int, *tensors: torch.Tensor):
+    """(start, end) ranges over the batch x head dimension such that every offset inside one launch fits the kernels'
+    int32 arithmetic (elements per (batch, head) slice times slices < 2**31)."""
+    per_bh = max(max(t.stride(0), t[0].numel()) for t in tensors)
+    step = max(1, (2 ** 31 - 1) // max(1, per_bh))
+    return [(s, min(num_bh, s + step)) for s in range(0, num_bh, step)]
 
 
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
@@ -179,14 +254,17 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     out = torch.empty(B * H, N, DV, device=v.device, dtype=v.dtype)
     idx = torch.empty(B * H, N, K, device=v.device, dtype=torch.int32)
     p = torch.empty(B * H, N, K, device=v.device, dtype=torch.float32)
-    block_n = _pow2(M)
-    block_m = _block_m(block_n)
-    grid = (triton.cdiv(N, block_m), B * H)
-    _convnn_fwd_kernel[grid](
-        q, k, vv, w, out, idx, p, N, M, H,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
-        out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
-        BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2))
+    stream = M > ROW_TOKENS
+    block_n = STREAM_BLOCK_N if stream else _pow2(M)
+    block_m = CONFIG['fwd_block_m'] or _block_m(M)
+    ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    for s, e in _bh_chunks(B * H, q, k, vv, out, idx):
+        grid = (triton.cdiv(N, block_m), e - s)
+        _convnn_fwd_kernel[grid](
+            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], N, M, H, s,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
+            out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
+            BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, num_warps=CONFIG['fwd_warps'] or 4)
     return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
 
 
@@ -211,13 +289,15 @@ def _convnn_attention_backward(
     dk = torch.zeros(B * H, M, DQ, device=v.device, dtype=torch.float32)
     dv = torch.zeros(B * H, M, DV, device=v.device, dtype=torch.float32)
     dw = torch.zeros(H, DV, K, device=v.device, dtype=torch.float32)
-    block_m = 16
-    grid = (triton.cdiv(N, block_m), B * H)
-    _convnn_bwd_kernel[grid](
-        go, q, k, vv, w, idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous(),
-        dq, dk, dv, dw, N, M, H,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0), go.stride(1),
-        DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2))
+    block_m = CONFIG['bwd_block_m'] or 16
+    idx, p = idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous()
+    for s, e in _bh_chunks(B * H, q, k, vv, go, dk, dv):
+        grid = (triton.cdiv(N, block_m), e - s)
+        _convnn_bwd_kernel[grid](
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, s,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0),
+            go.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV),
+            BLOCK_K=_pow2(K, 2), **_warps('bwd_warps'))
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw
     return (dq.view(B, H, N, DQ).to(qs.dtype), dk.view(B, H, M, DQ).to(ks.dtype), dv.view(B, H, M, DV).to(v.dtype),

@@ -1,0 +1,78 @@
+"""Launch-configuration sweep of the fused ConvNN kernels on a CUDA GPU (``triton.testing.do_bench``, medians in ms),
+next to SDPA forward / forward+backward on the same bf16 tensors. Prints one line per case and writes JSON.
+
+    python benchmarks/kernel_sweep.py --out sweep.json
+
+Shapes up to ``ROW_TOKENS`` tokens run the row kernel, larger ones the streaming kernel.
+"""
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default='kernel_sweep.json')
+    p.add_argument('--shapes', nargs='+', default=['64x12x197', '1x6x3137'], help='BxHxN')
+    p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16])
+    args = p.parse_args()
+    import triton
+    from timm_convnn.layers import triton_attention as ta
+    op = torch.ops.timm_convnn.convnn_attention
+    rows = []
+
+    def save():  # after every case: a sweep cut short keeps what it timed
+        with open(args.out, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+    for shape in args.shapes:
+        B, H, N = (int(x) for x in shape.split('x'))
+        g = torch.Generator(device='cuda').manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, 64, device='cuda', dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        qs, ks = F.normalize(q.float(), dim=-1).bfloat16(), F.normalize(k.float(), dim=-1).bfloat16()
+        go = torch.randn_like(v)
+        sdpa_f = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        sdpa_fb = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v).backward(go))
+        print(f'{shape}: sdpa fwd {sdpa_f:.4f} ms  fwd+bwd {sdpa_fb:.4f} ms', flush=True)
+        for K in args.neighbors:
+            w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
+            for bm, nw in itertools.product((16, 32) if N <= ta.ROW_TOKENS else (16, 32, 64), (4, 8)):
+                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw)
+                try:
+                    t = triton.testing.do_bench(lambda: op(qs, ks, v, w, K))
+                except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
+                    t, err = float('nan'), repr(e)[:200]
+                else:
+                    err = None
+                rows.append(dict(shape=shape, K=K, kernel='fwd', block_m=bm, warps=nw, ms=t, x_sdpa=t / sdpa_f,
+                                 error=err))
+                save()
+                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw}: {t:.4f} ms  x{t / sdpa_f:.2f} SDPA fwd'
+                      + (f'  {err}' if err else ''), flush=True)
+            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
+            out, idx, pr = op(qs, ks, v, w, K)
+            bwd = torch.ops.timm_convnn.convnn_attention_backward
+            for bm, nw in itertools.product((16, 32), (4, 8)):
+                ta.CONFIG.update(bwd_block_m=bm, bwd_warps=nw)
+                try:
+                    t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, idx, pr))
+                except Exception as e:  # noqa: BLE001
+                    t, err = float('nan'), repr(e)[:200]
+                else:
+                    err = None
+                rows.append(dict(shape=shape, K=K, kernel='bwd', block_m=bm, warps=nw, ms=t,
+                                 x_sdpa=t / (sdpa_fb - sdpa_f), error=err))
+                save()
+                print(f'  bwd K {K:2d} BM {bm:2d} warps {nw}: {t:.4f} ms  x{t / (sdpa_fb - sdpa_f):.2f} SDPA bwd'
+                      + (f'  {err}' if err else ''), flush=True)
+            ta.CONFIG.update(bwd_block_m=None, bwd_warps=None)
+        rows.append(dict(shape=shape, kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
+        save()
+
+
+if __name__ == '__main__':
+    main()
