@@ -127,6 +127,29 @@ def test_selection_is_brute_force_topk(similarity):
     assert torch.equal(FN.select_neighbors(qs, ks, K, budget_bytes=1), ref)
 
 
+def test_selection_scores_stay_fp32_under_autocast():
+    # autocast would run the score matmul in bf16 (cosine scores in ~4e-3 steps: ranks flip, near-ties tie); the
+    # selection must see the same fp32 scores as without autocast, for all and for listed candidates
+    B, G, N, D, K = 2, 2, 50, 16, 9
+    qs, ks = (torch.randn(B, G, N, D).bfloat16() for _ in range(2))
+    cand = torch.arange(0, N, 3)
+    ref_all = FN.select_scored_neighbors(qs.float(), ks.float(), K)
+    ref_listed = FN.select_scored_neighbors(qs.float(), ks.float(), K, cand, torch.arange(N))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got_all = FN.select_scored_neighbors(qs, ks, K)
+        got_listed = FN.select_scored_neighbors(qs, ks, K, cand, torch.arange(N))
+    for (i0, s0), (i1, s1) in ((ref_all, got_all), (ref_listed, got_listed)):
+        assert s1.dtype == torch.float32 and torch.equal(i0, i1) and torch.equal(s0, s1)
+    # the layer under autocast selects what the fp32 layer selects from the same bf16 projections
+    layer = ConvNNAttention(32, num_heads=2, num_neighbors=K, qkv_bias=False)
+    x = torch.randn(1, N, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        q, k, _ = layer.qkv(x).reshape(1, N, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        qs, ks = FN.similarity_features(q, k, layer.similarity)
+        inside = FN.select_neighbors(qs, ks, K)
+    assert torch.equal(inside, FN.select_neighbors(qs.float(), ks.float(), K))
+
+
 def test_listed_candidates_include_self_once():
     B, G, N, D, K = 2, 3, 40, 6, 8
     q = torch.randn(B, G, N, D)

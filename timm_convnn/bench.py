@@ -380,12 +380,31 @@ def model_benchmark(
 
 # -- reports ---------------------------------------------------------------------------------------------------------
 
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    """The checkout's commit when run from a git working tree (benchmarks belong to a commit), else None."""
+    import subprocess
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     import timm
     from .version import __version__
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                torch=torch.__version__, timm=timm.__version__, timm_convnn=__version__,
-               python=platform.python_version(), device=device.type, threads=torch.get_num_threads())
+               python=platform.python_version(), device=device.type, threads=torch.get_num_threads(),
+               triton=_version('triton'), commit=_git_commit())
     if device.type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(device)
     else:
@@ -397,6 +416,8 @@ def markdown(result: Dict[str, Any]) -> str:
     env = result['environment']
     lines = [f'Run {env["date"]}, {env.get("gpu") or env.get("cpu")} ({env["device"]}, {env["threads"]} threads), '
              f'torch {env["torch"]}, timm {env["timm"]}, timm-convnn {env["timm_convnn"]}'
+             + (f', triton {env["triton"]}' if env.get('triton') else '')
+             + (f', commit {env["commit"]}' if env.get('commit') else '')
              + (', bf16 autocast' if result.get('amp') else ', fp32') + '.', '']
     ops = result.get('ops') or []
     if ops:
@@ -456,7 +477,7 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     ax_t.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='fwd+bwd ms per call (median)',
              title=f'time ({batches})')
     ax_r.set(xscale='log', yscale='log', xlabel='tokens n', ylabel='time / SDPA time (same run)',
-             title='ratio to SDPA (solid: ConvNN, dotted: fused, dashed: paper-style)')
+             title='ratio to SDPA (dotted: fused, dashed: paper-style)')
     for ax in (ax_t, ax_r):
         ax.grid(True, which='both', alpha=0.3)
     ax_r.legend(fontsize=7, ncol=2)

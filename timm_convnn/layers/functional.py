@@ -116,6 +116,15 @@ def softmax_weights(scores: torch.Tensor) -> torch.Tensor:
     return _at_least_fp32(scores).softmax(dim=-1)
 
 
+def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b at the inputs' precision (fp32 selection scores) even under autocast, which would otherwise round
+    them to bf16 / fp16 (steps of ~4e-3 for cosine scores: ranks flip and near-ties become ties)."""
+    if torch.jit.is_scripting():
+        return torch.matmul(a, b)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.matmul(a, b)
+
+
 def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
     """The score-slice budget for ``x``'s device: on CUDA every slice costs several kernel launches, so slices are
     large (256 MiB: one or two per ViT-B layer at batch 256); on CPU they stay cache-sized."""
@@ -136,7 +145,7 @@ def _select_all(
     vals: List[torch.Tensor] = []
     for start in range(0, N, chunk):
         # (B, G, c, M) score slice, freed by topk before the next slice exists: one slice alive at a time
-        top = torch.matmul(qf[:, :, start:start + chunk], kt).topk(k_eff, dim=-1)
+        top = _fp32_matmul(qf[:, :, start:start + chunk], kt).topk(k_eff, dim=-1)
         vals.append(top.values)
         ids.append(top.indices)
     if len(ids) == 1:
@@ -164,7 +173,7 @@ def _select_listed(
         end = min(N, start + chunk)
         qi = query_index[start:end]
         qc = qf[:, :, start:end]
-        scores = torch.matmul(qc, kt)  # (B, G, c, r)
+        scores = _fp32_matmul(qc, kt)  # (B, G, c, r)
         # the query token itself: its own score as an extra column; its duplicate (if listed) masked out
         self_score = (qc * kf.index_select(2, qi)).sum(-1, keepdim=True)
         dup = candidates.view(1, -1) == qi.view(-1, 1)  # (c, r)
