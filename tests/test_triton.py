@@ -45,9 +45,11 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
             match = r'Triton cannot run on cpu tensors \(CUDA, or CPU under TRITON_INTERPRET=1\)'
         with pytest.raises(RuntimeError, match=match):
             _layer()(x)
+        with pytest.raises(RuntimeError, match=match):  # sampled candidates: fused under 'triton'
+            _layer(candidates='random', num_samples=16)(x)
         # unsupported layers never reach the kernels, whatever the backend
-        _layer(candidates='random', num_samples=16)(x)
         _layer(weighting='ones')(x)
+        _layer(neighbor_order='position')(x)
         assert calls == []
 
 
@@ -93,6 +95,14 @@ compare('bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6).to(tor
 # more than ROW_TOKENS tokens: the streaming forward (key tiles through a running top-K buffer)
 compare('stream', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1, grid_size=(17, 17)),
         torch.randn(1, 290, 32))
+
+# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
+compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
+        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial', num_samples=16,
+        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
+        num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 
 # exact ties (small integer vectors: exact fp32 dot products in any order): both forwards keep the K best by
 # (score descending, token id ascending), as a stable sort does
@@ -145,7 +155,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream'):
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'random', 'spatial',
+                 'random_k_is_r'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
         tol = (3e-2, 3e-2) if case == 'bf16' else (1e-5, 1e-4)
@@ -223,10 +234,15 @@ def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
     backend('auto')
     cuda = torch.device('cuda')
     assert _layer()._fused_supported(50, cuda)
-    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)  # a candidate subset
+    # candidate subsets: only when asked for (that kernel variant has not been timed on a GPU yet)
+    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
     assert not _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
     assert _layer(candidates='random', num_samples=64)._fused_supported(50, cuda)  # r >= patches: every token
     assert not _layer(weighting='ones')._fused_supported(50, cuda)
     assert not _layer()._fused_supported(triton_attention.MAX_TOKENS + 1, cuda)
+    backend('triton')
+    assert _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
+    assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
+    assert not _layer(weighting='ones')._fused_supported(50, cuda)
     backend('torch')
     assert not _layer()._fused_supported(50, cuda)

@@ -188,8 +188,8 @@ class ConvNNAttention(nn.Module):
 
         cand = self._candidate_ids(N, q.device)
         if not torch.jit.is_scripting():
-            if cand is None and self._fused_supported(N, q.device):
-                return self._fused(qs, ks, v)
+            if self._fused_supported(N, q.device):
+                return self._fused(qs, ks, v, cand)
         query_index = torch.arange(N, device=q.device) if cand is not None else None
         idx, scores = select_scored_neighbors(qs, ks, self.num_neighbors, cand, query_index)
         if self.neighbor_order == 'position':
@@ -210,21 +210,26 @@ class ConvNNAttention(nn.Module):
         every_token = (self.candidates == 'all'
                        or self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens))
         supported = (
-            every_token and self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
+            self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
             and not (self.aggregate._forward_hooks or self.aggregate._forward_pre_hooks))  # inspection hooks
         if backend == 'auto':
-            return supported and device.type == 'cuda' and triton_attention.triton_available(device)
+            # sampled candidates (random / spatial) run fused only when asked for ('triton'): that kernel variant is
+            # tested against the PyTorch path but has not been timed on a GPU yet
+            return (supported and every_token and device.type == 'cuda'
+                    and triton_attention.triton_available(device))
         if supported and not triton_attention.triton_available(device):
             raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but Triton cannot run on {device} '
                                f'tensors (CUDA, or CPU under TRITON_INTERPRET=1)')
         return supported
 
     @torch.jit.unused
-    def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors)
+    def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,
+               candidates: Optional[torch.Tensor]) -> torch.Tensor:
+        out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors,
+                                                     candidates)
         return out
 
     def forward(

@@ -1,12 +1,13 @@
 """ Which implementation ConvNN attention runs: the PyTorch path (every device, the reference) or the fused Triton
 kernels (CUDA). ``TIMM_CONVNN_BACKEND`` sets the start value; ``set_backend`` changes it at run time.
 
-* ``auto`` (default): fused kernels for CUDA tensors when the layer and input are supported (all candidates,
-  softmax weights, depthwise aggregation, rank order, <= 1024 tokens, K <= 64, no attention dropout in training, not
+* ``auto`` (default): fused kernels for CUDA tensors when the layer and input are supported (every token a
+  candidate, softmax weights, depthwise aggregation, rank order, K <= 64, no attention dropout in training, not
   under ``torch.use_deterministic_algorithms(True)``, nothing hooked on the layer's aggregation); PyTorch otherwise.
 * ``torch``: always the PyTorch path.
-* ``triton``: the fused kernels wherever the layer is supported, CPU tensors included under Triton's interpreter
-  (``TRITON_INTERPRET=1``, for testing); an error when Triton cannot run on the input's device.
+* ``triton``: the fused kernels wherever the layer is supported, sampled candidates (``random`` / ``spatial``)
+  included, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for testing); an error when Triton
+  cannot run on the input's device.
 """
 import os
 

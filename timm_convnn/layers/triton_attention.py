@@ -19,7 +19,7 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU
 suite checks them against the PyTorch path.
 """
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -60,10 +60,10 @@ def _pow2(x: int, minimum: int = 16) -> int:
 if triton is not None:
 
     @triton.jit
-    def _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ: tl.constexpr, IEEE: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key tile ``cols`` (-inf past M)."""
-        kt = tl.load(Kf + kbase + cols[None, :] * stride_kn + dq[:, None],
-                     mask=(cols[None, :] < M) & (dq[:, None] < DQ), other=0.)
+    def _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ: tl.constexpr, IEEE: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key rows ``ids`` (-inf where not valid)."""
+        kt = tl.load(Kf + kbase + ids[None, :] * stride_kn + dq[:, None],
+                     mask=valid[None, :] & (dq[:, None] < DQ), other=0.)
         # half / bf16 inputs multiply exactly into the fp32 accumulator on the tensor cores (the same numbers as
         # casting first, at a quarter of the registers); fp32 inputs use full-precision products, and so does
         # Triton's CPU interpreter, whose half / bf16 tl.dot returns garbage (triton 3.8)
@@ -71,7 +71,7 @@ if triton is not None:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision='ieee')
         else:
             s = tl.dot(q, kt, out_dtype=tl.float32)
-        return tl.where(cols[None, :] < M, s, float('-inf'))
+        return tl.where(valid[None, :], s, float('-inf'))
 
     @triton.jit
     def _rank_softmax_aggregate(
@@ -111,17 +111,18 @@ if triton is not None:
 
     @triton.jit
     def _convnn_fwd_kernel(
-            Q, Kf, V, W, O, IDX, P,
-            N, M, H, BH0,
+            Q, Kf, V, W, O, IDX, P, CAND,
+            N, M, L, H, BH0,
             stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr,
+            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
-        whole score row block in registers, ranked in place. STREAM=True: key tiles of BLOCK_N stream through a
-        running top-K buffer (value, id) per query; a tile is merged only while some query of the block has a tile
-        score above its current K-th best (CTA-uniform loop), so later tiles mostly cost one row max."""
+        whole score row block in registers, ranked in place. STREAM=True: the L keys (all M tokens, or with
+        CANDIDATES the L token ids in CAND plus each query itself) stream in tiles of BLOCK_N through a running top-K
+        buffer (score, id) per query; a tile is merged only while some query of the block has a tile score above its
+        current K-th best (CTA-uniform loop), so later tiles mostly cost one row max."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         h = (bh + BH0) % H
@@ -138,20 +139,33 @@ if triton is not None:
             # distinct negative ids so that "the largest id among the minima" is one slot)
             best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
             best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+            if CANDIDATES:  # the query itself is always a candidate: it starts in slot 0
+                kself = tl.load(Kf + kbase + rows[:, None] * stride_kn + dq[None, :],
+                                mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+                s_self = tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
+                best = tl.where(kk[None, :] == 0, s_self[:, None], best)
+                best_i = tl.where(kk[None, :] == 0, rows[:, None], best_i)
             thr = tl.min(best, axis=1)
-            for start in range(0, M, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                s = _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ, IEEE)
+            for start in range(0, L, BLOCK_N):
+                pos = start + tl.arange(0, BLOCK_N)
+                if CANDIDATES:
+                    valid = pos < L
+                    ids = tl.load(CAND + pos, mask=valid, other=0)
+                    s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, IEEE)
+                    s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query is in slot 0 already
+                else:
+                    ids = pos
+                    s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, IEEE)
                 mx = tl.max(s, axis=1)
                 todo = (mx > thr) & row_ok
                 while tl.max(todo.to(tl.int32), axis=0) > 0:
-                    j = tl.min(tl.where(s == mx[:, None], cols[None, :], M), axis=1)  # ties: the smallest id
+                    j = tl.min(tl.where(s == mx[:, None], ids[None, :], M), axis=1)  # ties: the smallest id
                     # evict the worst kept entry: the minimum score, among equal minima the largest id
                     evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
                     upd = todo[:, None] & (best_i == evict[:, None])
                     best = tl.where(upd, mx[:, None], best)
                     best_i = tl.where(upd, j[:, None], best_i)
-                    s = tl.where(todo[:, None] & (cols[None, :] == j[:, None]), float('-inf'), s)
+                    s = tl.where(todo[:, None] & (ids[None, :] == j[:, None]), float('-inf'), s)
                     thr = tl.min(best, axis=1)
                     mx = tl.max(s, axis=1)
                     todo = (mx > thr) & row_ok
@@ -160,7 +174,7 @@ if triton is not None:
                                     stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M)
         else:
             cols = tl.arange(0, BLOCK_N)
-            s = _scores(q, Kf, kbase, cols, dq, M, stride_kn, DQ, IEEE)
+            s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
             _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
                                     stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N)
 
@@ -235,6 +249,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
+    """K after clamping: to the token count, or with a candidate list to its length (as the PyTorch path does)."""
+    return min(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
+
+
 def _bh_chunks(num_bh: int, *tensors: torch.Tensor):
     """(start, end) ranges over the batch x head dimension such that every offset inside one launch fits the kernels'
     int32 arithmetic (elements per (batch, head) slice times slices < 2**31)."""
@@ -245,33 +264,37 @@ def _bh_chunks(num_bh: int, *tensors: torch.Tensor):
 
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
 def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                      num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
-    K = min(num_neighbors, M)
+    K = _num_kept(num_neighbors, M, candidates)
     q, k, vv = _flat(qs), _flat(ks), _flat(v)
     w = weight.reshape(H, DV, -1)[:, :, :K].contiguous()
     out = torch.empty(B * H, N, DV, device=v.device, dtype=v.dtype)
     idx = torch.empty(B * H, N, K, device=v.device, dtype=torch.int32)
     p = torch.empty(B * H, N, K, device=v.device, dtype=torch.float32)
-    stream = M > ROW_TOKENS
+    stream = M > ROW_TOKENS or candidates is not None
     block_n = STREAM_BLOCK_N if stream else _pow2(M)
+    cand = (candidates if candidates is not None else torch.zeros(1, device=v.device)).to(torch.int32).contiguous()
+    num_keys = cand.numel() if candidates is not None else M
     block_m = CONFIG['fwd_block_m'] or _block_m(M)
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     for s, e in _bh_chunks(B * H, q, k, vv, out, idx):
         grid = (triton.cdiv(N, block_m), e - s)
         _convnn_fwd_kernel[grid](
-            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], N, M, H, s,
+            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, s,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
             out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
-            BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, num_warps=CONFIG['fwd_warps'] or 4)
+            BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, CANDIDATES=candidates is not None,
+            num_warps=CONFIG['fwd_warps'] or 4)
     return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
 
 
 @_convnn_attention.register_fake
-def _convnn_attention_fake(qs, ks, v, weight, num_neighbors):
+def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
     B, H, N, _ = qs.shape
-    K = min(num_neighbors, ks.shape[2])
+    K = _num_kept(num_neighbors, ks.shape[2], candidates)
     return (v.new_empty(B, H, N, v.shape[3]), v.new_empty(B, H, N, K, dtype=torch.int32),
             v.new_empty(B, H, N, K, dtype=torch.float32))
 
@@ -310,7 +333,7 @@ def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
 
 
 def _setup_context(ctx, inputs, output):
-    qs, ks, v, weight, _ = inputs
+    qs, ks, v, weight = inputs[:4]
     _, idx, p = output
     ctx.save_for_backward(qs, ks, v, weight, idx, p)
     ctx.mark_non_differentiable(idx, p)
@@ -319,19 +342,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_idx, grad_p):
     qs, ks, v, weight, idx, p = ctx.saved_tensors
     dq, dk, dv, dw = _convnn_attention_backward(grad_out.contiguous(), qs, ks, v, weight, idx, p)
-    return dq, dk, dv, dw, None
+    return dq, dk, dv, dw, None, None
 
 
 _convnn_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                    num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ConvNN attention over all tokens: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv),
-    depthwise weights (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32)."""
+                    num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ConvNN attention: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv), depthwise weights
+    (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
+    ids (r,) shared by all queries (each query is a candidate of itself too, as in the PyTorch path); None: all
+    tokens."""
     if triton is None:
         raise RuntimeError('the fused ConvNN kernels need triton (pip install triton)')
     if not triton_available(qs.device):
         raise RuntimeError(f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under '
                            f'TRITON_INTERPRET=1); got {qs.device} tensors')
-    return _convnn_attention(qs, ks, v, weight, num_neighbors)
+    return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates)
