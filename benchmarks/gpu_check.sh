@@ -6,7 +6,7 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=300)
+# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=300)  (2026-11-28: 179 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 set -uo pipefail
 out="${OUT:-gpu-out}"
@@ -24,7 +24,8 @@ tests="cuda and not compile"
 timeout 60 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8
 
 # 2. operator level (n up to 16385, bf16), PyTorch path and fused kernels
-timeout 75 python benchmarks/bench.py --ops --device cuda --amp --tokens 197 785 3137 16385 --backends torch triton \
+timeout 90 python benchmarks/bench.py --ops --device cuda --amp --tokens 197 785 3137 16385 --backends torch triton \
+    --op-batches 197:64 785:16 3137:4 16385:1 \
     --warmup 2 --iters 5 --memory-cap-mib 60000 --out "$out/ops" 2>&1 | grep -v "skipped: over"
 # 3. model level (eager, batch 256), both backends
 timeout 100 python benchmarks/bench.py --models --device cuda --amp --backends torch triton --warmup 2 --iters 5 \

@@ -73,7 +73,7 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
                      '--modes', 'all', 'random', '--heads', '2', '--head-dim', '16', '--num-samples', '16',
                      '--warmup', '0', '--iters', '1', '--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224',
                      '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2', '--batch-size', '2',
-                     '--backends', 'auto', 'torch', '--out', str(out)]) == 0
+                     '--backends', 'auto', 'torch', '--op-batches', '65:3', '--out', str(out)]) == 0
     result = json.loads((out / 'results.json').read_text())
     assert result['environment']['device'] == 'cpu' and result['environment']['torch'] == torch.__version__
     ops = result['ops']
@@ -92,8 +92,8 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert convnn['train_vs_baseline'] == pytest.approx(
         convnn['train_img_s'] / models['vit_tiny_patch16_224']['train_img_s'])
     md = (out / 'results.md').read_text()
-    assert ops[0]['batch'] == 1576 // 65
-    assert f'| convnn (torch) | 65 | {1576 // 65} | 9 | random (r 16) | fwd+bwd |' in md
+    assert ops[0]['batch'] == 3
+    assert '| convnn (torch) | 65 | 3 | 9 | random (r 16) | fwd+bwd |' in md
     assert '| vit_tiny_convnn_random (torch) | 2 | 32 |' in md and '| vit_tiny_patch16_224 | 2 | 32 |' in md
     from PIL import Image
     assert Image.open(out / 'ops.png').size[0] > 300

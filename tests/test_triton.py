@@ -191,6 +191,24 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('candidates', ['random', 'spatial'])
+def test_fused_candidates_match_torch_on_cuda(candidates, backend):
+    torch.manual_seed(0)
+    layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, candidates=candidates, num_samples=128,
+                            num_prefix_tokens=1, grid_size=(28, 28)).cuda().eval()  # eval: the same candidates
+    x = torch.randn(4, 785, 384, device='cuda', requires_grad=True)
+    outs = {}
+    for b in ('torch', 'triton'):
+        backend(b)
+        y = layer(x)
+        outs[b] = (y, torch.autograd.grad(y.sum(), [x] + list(layer.parameters())))
+    (y0, g0), (y1, g1) = outs['torch'], outs['triton']
+    assert (y0 - y1).abs().max() <= 1e-4 * y0.abs().max()
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_fused_model_train_step_on_cuda(backend, monkeypatch):
     import timm
     calls = []

@@ -499,6 +499,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--compile', action='store_true', help='torch.compile the models (model level)')
     p.add_argument('--channels-last', action='store_true', help='channels_last models and input (model level)')
     p.add_argument('--tokens', type=int, nargs='+', default=list(DEFAULT_TOKENS), help='operator token counts n')
+    p.add_argument('--op-batches', nargs='+', default=[], metavar='N:B',
+                   help='operator batch per token count (default: ' + ' '.join(
+                       f'{n}:{b}' for n, b in DEFAULT_BATCH.items()) + '; other n: about 1576 tokens per call)')
     p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16], help='operator K values')
     p.add_argument('--modes', nargs='+', default=['all', 'random', 'spatial'], help='candidate modes')
     p.add_argument('--heads', type=int, default=6)
@@ -543,8 +546,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
     if args.ops or both:
         log('operator level (ConvNN core vs SDPA vs paper-style):')
         result['ops'] = []
+        batches = dict(DEFAULT_BATCH)
+        for item in args.op_batches:
+            n, _, b = item.partition(':')
+            if not (n.isdigit() and b.isdigit() and int(b) > 0):
+                raise ValueError(f'--op-batches takes N:B with positive integers; got {item!r}')
+            batches[int(n)] = int(b)
         op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim, args.num_samples,
-                     amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup, iters=iters,
+                     batch=batches, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup, iters=iters,
                      backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS

@@ -119,8 +119,8 @@ def softmax_weights(scores: torch.Tensor) -> torch.Tensor:
 def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b at the inputs' precision (fp32 selection scores) even under autocast, which would otherwise round
     them to bf16 / fp16 (steps of ~4e-3 for cosine scores: ranks flip and near-ties become ties)."""
-    if torch.jit.is_scripting():
-        return torch.matmul(a, b)
+    if torch.jit.is_scripting() or a.device.type not in ('cpu', 'cuda', 'xpu', 'mps', 'hpu'):
+        return torch.matmul(a, b)  # (meta tensors: no autocast for that device type)
     with torch.autocast(a.device.type, enabled=False):
         return torch.matmul(a, b)
 
