@@ -97,3 +97,14 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert '| vit_tiny_convnn_random (torch) | 2 | 32 |' in md and '| vit_tiny_patch16_224 | 2 | 32 |' in md
     from PIL import Image
     assert Image.open(out / 'ops.png').size[0] > 300
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--op-batches', '65:x'], "--op-batches takes N:B with positive integers; got '65:x'"),
+    (['--op-batches', '65:0'], "--op-batches takes N:B with positive integers; got '65:0'"),
+    (['--models', '--pairs', 'vit_tiny_convnn_all'], "--pairs takes CONVNN:TIMM; got 'vit_tiny_convnn_all'"),
+])
+def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
+    argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')] + (args if '--models' in args else ['--ops'] + args)
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
