@@ -277,20 +277,21 @@ def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budg
 
 
 def _gather_dot_backward_sparse(q, k, idx, grad, need_q: bool, need_k: bool, budget_bytes: int):
+    """Slot by slot (one (B, G, N, D) block in flight): dq += g_s * k[idx_s] in place, dk[idx_s] += g_s * q by
+    index_add_. (``budget_bytes`` is kept for the signature: the working set is one slot block.)"""
     B, G, M, D = k.shape
-    K = idx.shape[-1]
+    N, K = idx.shape[2], idx.shape[3]
     table = k.reshape(B * G * M, D)
     grad = grad.to(q.dtype)
+    rows = _slot_rows(idx, M)
     dq = torch.zeros_like(q) if need_q else None
     dk = torch.zeros(B * G * M, D, dtype=k.dtype, device=k.device) if need_k else None
-    step = _slot_chunk(idx[..., 0].numel(), D, K, budget_bytes)
-    for s in range(0, K, step):
-        g = grad[..., s:s + step].unsqueeze(-1)  # (B, G, N, ks, 1)
+    for s in range(K):
+        g = grad[..., s:s + 1]  # (B, G, N, 1)
         if dq is not None:
-            dq.add_((g * _gather_rows(table, idx[..., s:s + step], M)).sum(-2))
+            dq.addcmul_(g, table.index_select(0, rows[s]).view(B, G, N, D))
         if dk is not None:
-            contrib = (g * q.unsqueeze(-2)).reshape(-1, D)
-            dk.index_add_(0, _flat_rows(idx[..., s:s + step], M), contrib)
+            dk.index_add_(0, rows[s], (q * g).reshape(-1, D))
     return dq, dk.view(B, G, M, D) if dk is not None else None
 
 
