@@ -29,8 +29,14 @@ MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
+# Queries per program: 16, the smallest tensor-core tile. Compiled for sm_90 by triton 3.6 (4 warps, bf16, K 16) the
+# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 224 registers, the streaming kernel 152-158,
+# the backward 199; none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
+# SDPA on an H200); streaming with 32 queries, 96 bytes (but 64 queries, 4 warps, timed fastest at n 3137: see
+# benchmarks/results/h200-kernel-sweep.json).
+BLOCK_QUERIES = 16
 
-# Launch configuration. None: the built-in choice (16 queries per program, 4 warps; see _block_m).
+# Launch configuration. None: the built-in choice (BLOCK_QUERIES queries per program, 4 warps).
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, bwd_block_m=None, bwd_warps=None)
 
@@ -230,14 +236,6 @@ if triton is not None:
         tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
 
 
-def _block_m(num_tokens: int) -> int:
-    # 16 queries per program (the smallest tensor-core tile), compiled for sm_90 by triton 3.6 with 4 warps, bf16,
-    # K 16: the row kernel (a 16 x 256 fp32 score block, 32 registers per thread) takes 224 registers, the streaming
-    # kernel 158, neither spills. Larger blocks spill: 64 x 256 rows, 27 KB of stack per thread (20x slower on an
-    # H200); streaming with 32 queries, 96 bytes.
-    return 16
-
-
 def _warps(key: str) -> dict:
     return {'num_warps': CONFIG[key]} if CONFIG[key] else {}
 
@@ -278,7 +276,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     block_n = STREAM_BLOCK_N if stream else _pow2(M)
     cand = (candidates if candidates is not None else torch.zeros(1, device=v.device)).to(torch.int32).contiguous()
     num_keys = cand.numel() if candidates is not None else M
-    block_m = CONFIG['fwd_block_m'] or _block_m(M)
+    block_m = CONFIG['fwd_block_m'] or BLOCK_QUERIES
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     for s, e in _bh_chunks(B * H, q, k, vv, out, idx):
         grid = (triton.cdiv(N, block_m), e - s)
@@ -312,7 +310,7 @@ def _convnn_attention_backward(
     dk = torch.zeros(B * H, M, DQ, device=v.device, dtype=torch.float32)
     dv = torch.zeros(B * H, M, DV, device=v.device, dtype=torch.float32)
     dw = torch.zeros(H, DV, K, device=v.device, dtype=torch.float32)
-    block_m = CONFIG['bwd_block_m'] or 16
+    block_m = CONFIG['bwd_block_m'] or BLOCK_QUERIES
     idx, p = idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous()
     for s, e in _bh_chunks(B * H, q, k, vv, go, dk, dv):
         grid = (triton.cdiv(N, block_m), e - s)

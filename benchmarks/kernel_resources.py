@@ -1,0 +1,98 @@
+"""Registers, spills and shared memory of the fused ConvNN kernels, compiled for a GPU target without a GPU.
+
+    python benchmarks/kernel_resources.py                       # the default cases, sm_90 (H100 / H200)
+    python benchmarks/kernel_resources.py fwd:N=197,K=16,warps=8 fwd:N=3137,K=16,block_m=64 bwd:K=9 --arch 90
+
+Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
+ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
+(spills), SHARED static shared memory. A kernel that spills runs many times slower (the first 64-query row kernel:
+27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU machine has.
+
+Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
+fp16 | fp32), cand (1: a candidate list), block_m, warps, stages.
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from timm_convnn.layers import triton_attention as ta
+
+DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=3137,K=16', 'fwd:N=3137,K=16,cand=1',
+                 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9')
+_STRIDES = ('stride_qb', 'stride_qn', 'stride_kb', 'stride_kn', 'stride_vb', 'stride_vn', 'stride_ob', 'stride_on')
+
+
+def _parse(case: str):
+    kind, _, rest = case.partition(':')
+    if kind not in ('fwd', 'bwd'):
+        raise ValueError(f'a case starts with fwd: or bwd:; got {case!r}')
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=ta.BLOCK_QUERIES, warps=4, stages=3)
+    for item in filter(None, rest.split(',')):
+        key, _, value = item.partition('=')
+        if key not in opts:
+            raise ValueError(f'unknown case key {key!r} in {case!r}; keys: {", ".join(opts)}')
+        opts[key] = value if key == 'dtype' else int(value)
+    return kind, opts
+
+
+def _signature(kind: str, o: dict):
+    p = '*' + o['dtype']
+    if kind == 'fwd':
+        sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
+                   H='i32', BH0='i32')
+        stream = o['N'] > ta.ROW_TOKENS or bool(o['cand'])
+        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'],
+                     BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
+                     BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), IEEE=o['dtype'] == 'fp32',
+                     STREAM=stream, CANDIDATES=bool(o['cand']))
+        fn = ta._convnn_fwd_kernel
+    else:
+        sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo='*fp32', DKo='*fp32', DVo='*fp32',
+                   DWo='*fp32', N='i32', M='i32', H='i32', BH0='i32')
+        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'], BLOCK_DQ=ta._pow2(o['D']),
+                     BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
+        fn = ta._convnn_bwd_kernel
+    sig.update({s: 'i32' for s in _STRIDES})
+    sig.update({c: 'constexpr' for c in const})
+    return fn, sig, const
+
+
+def resources(case: str, arch: int = 90) -> dict:
+    kind, o = _parse(case)
+    fn, sig, const = _signature(kind, o)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget('cuda', arch, 32),
+                              options=dict(num_warps=o['warps'], num_stages=o['stages']))
+    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(compiled.asm['cubin'])
+        f.flush()
+        text = subprocess.run([tool, '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r'REG:(\d+) STACK:(\d+) SHARED:(\d+)', text)
+    if m is None:
+        raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
+    return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('cases', nargs='*', default=list(DEFAULT_CASES))
+    p.add_argument('--arch', type=int, default=90, help='compute capability x 10 (90: H100 / H200)')
+    args = p.parse_args()
+    if ta.triton is None:
+        raise SystemExit('triton is not installed')
+    print(f'triton {triton.__version__}, sm_{args.arch}')
+    for case in args.cases:
+        r = resources(case, args.arch)
+        flag = '  SPILLS' if r['stack_bytes'] else ''
+        print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
+              f'{flag}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
