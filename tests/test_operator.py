@@ -49,8 +49,10 @@ def test_gather_dot_backward_paths_and_reused_scores(tokens):
     g = torch.randn_like(reused)
     ref = torch.autograd.grad(recomputed, (q, k), g)
     torch.testing.assert_close(torch.autograd.grad(reused, (qs, ks), g), ref)
-    for name in ('_gather_dot_backward_dense', '_gather_dot_backward_sparse'):  # both paths, whatever the size
-        dq, dk = getattr(FN, name)(q.detach(), k.detach(), sel_idx, g, True, True, 256)
+    # both paths, whatever the size (the dense one in small score chunks)
+    dense = FN._gather_dot_backward_dense(q.detach(), k.detach(), sel_idx, g, True, True, 256)
+    sparse = FN._gather_dot_backward_sparse(q.detach(), k.detach(), sel_idx, g, True, True)
+    for dq, dk in (dense, sparse):
         torch.testing.assert_close((dq, dk), ref)
 
 

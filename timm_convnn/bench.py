@@ -175,11 +175,22 @@ def _backend(name: str) -> Iterator[None]:
         set_backend(saved)
 
 
-def _fused_layers(model: torch.nn.Module, num_tokens: Optional[int], device: torch.device) -> int:
-    """How many ConvNN attention layers of ``model`` run the fused kernels under the current backend."""
+def _fused_layers(name: str, model_kwargs: Dict[str, Any], device: torch.device) -> int:
+    """How many ConvNN attention layers of model ``name`` run the fused kernels under the current backend, in
+    inference or in training (whichever more), read from a meta-device build before anything is timed."""
+    import timm
     from .layers import ConvNNAttention
-    return sum(1 for m in model.modules() if isinstance(m, ConvNNAttention) and num_tokens is not None
-               and m._fused_supported(num_tokens, device))
+    model = timm.create_model(name, num_classes=1000, device='meta', **model_kwargs)
+    embed = getattr(model, 'patch_embed', None)
+    if embed is None:
+        return 0
+    tokens = embed.num_patches + model.num_prefix_tokens
+    counts = []
+    for training in (False, True):
+        model.train(training)
+        counts.append(sum(1 for m in model.modules()
+                          if isinstance(m, ConvNNAttention) and m._fused_supported(tokens, device)))
+    return max(counts)
 
 
 # -- operator level --------------------------------------------------------------------------------------------------
@@ -319,13 +330,10 @@ def _bench_model(name: str, device: torch.device, batch_size: int, img_size: Opt
         opt.zero_grad(set_to_none=True)
 
     model.eval()
-    tokens = getattr(model, 'patch_embed', None) and model.patch_embed.num_patches + model.num_prefix_tokens
     inf = measure(infer, device, warmup, iters)
-    fused_infer = _fused_layers(model, tokens, device)
     model.train()
     tr = measure(train, device, warmup, iters)
     return dict(model=name, batch=batch_size, img_size=size, amp=amp, compile=compile,
-                fused_layers=max(fused_infer, _fused_layers(model, tokens, device)),
                 infer_ms=inf['ms'], infer_img_s=batch_size * 1000 / inf['ms'], infer_peak_bytes=inf['peak_bytes'],
                 train_ms=tr['ms'], train_img_s=batch_size * 1000 / tr['ms'], train_peak_bytes=tr['peak_bytes'])
 
@@ -357,11 +365,13 @@ def model_benchmark(
                 continue
             for backend in (backends if name in convnn_names else ('auto',)):
                 with _backend(backend):
+                    fused = _fused_layers(name, dict(model_kwargs or {}), device)
+                    ran = ('triton' if fused else 'torch') if name in convnn_names else None
+                    if any(r['model'] == name and r['backend'] == ran for r in rows):
+                        continue  # this backend runs the same code as one already timed
                     row = _bench_model(name, device, batch_size, img_size, amp, compile, channels_last, warmup,
                                        iters, dict(model_kwargs or {}))
-                row['backend'] = ('triton' if row['fused_layers'] else 'torch') if name in convnn_names else None
-                if any(r['model'] == name and r['backend'] == row['backend'] for r in rows):
-                    continue  # this backend ran the same code as one already timed
+                row.update(backend=ran, fused_layers=fused)
                 done.setdefault(name, row)
                 rows.append(row)
                 label = name + (f' [{row["backend"]}]' if row['backend'] else '')

@@ -144,14 +144,16 @@ class ConvNNAttention(nn.Module):
             grid = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid], dim=0)
         return grid * self.coord_scale
 
+    def _every_token(self, num_tokens: int) -> bool:
+        """Every token is a candidate: ``all``, or r samples that cover all the patch tokens."""
+        return self.candidates == 'all' or self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens)
+
     def _candidate_ids(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
         """Token ids shared by all queries, or None for all tokens."""
-        if self.candidates == 'all':
+        if self._every_token(num_tokens):
             return None
         num_prefix = min(self.num_prefix_tokens, num_tokens)
         num_patches = num_tokens - num_prefix
-        if self.num_samples >= num_patches:
-            return None
         if self.candidates == 'random':
             ids = random_candidates(
                 num_patches, self.num_samples, num_prefix, self.training, self.sample_seed, device)
@@ -207,8 +209,6 @@ class ConvNNAttention(nn.Module):
         backend = get_backend()
         if backend == 'torch':
             return False
-        every_token = (self.candidates == 'all'
-                       or self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens))
         supported = (
             self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
@@ -218,7 +218,7 @@ class ConvNNAttention(nn.Module):
         if backend == 'auto':
             # sampled candidates (random / spatial) run fused only when asked for ('triton'): that kernel variant is
             # tested against the PyTorch path but has not been timed on a GPU yet
-            return (supported and every_token and device.type == 'cuda'
+            return (supported and self._every_token(num_tokens) and device.type == 'cuda'
                     and triton_attention.triton_available(device))
         if supported and not triton_attention.triton_available(device):
             raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but Triton cannot run on {device} '

@@ -255,7 +255,7 @@ class _GatherDot(torch.autograd.Function):
         if _dense_backward_is_cheaper(k.shape[2], idx.shape[-1]):
             dq, dk = _gather_dot_backward_dense(q, k, idx, grad, need_q, need_k)
         else:
-            dq, dk = _gather_dot_backward_sparse(q, k, idx, grad, need_q, need_k, ctx.budget_bytes)
+            dq, dk = _gather_dot_backward_sparse(q, k, idx, grad, need_q, need_k)
         return dq, dk, None, None, None
 
 
@@ -276,9 +276,9 @@ def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budg
     return dq, dk
 
 
-def _gather_dot_backward_sparse(q, k, idx, grad, need_q: bool, need_k: bool, budget_bytes: int):
+def _gather_dot_backward_sparse(q, k, idx, grad, need_q: bool, need_k: bool):
     """Slot by slot (one (B, G, N, D) block in flight): dq += g_s * k[idx_s] in place, dk[idx_s] += g_s * q by
-    index_add_. (``budget_bytes`` is kept for the signature: the working set is one slot block.)"""
+    index_add_."""
     B, G, M, D = k.shape
     N, K = idx.shape[2], idx.shape[3]
     table = k.reshape(B * G * M, D)

@@ -1,5 +1,5 @@
-""" Fused ConvNN attention (all candidates, softmax, depthwise aggregation) as Triton kernels behind a
-``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
+""" Fused ConvNN attention (all tokens or a shared candidate list, softmax, depthwise aggregation) as Triton kernels
+behind a ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
 
 Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
 * up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction;
@@ -236,10 +236,6 @@ if triton is not None:
         tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
 
 
-def _warps(key: str) -> dict:
-    return {'num_warps': CONFIG[key]} if CONFIG[key] else {}
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D) -> (B*H, L, D) with unit stride on D."""
     B, H, L, D = x.shape
@@ -318,7 +314,7 @@ def _convnn_attention_backward(
             go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, s,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0),
             go.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV),
-            BLOCK_K=_pow2(K, 2), **_warps('bwd_warps'))
+            BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw
     return (dq.view(B, H, N, DQ).to(qs.dtype), dk.view(B, H, M, DQ).to(ks.dtype), dv.view(B, H, M, DV).to(v.dtype),
