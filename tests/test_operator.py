@@ -110,6 +110,39 @@ def test_custom_functions_match_eager_fallback(budget, depthwise):
         torch.testing.assert_close(a, b)
 
 
+
+# query-block budgets of the gather / scatter kernels (8 bytes per float64 value; K = 5, C = 4 -> 160 bytes a query,
+# 150 queries a slice): all 6 slices in one block, 4 slices a block (uneven last block), one slice cut into query
+# ranges of 64, 64 and 22
+BLOCK_BYTES = {'one-block': 1 << 20, 'slices': 4 * 150 * 160, 'query-ranges': 1}
+
+
+@pytest.mark.parametrize('block', list(BLOCK_BYTES))
+@pytest.mark.parametrize('with_rho', [True, False])
+def test_query_block_kernels_match_definition(block, with_rho, monkeypatch):
+    monkeypatch.setattr(FN, '_BLOCK_BYTES', BLOCK_BYTES[block])
+    B, G, N, M, C, K = 2, 3, 150, 250, 4, 5
+    assert len(FN._query_blocks(B * G, N, K * C * 8, BLOCK_BYTES[block])) == {
+        'one-block': 1, 'slices': 2, 'query-ranges': 18}[block]
+    q, k, v = (torch.randn(B, G, n, C, dtype=torch.float64, requires_grad=True) for n in (N, M, M))
+    rho = torch.rand(B, G, N, K, dtype=torch.float64, requires_grad=True) if with_rho else None
+    w = torch.randn(G, C, K, dtype=torch.float64, requires_grad=True)
+    idx = _rand_idx(B, G, N, M, K)
+    leaves = [t for t in (q, k, v, rho, w) if t is not None]
+    bi, gi = torch.arange(B)[:, None, None, None], torch.arange(G)[None, :, None, None]
+
+    # the definitions, on the materialised neighbours
+    nb = v[bi, gi, idx] * (rho[..., None] if with_rho else 1.)  # (B, G, N, K, C)
+    y_ref = (nb * w.transpose(1, 2)[None, :, None]).sum(-2)
+    s_ref = (q.unsqueeze(-2) * k[bi, gi, idx]).sum(-1)
+    # the block kernels: depthwise aggregation; gather-dot through its sparse (gather / scatter) backward
+    assert not FN._dense_backward_is_cheaper(M, K)
+    y = FN.neighbor_aggregate(v, idx, rho, w, True)
+    s = FN.gather_dot(q, k, idx)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    torch.testing.assert_close(y, y_ref)
+    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), leaves)
+    torch.testing.assert_close(torch.autograd.grad((y * gy).sum() + (s * gs).sum(), leaves), ref)
 @pytest.mark.parametrize('similarity', ['dot', 'cosine', 'euclidean'])
 def test_selection_is_brute_force_topk(similarity):
     B, G, N, D, K = 2, 2, 33, 8, 5
