@@ -54,7 +54,7 @@ def _signature(kind: str, o: dict):
         fn = ta._convnn_fwd_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo='*fp32', DKo='*fp32', DVo='*fp32',
-                   DWo='*fp32', N='i32', M='i32', H='i32', BH0='i32')
+                   DWo='*fp32', N='i32', M='i32', H='i32', BH0='i32', DW_COPIES='i32')
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'], BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
         fn = ta._convnn_bwd_kernel

@@ -40,6 +40,7 @@ def main() -> None:
         print(f'{shape}: sdpa fwd {sdpa_f:.4f} ms  fwd+bwd {sdpa_fb:.4f} ms', flush=True)
         for K in args.neighbors:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
+            # (1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197)
             for bm, nw in itertools.product((16, 32) if N <= ta.ROW_TOKENS else (16, 32, 64), (4, 8)):
                 ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw)
                 try:
@@ -56,20 +57,24 @@ def main() -> None:
             ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
             out, idx, pr = op(qs, ks, v, w, K)
             bwd = torch.ops.timm_convnn.convnn_attention_backward
-            for bm, nw in itertools.product((16, 32), (4, 8)):
-                ta.CONFIG.update(bwd_block_m=bm, bwd_warps=nw)
+            # dw copies: 1 is one (H, K, DV) block updated by every program (the layout before DW_COPIES)
+            bwd_configs = [(16, 4, 1), (16, 2, None)] + [c + (None,) for c in itertools.product((16, 32), (4, 8))]
+            for bm, nw, copies in bwd_configs:
+                ta.CONFIG.update(bwd_block_m=bm, bwd_warps=nw, bwd_dw_copies=copies)
                 try:
                     t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, idx, pr))
                 except Exception as e:  # noqa: BLE001
                     t, err = float('nan'), repr(e)[:200]
                 else:
                     err = None
-                rows.append(dict(shape=shape, K=K, kernel='bwd', block_m=bm, warps=nw, ms=t,
+                copies = copies or ta.DW_COPIES
+                rows.append(dict(shape=shape, K=K, kernel='bwd', block_m=bm, warps=nw, dw_copies=copies, ms=t,
                                  x_sdpa=t / (sdpa_fb - sdpa_f), error=err))
                 save()
-                print(f'  bwd K {K:2d} BM {bm:2d} warps {nw}: {t:.4f} ms  x{t / (sdpa_fb - sdpa_f):.2f} SDPA bwd'
+                print(f'  bwd K {K:2d} BM {bm:2d} warps {nw} dw copies {copies:2d}: {t:.4f} ms  '
+                      f'x{t / (sdpa_fb - sdpa_f):.2f} SDPA bwd'
                       + (f'  {err}' if err else ''), flush=True)
-            ta.CONFIG.update(bwd_block_m=None, bwd_warps=None)
+            ta.CONFIG.update(bwd_block_m=None, bwd_warps=None, bwd_dw_copies=None)
         rows.append(dict(shape=shape, kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
         save()
 

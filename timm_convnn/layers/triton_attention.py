@@ -30,15 +30,20 @@ MAX_NEIGHBORS = 64
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # Queries per program: 16, the smallest tensor-core tile. Compiled for sm_90 by triton 3.6 (4 warps, bf16, K 16) the
-# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 224 registers, the streaming kernel 152-158,
-# the backward 199; none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
+# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 222 registers, the streaming kernel 152-153,
+# the backward 162 (K 16); none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
 # SDPA on an H200); streaming with 32 queries, 96 bytes (but 64 queries, 4 warps, timed fastest at n 3137: see
 # benchmarks/results/h200-kernel-sweep.json).
 BLOCK_QUERIES = 16
 
 # Launch configuration. None: the built-in choice (BLOCK_QUERIES queries per program, 4 warps).
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
-CONFIG = dict(fwd_block_m=None, fwd_warps=None, bwd_block_m=None, bwd_warps=None)
+CONFIG = dict(fwd_block_m=None, fwd_warps=None, bwd_block_m=None, bwd_warps=None, bwd_dw_copies=None)
+# The backward accumulates dw (H x K x DV values) with atomics from every program; one block for all of them would
+# serialise ~B * N / 16 updates per address (832 at B 64, n 197), so programs spread over this many copies, summed
+# after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning, not yet timed on a GPU: the kernel
+# sweep compares it against one copy (bwd_dw_copies=1, the previous behaviour).
+DW_COPIES = 64
 
 try:
     import triton
@@ -104,7 +109,7 @@ if triton is not None:
             sel_e = tl.where(kk[None, :] == r, e[:, None], sel_e)
             vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
-            wr = tl.load(W + h * DV * NUM_K + dv * NUM_K + r, mask=dv < DV, other=0.).to(tl.float32)
+            wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
             acc += (e[:, None] * vrow) * wr[None, :]
         denom = tl.where(row_ok, denom, 1.)
         out = acc / denom[:, None]
@@ -187,11 +192,15 @@ if triton is not None:
     @triton.jit
     def _convnn_bwd_kernel(
             GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
-            N, M, H, BH0,
+            N, M, H, BH0, DW_COPIES,
             stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        """Backward, one program per (batch x head, block of queries), through the K kept (query, token) pairs only:
+        dq in registers; dk, dv and dw by atomics. dw goes to one of DW_COPIES copies (programs of one head spread
+        over them by batch and query block; the caller sums them), not to one (H, K, DV) block that every program
+        of the head would update."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         h = (bh + BH0) % H
@@ -204,30 +213,30 @@ if triton is not None:
         mv = row_ok[:, None] & (dv_r[None, :] < DV)
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
         sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
-        idx = tl.load(IDX + sel_off, mask=sel_mask, other=0)
         p = tl.load(P + sel_off, mask=sel_mask, other=0.)
+        row_off = bh * N * NUM_K + rows * NUM_K  # slot r of every row: one (cached) load, no cross-lane reduction
+        dw_base = DWo + (((pid_m + ((bh + BH0) // H) * tl.num_programs(0)) % DW_COPIES) * H + h) * NUM_K * DV
         go = tl.load(GO + bh * stride_ob + rows[:, None] * stride_on + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
         q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
 
         # through the aggregation: dp (weights), dv and dw
         dp = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
-            jr = tl.sum(tl.where(kk[None, :] == r, idx, 0), axis=1)
-            pr = tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)
+            jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
+            pr = tl.load(P + row_off + r, mask=row_ok, other=0.)
             vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv_r[None, :], mask=mv,
                            other=0.).to(tl.float32)
-            wr = tl.load(W + h * DV * NUM_K + dv_r * NUM_K + r, mask=dv_r < DV, other=0.).to(tl.float32)
+            wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.).to(tl.float32)
             t = vrow * go
             dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
-            tl.atomic_add(DWo + h * DV * NUM_K + dv_r * NUM_K + r, tl.sum(pr[:, None] * t, axis=0),
-                          mask=dv_r < DV)
+            tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV)
             tl.atomic_add(DVo + bh * M * DV + jr[:, None] * DV + dv_r[None, :],
                           (pr[:, None] * wr[None, :]) * go, mask=mv)
         # through the softmax over the K kept scores, then the selected dot products
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
-            jr = tl.sum(tl.where(kk[None, :] == r, idx, 0), axis=1)
+            jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             dsr = tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)
             krow = tl.load(Kf + bh * stride_kb + jr[:, None] * stride_kn + dq_r[None, :], mask=mq,
                            other=0.).to(tl.float32)
@@ -241,6 +250,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     B, H, L, D = x.shape
     x = x.reshape(B * H, L, D)
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
+    """Depthwise weights (H * DV, 1, K_max) -> (H, K, DV) fp32 for the first K slots: one slot's DV weights contiguous
+    (coalesced loads and atomics in the kernels)."""
+    return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
@@ -264,7 +279,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     M, DV = ks.shape[2], v.shape[3]
     K = _num_kept(num_neighbors, M, candidates)
     q, k, vv = _flat(qs), _flat(ks), _flat(v)
-    w = weight.reshape(H, DV, -1)[:, :, :K].contiguous()
+    w = _slot_major(weight, H, DV, K)
     out = torch.empty(B * H, N, DV, device=v.device, dtype=v.dtype)
     idx = torch.empty(B * H, N, K, device=v.device, dtype=torch.int32)
     p = torch.empty(B * H, N, K, device=v.device, dtype=torch.float32)
@@ -301,22 +316,23 @@ def _convnn_attention_backward(
     M, DV = ks.shape[2], v.shape[3]
     K = idx.shape[-1]
     q, k, vv, go = _flat(qs), _flat(ks), _flat(v), _flat(grad_out)
-    w = weight.reshape(H, DV, -1)[:, :, :K].contiguous()
+    w = _slot_major(weight, H, DV, K)
     dq = torch.empty(B * H, N, DQ, device=v.device, dtype=torch.float32)
     dk = torch.zeros(B * H, M, DQ, device=v.device, dtype=torch.float32)
     dv = torch.zeros(B * H, M, DV, device=v.device, dtype=torch.float32)
-    dw = torch.zeros(H, DV, K, device=v.device, dtype=torch.float32)
     block_m = CONFIG['bwd_block_m'] or BLOCK_QUERIES
+    copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, B * triton.cdiv(N, block_m)))
+    dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous()
     for s, e in _bh_chunks(B * H, q, k, vv, go, dk, dv):
         grid = (triton.cdiv(N, block_m), e - s)
         _convnn_bwd_kernel[grid](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, s,
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, s, copies,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0),
             go.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV),
             BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    full_dw.view(H, DV, -1)[:, :, :K] = dw
+    full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     return (dq.view(B, H, N, DQ).to(qs.dtype), dk.view(B, H, M, DQ).to(ks.dtype), dv.view(B, H, M, DV).to(v.dtype),
             full_dw.to(weight.dtype))
 
