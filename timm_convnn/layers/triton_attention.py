@@ -31,7 +31,7 @@ ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # Queries per program: 16, the smallest tensor-core tile. Compiled for sm_90 by triton 3.6 (4 warps, bf16, K 16) the
 # row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 222 registers, the streaming kernel 152-153,
-# the backward 162 (K 16); none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
+# the backward 162; none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
 # SDPA on an H200); streaming with 32 queries, 96 bytes (but 64 queries, 4 warps, timed fastest at n 3137: see
 # benchmarks/results/h200-kernel-sweep.json).
 BLOCK_QUERIES = 16
