@@ -143,6 +143,20 @@ def test_query_block_kernels_match_definition(block, with_rho, monkeypatch):
     torch.testing.assert_close(y, y_ref)
     ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), leaves)
     torch.testing.assert_close(torch.autograd.grad((y * gy).sum() + (s * gs).sum(), leaves), ref)
+
+
+def test_query_blocks_stay_few_under_torch_compile(monkeypatch):
+    # torch.compile unrolls the block loop into the graph: there blocks are output-sized (about K of them), not
+    # cache-sized (here 18 eagerly)
+    monkeypatch.setattr(FN, '_BLOCK_BYTES', 1)
+    v, idx = torch.randn(2, 3, 170, 4), _rand_idx(2, 3, 150, 170, 5)
+
+    def count(v_):
+        return torch.tensor(len(FN._block_setup(v_, idx, 2 * 3 * 150 * 4 * 4)[2]))
+
+    assert count(v).item() == 18
+    torch._dynamo.reset()
+    assert torch.compile(count, backend='eager', fullgraph=True)(v).item() == 6
 @pytest.mark.parametrize('similarity', ['dot', 'cosine', 'euclidean'])
 def test_selection_is_brute_force_topk(similarity):
     B, G, N, D, K = 2, 2, 33, 8, 5

@@ -248,8 +248,8 @@ def _query_blocks(
 # gathered neighbour rows ((queries, K, C)) stay in cache through the few passes over them. 2 MiB on CPU: at ViT-S
 # size (b 8, 6 heads, n 197, K 16) ConvNN forward+backward went from 3.8x to 2.4x SDPA's time on the 2-core CPU
 # (1 MiB 2.7x, 4 MiB 2.9x: smaller blocks pay per-op overhead, larger ones leave the cache) against one
-# (B, G, N, C) block per neighbour slot. Other devices take blocks the size of the output (about K of them): every
-# block costs kernel launches.
+# (B, G, N, C) block per neighbour slot. Other devices, and torch.compile, take blocks the size of the output (about K
+# of them): every block costs kernel launches (or graph nodes).
 _BLOCK_BYTES = 2 * 1024 * 1024
 
 
@@ -257,7 +257,9 @@ def _block_setup(table: torch.Tensor, idx: torch.Tensor, out_bytes: int):
     """(B*G*M, C) row table, (B*G, N, K) row ids into it and the query blocks for gathering ``table`` at ``idx``."""
     B, G, M, C = table.shape
     N, K = idx.shape[2], idx.shape[3]
-    budget = _BLOCK_BYTES if table.device.type == 'cpu' else max(_BLOCK_BYTES, out_bytes)
+    # (under torch.compile the blocks are unrolled into the graph: output-sized ones keep it at about K blocks)
+    cache_sized = table.device.type == 'cpu' and not torch.compiler.is_compiling()
+    budget = _BLOCK_BYTES if cache_sized else max(_BLOCK_BYTES, out_bytes)
     blocks = _query_blocks(B * G, N, K * C * table.element_size(), budget)
     return table.reshape(B * G * M, C), _flat_rows(idx, M).view(B * G, N, K), blocks
 
