@@ -34,6 +34,7 @@ if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
   timeout 150 python benchmarks/bench.py --models --device cuda --amp --compile --warmup 3 --iters 10 \
       --pairs vit_base_convnn_all_k16:vit_base_patch16_224 --out "$out/compile" 2>&1
 fi
-# 4. launch configurations of the kernels (K 16; row kernel at n 197, streaming at n 3137)
-timeout 50 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
+# 4. launch configurations of the kernels (K 16; row kernel at n 197 incl. its bitonic-selection variant and the
+#    backward with 1 vs 64 dw copies, streaming at n 3137)
+timeout 90 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
 ls -R "$out"

@@ -41,20 +41,25 @@ def main() -> None:
         for K in args.neighbors:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
             # (1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197)
-            for bm, nw in itertools.product((16, 32) if N <= ta.ROW_TOKENS else (16, 32, 64), (4, 8)):
-                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw)
+            fwd_configs = [c + (None,) for c in itertools.product(
+                (16, 32) if N <= ta.ROW_TOKENS else (16, 32, 64), (4, 8))]
+            if N <= ta.ROW_TOKENS:  # the row kernel's bitonic selection (32 queries with 4 warps spill)
+                fwd_configs += [(16, 4, 'topk'), (16, 8, 'topk'), (32, 8, 'topk')]
+            for bm, nw, select in fwd_configs:
+                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select)
                 try:
                     t = triton.testing.do_bench(lambda: op(qs, ks, v, w, K))
                 except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
                     t, err = float('nan'), repr(e)[:200]
                 else:
                     err = None
-                rows.append(dict(shape=shape, K=K, kernel='fwd', block_m=bm, warps=nw, ms=t, x_sdpa=t / sdpa_f,
-                                 error=err))
+                rows.append(dict(shape=shape, K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
+                                 ms=t, x_sdpa=t / sdpa_f, error=err))
                 save()
-                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw}: {t:.4f} ms  x{t / sdpa_f:.2f} SDPA fwd'
+                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s}: {t:.4f} ms  '
+                      f'x{t / sdpa_f:.2f} SDPA fwd'
                       + (f'  {err}' if err else ''), flush=True)
-            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
+            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None)
             out, idx, pr = op(qs, ks, v, w, K)
             bwd = torch.ops.timm_convnn.convnn_attention_backward
             # dw copies: 1 is one (H, K, DV) block updated by every program (the layout before DW_COPIES)

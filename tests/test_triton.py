@@ -123,6 +123,15 @@ def tie_case(n, kk):
 results['ties_row'] = tie_case(40, 5)
 results['ties_stream'] = tie_case(triton_attention.ROW_TOKENS + 14, 16)
 
+# the row kernel's bitonic selection variant (CONFIG fwd_select='topk'): same neighbours, same ties
+triton_attention.CONFIG['fwd_select'] = 'topk'
+compare('dot_topk', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)),
+        x)
+compare('euclidean_k_clamped_topk', lambda: ConvNNAttention(32, num_heads=4, num_neighbors=64,
+        similarity='euclidean'), torch.randn(1, 20, 32))
+results['ties_row_topk'] = tie_case(40, 5)
+triton_attention.CONFIG['fwd_select'] = None
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
@@ -156,13 +165,13 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'random', 'spatial',
-                 'random_k_is_r'):
+                 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
         tol = (3e-2, 3e-2) if case == 'bf16' else (1e-5, 1e-4)
         assert c['out'] <= tol[0] * max(1., c['scale']), (case, c)
         assert c['grad'] <= tol[1], (case, c)
-    for case in ('ties_row', 'ties_stream'):
+    for case in ('ties_row', 'ties_stream', 'ties_row_topk'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model'] < 1e-5  # one fused call per block
@@ -276,6 +285,6 @@ def test_fused_kernels_compile_for_sm90_without_spills():
         from kernel_resources import resources
     finally:
         sys.path.pop(0)
-    for case in ('fwd:N=197,K=16', 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'bwd:K=16'):
+    for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'bwd:K=16'):
         r = resources(case, arch=90)
         assert r['stack_bytes'] == 0 and 0 < r['registers'] <= 255, r

@@ -38,7 +38,10 @@ BLOCK_QUERIES = 16
 
 # Launch configuration. None: the built-in choice (BLOCK_QUERIES queries per program, 4 warps).
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
-CONFIG = dict(fwd_block_m=None, fwd_warps=None, bwd_block_m=None, bwd_warps=None, bwd_dw_copies=None)
+# fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), or 'topk', one
+# bitonic tl.topk over exact int64 (score, id) keys (untimed on a GPU so far; kernel_sweep.py compares them).
+CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, bwd_block_m=None, bwd_warps=None,
+              bwd_dw_copies=None)
 # The backward accumulates dw (H x K x DV values) with atomics from every program; one block for all of them would
 # serialise ~B * N / 16 updates per address (832 at B 64, n 197), so programs spread over this many copies, summed
 # after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning, not yet timed on a GPU: the kernel
@@ -121,6 +124,45 @@ if triton is not None:
         tl.store(P + sel_off, sel_e / denom[:, None], mask=sel_mask)
 
     @triton.jit
+    def _topk_softmax_aggregate(
+            s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``_rank_softmax_aggregate`` for a whole score row block (token ids = columns), selecting with one bitonic
+        ``tl.topk`` instead of K rounds of row reductions: each score becomes an exact int64 key (order-preserving
+        fp32 bits in the high word, BLOCK_N - 1 - column in the low word: ties go to the smallest id), the top
+        BLOCK_K keys come out sorted, best first."""
+        bits = s.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed-int order == float order
+        keys = (ordered.to(tl.int64) << 32) | (BLOCK_N - 1 - cols[None, :]).to(tl.int64)
+        top = tl.topk(keys, BLOCK_K)  # (BLOCK_M, BLOCK_K), descending
+        hi = (top >> 32).to(tl.int32)
+        score = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1)).to(tl.int32)
+        kk = tl.arange(0, BLOCK_K)
+        keep = kk[None, :] < NUM_K
+        m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
+        e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
+        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
+        prob = e / denom[:, None]
+        dv = tl.arange(0, BLOCK_DV)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for r in tl.static_range(NUM_K):
+            jr = tl.sum(tl.where(kk[None, :] == r, sel_idx, 0), axis=1)
+            pr = tl.sum(tl.where(kk[None, :] == r, prob, 0.), axis=1)
+            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
+                           mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
+            wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)
+            acc += (pr[:, None] * vrow) * wr[None, :]
+        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        sel_mask = row_ok[:, None] & keep
+        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
+        tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
+        tl.store(P + sel_off, prob, mask=sel_mask)
+
+    @triton.jit
     def _convnn_fwd_kernel(
             Q, Kf, V, W, O, IDX, P, CAND,
             N, M, L, H, BH0,
@@ -128,6 +170,7 @@ if triton is not None:
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
+            TOPK: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place. STREAM=True: the L keys (all M tokens, or with
@@ -186,8 +229,13 @@ if triton is not None:
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
-            _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
-                                    stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N)
+            if TOPK:
+                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
+                                        stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K)
+            else:
+                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
+                                        stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
+                                        BLOCK_N)
 
     @triton.jit
     def _convnn_bwd_kernel(
@@ -296,7 +344,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
             out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
             BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, CANDIDATES=candidates is not None,
-            num_warps=CONFIG['fwd_warps'] or 4)
+            TOPK=CONFIG['fwd_select'] == 'topk' and not stream, num_warps=CONFIG['fwd_warps'] or 4)
     return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
 
 
