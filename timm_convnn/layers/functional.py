@@ -246,7 +246,7 @@ def _query_blocks(
 
 # The gather / scatter kernels (depthwise aggregation, sparse gather-dot backward) work on blocks of queries whose
 # gathered neighbour rows ((queries, K, C)) stay in cache through the few passes over them. 2 MiB on CPU: at ViT-S
-# size (b 8, 6 heads, n 197, K 16) ConvNN forward+backward went from 3.8x to 2.4x SDPA's time on the 2-core CPU
+# size (b 8, 6 heads, n 197, K 16) ConvNN forward+backward went from 3.8x to 2.0-2.4x SDPA's time on the 2-core CPU
 # (1 MiB 2.7x, 4 MiB 2.9x: smaller blocks pay per-op overhead, larger ones leave the cache) against one
 # (B, G, N, C) block per neighbour slot. Other devices, and torch.compile, take blocks the size of the output (about K
 # of them): every block costs kernel launches (or graph nodes).
@@ -262,8 +262,6 @@ def _block_setup(table: torch.Tensor, idx: torch.Tensor, out_bytes: int):
     budget = _BLOCK_BYTES if cache_sized else max(_BLOCK_BYTES, out_bytes)
     blocks = _query_blocks(B * G, N, K * C * table.element_size(), budget)
     return table.reshape(B * G * M, C), _flat_rows(idx, M).view(B * G, N, K), blocks
-
-
 
 
 def _dense_backward_is_cheaper(num_tokens: int, num_slots: int) -> bool:
