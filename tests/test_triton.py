@@ -183,6 +183,18 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('side', [14, 28])  # 197 tokens: the row kernel; 785: the streaming kernel
 def test_fused_matches_torch_on_cuda(dtype, side, backend):
+    _fused_vs_torch_on_cuda(dtype, side, backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_topk_selection_matches_torch_on_cuda(dtype, backend, monkeypatch):
+    # the row kernel's opt-in bitonic selection (CONFIG fwd_select='topk')
+    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', 'topk')
+    _fused_vs_torch_on_cuda(dtype, 14, backend)
+
+
+def _fused_vs_torch_on_cuda(dtype, side, backend):
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, num_prefix_tokens=1, grid_size=(side, side)).cuda()
     x = torch.randn(8, side * side + 1, 384, device='cuda', dtype=dtype, requires_grad=True)
