@@ -112,18 +112,19 @@ def test_custom_functions_match_eager_fallback(budget, depthwise):
 
 
 # query-block budgets of the gather / scatter kernels (8 bytes per float64 value; K = 5, C = 4 -> 160 bytes a query,
-# 150 queries a slice): all 6 slices in one block, 4 slices a block (uneven last block), one slice cut into query
-# ranges of 64, 64 and 22
-BLOCK_BYTES = {'one-block': 1 << 20, 'slices': 4 * 150 * 160, 'query-ranges': 1}
+# 151 queries a slice, 9 slices): all slices in one block, at most 5 slices a block (5 + 4), each slice cut into
+# query ranges of at most 64 (balanced: 51 + 51 + 49)
+BLOCK_BYTES = {'one-block': 1 << 20, 'slices': 5 * 151 * 160, 'query-ranges': 1}
 
 
 @pytest.mark.parametrize('block', list(BLOCK_BYTES))
 @pytest.mark.parametrize('with_rho', [True, False])
 def test_query_block_kernels_match_definition(block, with_rho, monkeypatch):
     monkeypatch.setattr(FN, '_BLOCK_BYTES', BLOCK_BYTES[block])
-    B, G, N, M, C, K = 2, 3, 150, 250, 4, 5
-    assert len(FN._query_blocks(B * G, N, K * C * 8, BLOCK_BYTES[block])) == {
-        'one-block': 1, 'slices': 2, 'query-ranges': 18}[block]
+    B, G, N, M, C, K = 3, 3, 151, 250, 4, 5
+    expected = {'one-block': [(0, 9, 0, N)], 'slices': [(0, 5, 0, N), (5, 9, 0, N)],
+                'query-ranges': [(s, s + 1, a, b) for s in range(9) for a, b in ((0, 51), (51, 102), (102, 151))]}
+    assert FN._query_blocks(B * G, N, K * C * 8, BLOCK_BYTES[block]) == expected[block]
     q, k, v = (torch.randn(B, G, n, C, dtype=torch.float64, requires_grad=True) for n in (N, M, M))
     rho = torch.rand(B, G, N, K, dtype=torch.float64, requires_grad=True) if with_rho else None
     w = torch.randn(G, C, K, dtype=torch.float64, requires_grad=True)
@@ -157,6 +158,17 @@ def test_query_blocks_stay_few_under_torch_compile(monkeypatch):
     assert count(v).item() == 18
     torch._dynamo.reset()
     assert torch.compile(count, backend='eager', fullgraph=True)(v).item() == 6
+
+
+def test_query_blocks_on_accelerators_are_large():
+    # off the CPU (meta stands in for a GPU here) blocks are output-sized, at least 64 MiB: ViT-B at batch 256 keeps
+    # about K blocks; one 16385-token image (6 heads, bf16) takes one block per head (output-sized ones: 18)
+    def blocks(B, H, N, K):
+        v = torch.empty(B, H, N, 64, device='meta', dtype=torch.bfloat16)
+        return len(FN._block_setup(v, torch.empty(B, H, N, K, dtype=torch.long, device='meta'), v.nbytes)[2])
+
+    assert blocks(256, 12, 197, 16) == 16
+    assert blocks(1, 6, 16385, 16) == 6
 @pytest.mark.parametrize('similarity', ['dot', 'cosine', 'euclidean'])
 def test_selection_is_brute_force_topk(similarity):
     B, G, N, D, K = 2, 2, 33, 8, 5

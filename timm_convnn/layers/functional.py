@@ -227,21 +227,27 @@ def _gather_dot_eager(
 def _query_blocks(
         num_slices: int, num_queries: int, query_bytes: int, budget_bytes: int
 ) -> List[Tuple[int, int, int, int]]:
-    """Blocks (s0, s1, n0, n1) of (slice, query) pairs covering a (num_slices, num_queries) grid, each needing about
-    ``budget_bytes`` at ``query_bytes`` per query: whole slices while a slice fits, else query ranges of one slice
-    (at least 64 queries, so a block is never a handful of rows)."""
+    """Blocks (s0, s1, n0, n1) of (slice, query) pairs covering a (num_slices, num_queries) grid, each needing at most
+    about ``budget_bytes`` at ``query_bytes`` per query: runs of whole slices while a slice fits, else query ranges of
+    one slice (at least 64 queries, so a block is never a handful of rows); blocks of a run are balanced in size."""
     slice_bytes = num_queries * query_bytes
     blocks: List[Tuple[int, int, int, int]] = []
     if slice_bytes <= budget_bytes:
-        step = max(1, budget_bytes // max(1, slice_bytes))
+        step = _balanced(num_slices, max(1, budget_bytes // max(1, slice_bytes)))
         for s in range(0, num_slices, step):
             blocks.append((s, min(num_slices, s + step), 0, num_queries))
         return blocks
-    step = max(64, budget_bytes // max(1, query_bytes))
+    step = _balanced(num_queries, max(64, budget_bytes // max(1, query_bytes)))
     for s in range(num_slices):
         for n in range(0, num_queries, step):
             blocks.append((s, s + 1, n, min(num_queries, n + step)))
     return blocks
+
+
+def _balanced(total: int, step: int) -> int:
+    """The step that covers ``total`` in as many pieces as ``step`` does, in pieces of (nearly) equal size."""
+    pieces = -(-total // step)
+    return -(-total // pieces)
 
 
 # The gather / scatter kernels (depthwise aggregation, sparse gather-dot backward) work on blocks of queries whose
@@ -249,17 +255,22 @@ def _query_blocks(
 # size (b 8, 6 heads, n 197, K 16) ConvNN forward+backward went from 3.8x to 2.0-2.4x SDPA's time on the 2-core CPU
 # (1 MiB 2.7x, 4 MiB 2.9x: smaller blocks pay per-op overhead, larger ones leave the cache) against one
 # (B, G, N, C) block per neighbour slot. Other devices, and torch.compile, take blocks the size of the output (about K
-# of them): every block costs kernel launches (or graph nodes).
+# of them, the working set of the former per-slot loop), at least 64 MiB on GPUs: every block costs kernel launches
+# (or graph nodes), and a small batch at large n would otherwise launch K blocks of a few MiB.
 _BLOCK_BYTES = 2 * 1024 * 1024
+_DEVICE_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def _block_setup(table: torch.Tensor, idx: torch.Tensor, out_bytes: int):
     """(B*G*M, C) row table, (B*G, N, K) row ids into it and the query blocks for gathering ``table`` at ``idx``."""
     B, G, M, C = table.shape
     N, K = idx.shape[2], idx.shape[3]
-    # (under torch.compile the blocks are unrolled into the graph: output-sized ones keep it at about K blocks)
-    cache_sized = table.device.type == 'cpu' and not torch.compiler.is_compiling()
-    budget = _BLOCK_BYTES if cache_sized else max(_BLOCK_BYTES, out_bytes)
+    if table.device.type != 'cpu':
+        budget = max(_DEVICE_BLOCK_BYTES, out_bytes)
+    elif torch.compiler.is_compiling():  # the block loop unrolls into the graph: output-sized blocks, about K
+        budget = max(_BLOCK_BYTES, out_bytes)
+    else:
+        budget = _BLOCK_BYTES
     blocks = _query_blocks(B * G, N, K * C * table.element_size(), budget)
     return table.reshape(B * G * M, C), _flat_rows(idx, M).view(B * G, N, K), blocks
 
