@@ -115,13 +115,23 @@ if triton is not None:
             wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
             acc += (e[:, None] * vrow) * wr[None, :]
         denom = tl.where(row_ok, denom, 1.)
-        out = acc / denom[:, None]
+        _store_outputs(acc / denom[:, None], sel_idx, sel_e / denom[:, None], O, IDX, P, bh, rows, row_ok, N,
+                       stride_ob, stride_on, DV, NUM_K, BLOCK_DV, BLOCK_K)
+
+    @triton.jit
+    def _store_outputs(
+            out, sel_idx, prob, O, IDX, P, bh, rows, row_ok, N, stride_ob, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """The forward's outputs for a block of queries: out (BLOCK_M, BLOCK_DV), the K ids and softmax weights."""
+        dv = tl.arange(0, BLOCK_DV)
+        kk = tl.arange(0, BLOCK_K)
         tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (dv[None, :] < DV))
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
         sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
         tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
-        tl.store(P + sel_off, sel_e / denom[:, None], mask=sel_mask)
+        tl.store(P + sel_off, prob, mask=sel_mask)
 
     @triton.jit
     def _topk_softmax_aggregate(
@@ -155,12 +165,8 @@ if triton is not None:
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
             wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)
             acc += (pr[:, None] * vrow) * wr[None, :]
-        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
-        sel_mask = row_ok[:, None] & keep
-        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
-        tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
-        tl.store(P + sel_off, prob, mask=sel_mask)
+        _store_outputs(acc, sel_idx, prob, O, IDX, P, bh, rows, row_ok, N, stride_ob, stride_on, DV, NUM_K,
+                       BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _convnn_fwd_kernel(
