@@ -9,7 +9,8 @@ ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, S
 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU machine has.
 
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
-fp16 | fp32), cand (1: a candidate list), block_m, warps, stages, topk (1: the row kernel's bitonic selection).
+fp16 | fp32), cand (1: a candidate list), block_m, warps, stages, topk (1: the row kernel's bitonic selection),
+packed (1: the row kernel ranks packed int32 keys).
 """
 import argparse
 import os
@@ -23,7 +24,8 @@ from triton.compiler import ASTSource
 
 from timm_convnn.layers import triton_attention as ta
 
-DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fwd:N=3137,K=16',
+DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
+                 'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9')
 _STRIDES = ('stride_qb', 'stride_qn', 'stride_kb', 'stride_kn', 'stride_vb', 'stride_vn', 'stride_ob', 'stride_on')
 
@@ -32,7 +34,8 @@ def _parse(case: str):
     kind, _, rest = case.partition(':')
     if kind not in ('fwd', 'bwd'):
         raise ValueError(f'a case starts with fwd: or bwd:; got {case!r}')
-    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=ta.BLOCK_QUERIES, warps=4, stages=3, topk=0)
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=ta.BLOCK_QUERIES, warps=4, stages=3, topk=0,
+                packed=0)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -50,7 +53,8 @@ def _signature(kind: str, o: dict):
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'],
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), IEEE=o['dtype'] == 'fp32',
-                     STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream)
+                     STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
+                     PACKED=bool(o['packed']) and not stream)
         fn = ta._convnn_fwd_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo='*fp32', DKo='*fp32', DVo='*fp32',

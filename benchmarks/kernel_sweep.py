@@ -40,13 +40,17 @@ def main() -> None:
         print(f'{shape}: sdpa fwd {sdpa_f:.4f} ms  fwd+bwd {sdpa_fb:.4f} ms', flush=True)
         for K in args.neighbors:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
-            # (1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197)
-            fwd_configs = [c + (None,) for c in itertools.product(
-                (16, 32) if N <= ta.ROW_TOKENS else (16, 32, 64), (4, 8))]
-            if N <= ta.ROW_TOKENS:  # the row kernel's bitonic selection (32 queries with 4 warps spill)
-                fwd_configs += [(16, 4, 'topk'), (16, 8, 'topk'), (32, 8, 'topk')]
-            for bm, nw, select in fwd_configs:
-                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select)
+            # (block_m, warps, selection, keys); the most informative first (a stage cut short keeps what it
+            # timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197.
+            if N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
+                fwd_configs = [(16, 4, None, None), (16, 4, None, 'packed'), (16, 4, 'topk', 'packed'),
+                               (16, 4, 'topk', None), (16, 8, None, None), (16, 8, None, 'packed'),
+                               (16, 8, 'topk', 'packed'), (16, 8, 'topk', None), (32, 4, None, None),
+                               (32, 4, None, 'packed')]
+            else:  # the streaming kernel
+                fwd_configs = [c + (None, None) for c in itertools.product((16, 32, 64), (4, 8))]
+            for bm, nw, select, keys in fwd_configs:
+                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select, fwd_keys=keys)
                 try:
                     t = triton.testing.do_bench(lambda: op(qs, ks, v, w, K))
                 except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
@@ -54,12 +58,12 @@ def main() -> None:
                 else:
                     err = None
                 rows.append(dict(shape=shape, K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
-                                 ms=t, x_sdpa=t / sdpa_f, error=err))
+                                 keys=keys or 'exact', ms=t, x_sdpa=t / sdpa_f, error=err))
                 save()
-                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s}: {t:.4f} ms  '
-                      f'x{t / sdpa_f:.2f} SDPA fwd'
+                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {keys or "exact":6s}: '
+                      f'{t:.4f} ms  x{t / sdpa_f:.2f} SDPA fwd'
                       + (f'  {err}' if err else ''), flush=True)
-            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None)
+            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None)
             out, idx, pr = op(qs, ks, v, w, K)
             bwd = torch.ops.timm_convnn.convnn_attention_backward
             # dw copies: 1 is one (H, K, DV) block updated by every program (the layout before DW_COPIES)

@@ -132,6 +132,42 @@ compare('euclidean_k_clamped_topk', lambda: ConvNNAttention(32, num_heads=4, num
 results['ties_row_topk'] = tie_case(40, 5)
 triton_attention.CONFIG['fwd_select'] = None
 
+# packed int32 keys (CONFIG fwd_keys='packed'): the ranking and the softmax weights are those of the scores with
+# their last log2(BLOCK_N) ordered bits dropped, ties (now also scores that differ only in those bits) to the
+# smallest id. One similarity channel and power-of-two query scales make every fp32 score exact, so the reference is
+# computed from the definition; every odd key copies the key before it up to its two lowest bits (a packed tie).
+def packed_case(n, kk):
+    g = torch.Generator().manual_seed(n)
+    ks = torch.randn(1, 2, n, 1, generator=g)
+    bits = ks.view(torch.int32)
+    bits[:, :, 1::2] = bits[:, :, 0:n - 1:2] ^ 3
+    qs = torch.randint(-1, 2, (1, 2, n, 1), generator=g).float().exp2() * (torch.randint(0, 2, (1, 2, n, 1),
+                                                                                       generator=g) * 2. - 1)
+    v, w = torch.randn(1, 2, n, 16, generator=g), torch.randn(32, 1, kk, generator=g)
+    out, idx, p = triton_attention._convnn_attention(qs, ks, v, w, kk)
+    s = qs * ks.transpose(-1, -2)  # exact
+    b = s.view(torch.int32).long()
+    ordered = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    block_n = triton_attention._pow2(n)
+    hi = ordered & -block_n
+    order = torch.sort(-hi, dim=-1, stable=True).indices[..., :kk]
+    h = hi.gather(-1, order)
+    val = torch.where(h >= 0, h, h ^ 0x7FFFFFFF).int().view(torch.float32).double()
+    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
+    ref = (rows * val.softmax(-1).unsqueeze(-1) * w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)).sum(3)
+    exact = torch.sort(-s.double(), dim=-1, stable=True).indices[..., :kk]
+    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
+                p=(p.double() - val.softmax(-1)).abs().max().item(), rows_unlike_exact=int((order != exact).any(-1).sum()))
+
+triton_attention.CONFIG['fwd_keys'] = 'packed'
+results['packed_row'] = packed_case(40, 6)
+compare('dot_packed', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)),
+        x)
+triton_attention.CONFIG['fwd_select'] = 'topk'
+results['packed_row_topk'] = packed_case(40, 6)
+results['ties_row_topk_packed'] = tie_case(40, 5)
+triton_attention.CONFIG.update(fwd_select=None, fwd_keys=None)
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
@@ -165,15 +201,19 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'random', 'spatial',
-                 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk'):
+                 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
-        tol = (3e-2, 3e-2) if case == 'bf16' else (1e-5, 1e-4)
+        # packed keys: softmax weights from scores with 2**-15 relative precision
+        tol = {'bf16': (3e-2, 3e-2), 'dot_packed': (1e-3, 1e-3)}.get(case, (1e-5, 1e-4))
         assert c['out'] <= tol[0] * max(1., c['scale']), (case, c)
         assert c['grad'] <= tol[1], (case, c)
-    for case in ('ties_row', 'ties_stream', 'ties_row_topk'):
+    for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
+    for case in ('packed_row', 'packed_row_topk'):
+        c = r[case]
+        assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model'] < 1e-5  # one fused call per block
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
 
@@ -187,10 +227,14 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_topk_selection_matches_torch_on_cuda(dtype, backend, monkeypatch):
-    # the row kernel's opt-in bitonic selection (CONFIG fwd_select='topk')
-    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', 'topk')
+@pytest.mark.parametrize('dtype,select,keys', [
+    (torch.float32, 'topk', None), (torch.bfloat16, 'topk', None),
+    # packed keys are meant for half inputs (2**-15 relative ranking precision; fp32 would flip near-ties)
+    (torch.bfloat16, None, 'packed'), (torch.bfloat16, 'topk', 'packed')])
+def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, backend, monkeypatch):
+    # the row kernel's opt-in selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed': int32 keys)
+    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', select)
+    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_keys', keys)
     _fused_vs_torch_on_cuda(dtype, 14, backend)
 
 
@@ -297,6 +341,7 @@ def test_fused_kernels_compile_for_sm90_without_spills():
         from kernel_resources import resources
     finally:
         sys.path.pop(0)
-    for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'bwd:K=16'):
+    for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
+                 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'bwd:K=16'):
         r = resources(case, arch=90)
         assert r['stack_bytes'] == 0 and 0 < r['registers'] <= 255, r

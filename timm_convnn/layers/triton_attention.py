@@ -2,12 +2,14 @@
 behind a ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
 
 Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
-* up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction;
+* up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction (or one
+  bitonic top-K, ``CONFIG``);
 * above, key tiles stream through a running top-K buffer (score, token id) per query, merged only while a tile
   holds a score above some query's current K-th best; then the same K ranking rounds over the buffer.
-Ties go to the smallest token id. A softmax over the K kept scores and the weighted depthwise gather of the K value
-rows follow in the same program. Nothing of size n x n leaves the kernel; it writes the output, the K indices and the
-K softmax weights per query.
+Ties go to the smallest token id. The program stores the K indices and softmax weights per query, then (after a
+barrier) reads them back slot by slot for the weighted depthwise gather of the K value rows: the selection and the
+aggregation do not hold registers at the same time, and the gather needs no per-slot layout conversion. Nothing of
+size n x n leaves the kernel; it writes the output, the K indices and the K softmax weights per query.
 Backward, one program per query block: recomputes nothing but the K gathered rows it needs; dq in registers,
 dk / dv / dw accumulated with atomics (not bit-deterministic: the dispatcher uses the PyTorch path under
 ``torch.use_deterministic_algorithms(True)``).
@@ -30,17 +32,26 @@ MAX_NEIGHBORS = 64
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # Queries per program: 16, the smallest tensor-core tile. Compiled for sm_90 by triton 3.6 (4 warps, bf16, K 16) the
-# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 222 registers, the streaming kernel 152-153,
-# the backward 162; none spills. Larger blocks spill: 64 x 256 score rows, 27 KB of stack per thread (20x slower than
-# SDPA on an H200); streaming with 32 queries, 96 bytes (but 64 queries, 4 warps, timed fastest at n 3137: see
-# benchmarks/results/h200-kernel-sweep.json).
+# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 188 registers (228 at K 64), the streaming
+# kernel 96-126 (K 48-64: 96 and 24 bytes of stack), the backward 162; nothing else spills. (Before the forwards stored their selection and aggregated from it:
+# 222 and 153.) Larger blocks: 32 queries fit the row kernel (236, untimed; kernel_sweep.py tries it); 64 x 256 score
+# rows spill 27 KB of stack per thread (20x slower than SDPA on an H200); the streaming kernel spills with 32 or 64
+# queries (264 / 680 bytes). fp32 inputs: the row kernel spills (about 200 bytes; not solved), the streaming kernel
+# does not.
 BLOCK_QUERIES = 16
 
 # Launch configuration. None: the built-in choice (BLOCK_QUERIES queries per program, 4 warps).
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
 # fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), or 'topk', one
-# bitonic tl.topk over exact int64 (score, id) keys (untimed on a GPU so far; kernel_sweep.py compares them).
-CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, bwd_block_m=None, bwd_warps=None,
+# bitonic tl.topk (untimed on a GPU so far; kernel_sweep.py compares them).
+# fwd_keys: what the row kernel ranks: None, exact fp32 scores (rounds: a max and a smallest-id-at-the-max reduction
+# per round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the
+# column (rounds: one max per round; topk: a bitonic sort of half the width). Packed ranking is exact up to scores
+# within 2**-15 relative of each other (a bf16 score, as the PyTorch path under autocast ranks, keeps 7 bits), and the
+# softmax weights come from the packed scores. Untimed on a GPU so far (kernel_sweep.py compares them); a throwaway
+# study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
+# cost of such int32 keys, and its best n 197 forwards used them.
+CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
               bwd_dw_copies=None)
 # The backward accumulates dw (H x K x DV values) with atomics from every program; one block for all of them would
 # serialise ~B * N / 16 updates per address (832 at B 64, n 197), so programs spread over this many copies, summed
@@ -88,85 +99,125 @@ if triton is not None:
         return tl.where(valid[None, :], s, float('-inf'))
 
     @triton.jit
+    def _ordered(s):
+        """fp32 -> int32 with the same order (as signed integers)."""
+        bits = s.to(tl.int32, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+    @triton.jit
+    def _unordered(o):
+        """The inverse of ``_ordered``."""
+        return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _packed_keys(s, cols, BLOCK_N: tl.constexpr):
+        """One int32 key per score of a whole row block: the order-preserving score bits with the low log2(BLOCK_N)
+        bits replaced by BLOCK_N - 1 - column. Keys are unique within a row, one max gives the best score and its
+        column (ties: the smallest column), at the price of the score's last log2(BLOCK_N) bits (15 mantissa bits
+        kept at BLOCK_N 256; a bf16 score has 7)."""
+        return (_ordered(s) & -BLOCK_N) | (BLOCK_N - 1 - cols[None, :])
+
+    @triton.jit
     def _rank_softmax_aggregate(
             s, ids, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr,
+            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
     ):
         """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
-        id) is rank r; softmax over the K kept scores; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
-        dv = tl.arange(0, BLOCK_DV)
+        id) is rank r; softmax over the K kept scores; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p.
+        PACKED: ``s`` holds ``_packed_keys`` (NO_ID = their BLOCK_N), so a round is one row max instead of two
+        reductions (max, then the smallest id at the max)."""
         kk = tl.arange(0, BLOCK_K)
-        m0 = tl.max(s, axis=1)  # the best score: softmax reference
+        m0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         denom = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         sel_idx = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
         sel_e = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
-            mr = tl.max(s, axis=1)
-            jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
-            s = tl.where(ids == jr[:, None], float('-inf'), s)
+            if PACKED:
+                kr = tl.max(s, axis=1)
+                s = tl.where(s == kr[:, None], -2147483648, s)  # below every key: taken
+                jr = NO_ID - 1 - (kr & (NO_ID - 1))
+                mr = _unordered(kr & -NO_ID)
+            else:
+                mr = tl.max(s, axis=1)
+                jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
+                s = tl.where(ids == jr[:, None], float('-inf'), s)
+            if r == 0:
+                m0 = mr  # the best score: softmax reference
             e = tl.exp(mr - m0)
             denom += e
             sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
             sel_e = tl.where(kk[None, :] == r, e[:, None], sel_e)
-            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
-                           mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
-            wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
-            acc += (e[:, None] * vrow) * wr[None, :]
         denom = tl.where(row_ok, denom, 1.)
-        _store_outputs(acc / denom[:, None], sel_idx, sel_e / denom[:, None], O, IDX, P, bh, rows, row_ok, N,
-                       stride_ob, stride_on, DV, NUM_K, BLOCK_DV, BLOCK_K)
+        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, bh, rows, row_ok, N, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV,
+                          NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
-    def _store_outputs(
-            out, sel_idx, prob, O, IDX, P, bh, rows, row_ok, N, stride_ob, stride_on,
-            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """The forward's outputs for a block of queries: out (BLOCK_M, BLOCK_DV), the K ids and softmax weights."""
-        dv = tl.arange(0, BLOCK_DV)
+    def _store_selection(sel_idx, prob, IDX, P, bh, rows, row_ok, N, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The K ids and softmax weights of a block of queries."""
         kk = tl.arange(0, BLOCK_K)
-        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
         sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
         tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
         tl.store(P + sel_off, prob, mask=sel_mask)
 
     @triton.jit
+    def _store_out(out, O, bh, rows, row_ok, stride_ob, stride_on, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+        dv = tl.arange(0, BLOCK_DV)
+        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+
+    @triton.jit
     def _topk_softmax_aggregate(
             s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr,
     ):
         """``_rank_softmax_aggregate`` for a whole score row block (token ids = columns), selecting with one bitonic
-        ``tl.topk`` instead of K rounds of row reductions: each score becomes an exact int64 key (order-preserving
-        fp32 bits in the high word, BLOCK_N - 1 - column in the low word: ties go to the smallest id), the top
-        BLOCK_K keys come out sorted, best first."""
-        bits = s.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed-int order == float order
-        keys = (ordered.to(tl.int64) << 32) | (BLOCK_N - 1 - cols[None, :]).to(tl.int64)
-        top = tl.topk(keys, BLOCK_K)  # (BLOCK_M, BLOCK_K), descending
-        hi = (top >> 32).to(tl.int32)
-        score = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1)).to(tl.int32)
+        ``tl.topk`` instead of K rounds of row reductions. Keys: exact int64 (order-preserving fp32 bits in the high
+        word, BLOCK_N - 1 - column in the low word: ties go to the smallest id), or with PACKED the int32
+        ``_packed_keys``. The top BLOCK_K keys come out sorted, best first; the ids and weights are stored, then read
+        back one slot at a time for the aggregation (after a barrier: a load per slot instead of two cross-lane
+        reductions)."""
+        if PACKED:
+            top = tl.topk(_packed_keys(s, cols, BLOCK_N), BLOCK_K)  # (BLOCK_M, BLOCK_K), descending
+            score = _unordered(top & -BLOCK_N)
+            sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1))
+        else:
+            keys = (_ordered(s).to(tl.int64) << 32) | (BLOCK_N - 1 - cols[None, :]).to(tl.int64)
+            top = tl.topk(keys, BLOCK_K)
+            score = _unordered((top >> 32).to(tl.int32))
+            sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1)).to(tl.int32)
         kk = tl.arange(0, BLOCK_K)
         keep = kk[None, :] < NUM_K
         m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
         e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
         denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
-        prob = e / denom[:, None]
+        _store_selection(sel_idx, e / denom[:, None], IDX, P, bh, rows, row_ok, N, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV,
+                          NUM_K, BLOCK_M, BLOCK_DV)
+
+    @triton.jit
+    def _aggregate_stored(
+            V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        """out = sum_r w[:, r] * p_r * v[id_r] from the ids and weights this program has just stored, read back one
+        slot at a time after a barrier (plain loads in the aggregation's own layout: no cross-lane extraction, no
+        layout conversion per slot). Stores out."""
+        tl.debug_barrier()  # the stores of the selection are visible to every thread of the program
+        row_off = bh * N * NUM_K + rows * NUM_K
         dv = tl.arange(0, BLOCK_DV)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
-            jr = tl.sum(tl.where(kk[None, :] == r, sel_idx, 0), axis=1)
-            pr = tl.sum(tl.where(kk[None, :] == r, prob, 0.), axis=1)
+            jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
+            pr = tl.load(P + row_off + r, mask=row_ok, other=0.)
             vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
-            wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)
+            wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
             acc += (pr[:, None] * vrow) * wr[None, :]
-        _store_outputs(acc, sel_idx, prob, O, IDX, P, bh, rows, row_ok, N, stride_ob, stride_on, DV, NUM_K,
-                       BLOCK_DV, BLOCK_K)
+        _store_out(acc, O, bh, rows, row_ok, stride_ob, stride_on, DV, BLOCK_DV)
 
     @triton.jit
     def _convnn_fwd_kernel(
@@ -176,7 +227,7 @@ if triton is not None:
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
-            TOPK: tl.constexpr,
+            TOPK: tl.constexpr, PACKED: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place. STREAM=True: the L keys (all M tokens, or with
@@ -231,17 +282,21 @@ if triton is not None:
                     todo = (mx > thr) & row_ok
             best = tl.where(real, best, float('-inf'))
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
-                                    stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M)
+                                    stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
             if TOPK:
                 _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
-                                        stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K)
+                                        stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
+            elif PACKED:
+                _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, bh, h, rows,
+                                        row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M,
+                                        BLOCK_DV, BLOCK_K, BLOCK_N, True)
             else:
                 _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
                                         stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
-                                        BLOCK_N)
+                                        BLOCK_N, False)
 
     @triton.jit
     def _convnn_bwd_kernel(
@@ -350,7 +405,8 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
             out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
             BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, CANDIDATES=candidates is not None,
-            TOPK=CONFIG['fwd_select'] == 'topk' and not stream, num_warps=CONFIG['fwd_warps'] or 4)
+            TOPK=CONFIG['fwd_select'] == 'topk' and not stream, PACKED=CONFIG['fwd_keys'] == 'packed' and not stream,
+            num_warps=CONFIG['fwd_warps'] or 4)
     return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
 
 
