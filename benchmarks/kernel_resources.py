@@ -5,8 +5,10 @@
 
 Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
-(spills), SHARED static shared memory. A kernel that spills runs many times slower (the first 64-query row kernel:
-27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU machine has.
+(spills), SHARED static shared memory; ``-sass`` gives the count of memory fences and L1 invalidations (MEMBAR,
+CCTL: what an acquire-release atomic brings along). A kernel that spills runs many times slower (the first
+64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU
+machine has.
 
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m, warps, stages, topk (1: the row kernel's bitonic selection),
@@ -77,10 +79,12 @@ def resources(case: str, arch: int = 90) -> dict:
         f.write(compiled.asm['cubin'])
         f.flush()
         text = subprocess.run([tool, '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, '-sass', f.name], capture_output=True, text=True, check=True).stdout
     m = re.search(r'REG:(\d+) STACK:(\d+) SHARED:(\d+)', text)
     if m is None:
         raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
-    return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)))
+    return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)),
+                fences=len(re.findall(r'\b(?:MEMBAR|CCTL)\b', sass)))
 
 
 def main() -> None:
@@ -95,7 +99,7 @@ def main() -> None:
         r = resources(case, args.arch)
         flag = '  SPILLS' if r['stack_bytes'] else ''
         print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
-              f'{flag}', flush=True)
+              f'  fences {r["fences"]}{flag}', flush=True)
 
 
 if __name__ == '__main__':

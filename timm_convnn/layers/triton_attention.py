@@ -307,9 +307,11 @@ if triton is not None:
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Backward, one program per (batch x head, block of queries), through the K kept (query, token) pairs only:
-        dq in registers; dk, dv and dw by atomics. dw goes to one of DW_COPIES copies (programs of one head spread
-        over them by batch and query block; the caller sums them), not to one (H, K, DV) block that every program
-        of the head would update."""
+        dq in registers; dk, dv and dw by relaxed atomics (only the sums after the kernel matter; Triton's default,
+        acquire-release, compiled for sm_90 to a GPU-wide fence and an L1 invalidation around each of the 272 atomic
+        instructions per thread at K 16, so every later gathered row missed L1). dw goes to one of DW_COPIES copies
+        (programs of one head spread over them by batch and query block; the caller sums them), not to one
+        (H, K, DV) block that every program of the head would update."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         h = (bh + BH0) % H
@@ -338,9 +340,10 @@ if triton is not None:
             wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.).to(tl.float32)
             t = vrow * go
             dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
-            tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV)
+            tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV,
+                          sem='relaxed')
             tl.atomic_add(DVo + bh * M * DV + jr[:, None] * DV + dv_r[None, :],
-                          (pr[:, None] * wr[None, :]) * go, mask=mv)
+                          (pr[:, None] * wr[None, :]) * go, mask=mv, sem='relaxed')
         # through the softmax over the K kept scores, then the selected dot products
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
@@ -350,7 +353,8 @@ if triton is not None:
             krow = tl.load(Kf + bh * stride_kb + jr[:, None] * stride_kn + dq_r[None, :], mask=mq,
                            other=0.).to(tl.float32)
             dq += dsr[:, None] * krow
-            tl.atomic_add(DKo + bh * M * DQ + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq)
+            tl.atomic_add(DKo + bh * M * DQ + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq,
+                          sem='relaxed')
         tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
 
 
