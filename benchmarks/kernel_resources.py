@@ -28,7 +28,8 @@ from timm_convnn.layers import triton_attention as ta
 
 DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
-                 'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9')
+                 'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
+                 'bwd:K=16,block_m=8,warps=1')
 _STRIDES = ('stride_qb', 'stride_qn', 'stride_kb', 'stride_kn', 'stride_vb', 'stride_vn', 'stride_ob', 'stride_on')
 
 
