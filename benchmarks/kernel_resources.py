@@ -5,14 +5,16 @@
 
 Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
-(spills), SHARED static shared memory; ``-sass`` gives the count of memory fences and L1 invalidations (MEMBAR,
-CCTL: what an acquire-release atomic brings along). A kernel that spills runs many times slower (the first
+(spills), SHARED static shared memory; ``-sass`` gives the count of GPU-wide memory fences and L1 invalidations
+(MEMBAR .GPU, CCTL: what an acquire-release atomic brings along). A kernel that spills runs many times slower (the first
 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU
 machine has.
 
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
-fp16 | fp32), cand (1: a candidate list), block_m, warps, stages, topk (1: the row kernel's bitonic selection),
-packed (1: the row kernel ranks packed int32 keys).
+fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
+bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as ``triton.jit`` specialises
+the kernels at run time for contiguous tensors with a head dim divisible by 16, i.e. every pointer 16-byte aligned and
+every stride divisible by 16, which vectorises loads and atomics; 0: no such assumption, far more registers).
 """
 import argparse
 import os
@@ -30,6 +32,8 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fw
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1')
+# GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
+_FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 _STRIDES = ('stride_qb', 'stride_qn', 'stride_kb', 'stride_kn', 'stride_vb', 'stride_vn', 'stride_ob', 'stride_on')
 
 
@@ -37,8 +41,8 @@ def _parse(case: str):
     kind, _, rest = case.partition(':')
     if kind not in ('fwd', 'bwd'):
         raise ValueError(f'a case starts with fwd: or bwd:; got {case!r}')
-    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=ta.BLOCK_QUERIES, warps=4, stages=3, topk=0,
-                packed=0)
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=4, stages=3, topk=0,
+                packed=0, aligned=1)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -53,7 +57,8 @@ def _signature(kind: str, o: dict):
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
                    H='i32', BH0='i32')
         stream = o['N'] > ta.ROW_TOKENS or bool(o['cand'])
-        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'],
+        block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'])
+        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), IEEE=o['dtype'] == 'fp32',
                      STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
@@ -62,8 +67,8 @@ def _signature(kind: str, o: dict):
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo='*fp32', DKo='*fp32', DVo='*fp32',
                    DWo='*fp32', N='i32', M='i32', H='i32', BH0='i32', DW_COPIES='i32')
-        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'], BLOCK_DQ=ta._pow2(o['D']),
-                     BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
+        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta.BLOCK_QUERIES,
+                     BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in _STRIDES})
     sig.update({c: 'constexpr' for c in const})
@@ -73,7 +78,12 @@ def _signature(kind: str, o: dict):
 def resources(case: str, arch: int = 90) -> dict:
     kind, o = _parse(case)
     fn, sig, const = _signature(kind, o)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget('cuda', arch, 32),
+    attrs = {}
+    if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16
+        attrs = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in const and (sig[name].startswith('*') or name.startswith('stride'))}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                              target=GPUTarget('cuda', arch, 32),
                               options=dict(num_warps=o['warps'], num_stages=o['stages']))
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
@@ -85,7 +95,7 @@ def resources(case: str, arch: int = 90) -> dict:
     if m is None:
         raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
     return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)),
-                fences=len(re.findall(r'\b(?:MEMBAR|CCTL)\b', sass)))
+                fences=len(re.findall(_FENCE, sass)), fence_ops=sorted(set(re.findall(_FENCE, sass))))
 
 
 def main() -> None:
@@ -100,7 +110,7 @@ def main() -> None:
         r = resources(case, args.arch)
         flag = '  SPILLS' if r['stack_bytes'] else ''
         print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
-              f'  fences {r["fences"]}{flag}', flush=True)
+              f'  fences {r["fences"]} {" ".join(r["fence_ops"])}{flag}', flush=True)
 
 
 if __name__ == '__main__':

@@ -95,6 +95,11 @@ compare('bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6).to(tor
 # more than ROW_TOKENS tokens: the streaming forward (key tiles through a running top-K buffer)
 compare('stream', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1, grid_size=(17, 17)),
         torch.randn(1, 290, 32))
+# 64 queries per program: the streaming kernel's built-in block for half / bf16 inputs on a GPU
+triton_attention.CONFIG['fwd_block_m'] = 64
+compare('stream_64', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1,
+        grid_size=(17, 17)), torch.randn(1, 290, 32))
+triton_attention.CONFIG['fwd_block_m'] = None
 
 # sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
@@ -200,8 +205,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'random', 'spatial',
-                 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64', 'random',
+                 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
         # packed keys: softmax weights from scores with 2**-15 relative precision
@@ -341,8 +346,11 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences():
         from kernel_resources import resources
     finally:
         sys.path.pop(0)
+    # compiled as triton.jit specialises them at run time (aligned pointers, strides divisible by 16); the built-in
+    # launch configurations (the streaming kernel on 64 queries for bf16), and the opt-in row selections
     for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
-                 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'bwd:K=16'):
+                 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
+                 'bwd:K=16'):
         r = resources(case, arch=90)
         assert r['stack_bytes'] == 0 and 0 < r['registers'] <= 255, r
         # relaxed atomics: an acquire-release one brings a GPU-wide fence and an L1 invalidation along

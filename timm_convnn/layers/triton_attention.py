@@ -31,16 +31,17 @@ MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
-# Queries per program: 16, the smallest tensor-core tile. Compiled for sm_90 by triton 3.6 (4 warps, bf16, K 16) the
-# row kernel (a 16 x 256 fp32 score block: 32 registers per thread) takes 188 registers (228 at K 64), the streaming
-# kernel 96-126 (K 48-64: 96 and 24 bytes of stack), the backward 162; nothing else spills. (Before the forwards stored their selection and aggregated from it:
-# 222 and 153.) Larger blocks: 32 queries fit the row kernel (236, untimed; kernel_sweep.py tries it); 64 x 256 score
-# rows spill 27 KB of stack per thread (20x slower than SDPA on an H200); the streaming kernel spills with 32 or 64
-# queries (264 / 680 bytes). fp32 inputs: the row kernel spills (about 200 bytes; not solved), the streaming kernel
-# does not.
+# Queries per program: 16, the smallest tensor-core tile; the streaming forward on half / bf16 inputs with K <= 32
+# takes 64 (STREAM_BLOCK_QUERIES: timed on the H200 at 0.38 ms against 0.52 ms for 16 at B 1, 6 heads, n 3137, K 16,
+# benchmarks/results/h200-kernel-sweep.json). Registers per thread compiled for sm_90 by triton 3.6 the way triton.jit
+# specialises the kernels at run time (aligned pointers, strides divisible by 16; benchmarks/kernel_resources.py),
+# 4 warps, bf16, K 16: row kernel 106, streaming kernel 250 (64 queries), backward 107; none spills. 64 streaming
+# queries spill with fp32 inputs (384 bytes) and, under triton 3.8, at K 64 (176 bytes): those keep 16. 64 x 256
+# score rows spill with exact keys (160 bytes) but not packed (254); kernel_sweep.py tries them.
 BLOCK_QUERIES = 16
+STREAM_BLOCK_QUERIES = 64
 
-# Launch configuration. None: the built-in choice (BLOCK_QUERIES queries per program, 4 warps).
+# Launch configuration. None: the built-in choice (``_fwd_block_m`` / BLOCK_QUERIES queries per program, 4 warps).
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
 # fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), or 'topk', one
 # bitonic tl.topk (untimed on a GPU so far; kernel_sweep.py compares them).
@@ -371,6 +372,11 @@ def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
     return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
+def _fwd_block_m(stream: bool, ieee: bool, num_kept: int) -> int:
+    """The forward's built-in queries per program."""
+    return STREAM_BLOCK_QUERIES if stream and not ieee and num_kept <= 32 else BLOCK_QUERIES
+
+
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
     """K after clamping: to the token count, or with a candidate list to its length (as the PyTorch path does)."""
     return min(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
@@ -400,8 +406,8 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     block_n = STREAM_BLOCK_N if stream else _pow2(M)
     cand = (candidates if candidates is not None else torch.zeros(1, device=v.device)).to(torch.int32).contiguous()
     num_keys = cand.numel() if candidates is not None else M
-    block_m = CONFIG['fwd_block_m'] or BLOCK_QUERIES
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, ieee, K)
     for s, e in _bh_chunks(B * H, q, k, vv, out, idx):
         grid = (triton.cdiv(N, block_m), e - s)
         _convnn_fwd_kernel[grid](
