@@ -12,9 +12,10 @@ machine has.
 
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
-bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as ``triton.jit`` specialises
-the kernels at run time for contiguous tensors with a head dim divisible by 16, i.e. every pointer 16-byte aligned and
-every stride divisible by 16, which vectorises loads and atomics; 0: no such assumption, far more registers).
+bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as
+``triton.jit`` specialises the kernels at run time for contiguous tensors with a head dim divisible by 16, i.e. every
+pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and atomics; 0: no such assumption,
+far more registers).
 """
 import argparse
 import os

@@ -111,19 +111,27 @@ compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=
 
 # exact ties (small integer vectors: exact fp32 dot products in any order): both forwards keep the K best by
 # (score descending, token id ascending), as a stable sort does
+def against_reference(fused, v, w, order, val):
+    """The fused op's (out, idx, p) for 2 heads of 16 value channels against the selection ``order`` (token ids) with
+    scores ``val``: softmax weights, and the depthwise-weighted sum of the selected value rows."""
+    out, idx, p = fused
+    n, kk = v.shape[2], order.shape[-1]
+    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3,
+                        order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
+    weights = w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)
+    ref = (rows * val.softmax(-1).unsqueeze(-1) * weights).sum(3)
+    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
+                p=(p.double() - val.softmax(-1)).abs().max().item())
+
 def tie_case(n, kk):
     g = torch.Generator().manual_seed(n)
     qs, ks = (torch.randint(-2, 3, (1, 2, n, 16), generator=g).float() for _ in range(2))
     v, w = torch.randn(1, 2, n, 16, generator=g), torch.randn(32, 1, kk, generator=g)
-    out, idx, p = triton_attention._convnn_attention(qs, ks, v, w, kk)
     s = qs.double() @ ks.double().transpose(-1, -2)
     order = torch.sort(-s, dim=-1, stable=True).indices[..., :kk]
-    val = s.gather(-1, order)
-    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
-    ref = (rows * val.softmax(-1).unsqueeze(-1) * w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)).sum(3)
     ties = int((s.unsqueeze(-1) == s.unsqueeze(-2)).sum() - s.numel())
-    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
-                p=(p.double() - val.softmax(-1)).abs().max().item(), ties=ties)
+    return dict(against_reference(triton_attention._convnn_attention(qs, ks, v, w, kk), v, w, order,
+                                  s.gather(-1, order)), ties=ties)
 
 results['ties_row'] = tie_case(40, 5)
 results['ties_stream'] = tie_case(triton_attention.ROW_TOKENS + 14, 16)
@@ -146,23 +154,19 @@ def packed_case(n, kk):
     ks = torch.randn(1, 2, n, 1, generator=g)
     bits = ks.view(torch.int32)
     bits[:, :, 1::2] = bits[:, :, 0:n - 1:2] ^ 3
-    qs = torch.randint(-1, 2, (1, 2, n, 1), generator=g).float().exp2() * (torch.randint(0, 2, (1, 2, n, 1),
-                                                                                       generator=g) * 2. - 1)
+    sign = torch.randint(0, 2, (1, 2, n, 1), generator=g) * 2. - 1
+    qs = torch.randint(-1, 2, (1, 2, n, 1), generator=g).float().exp2() * sign
     v, w = torch.randn(1, 2, n, 16, generator=g), torch.randn(32, 1, kk, generator=g)
-    out, idx, p = triton_attention._convnn_attention(qs, ks, v, w, kk)
     s = qs * ks.transpose(-1, -2)  # exact
     b = s.view(torch.int32).long()
     ordered = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    block_n = triton_attention._pow2(n)
-    hi = ordered & -block_n
+    hi = ordered & -triton_attention._pow2(n)
     order = torch.sort(-hi, dim=-1, stable=True).indices[..., :kk]
     h = hi.gather(-1, order)
     val = torch.where(h >= 0, h, h ^ 0x7FFFFFFF).int().view(torch.float32).double()
-    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3, order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
-    ref = (rows * val.softmax(-1).unsqueeze(-1) * w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)).sum(3)
     exact = torch.sort(-s.double(), dim=-1, stable=True).indices[..., :kk]
-    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
-                p=(p.double() - val.softmax(-1)).abs().max().item(), rows_unlike_exact=int((order != exact).any(-1).sum()))
+    return dict(against_reference(triton_attention._convnn_attention(qs, ks, v, w, kk), v, w, order, val),
+                rows_unlike_exact=int((order != exact).any(-1).sum()))
 
 triton_attention.CONFIG['fwd_keys'] = 'packed'
 results['packed_row'] = packed_case(40, 6)
@@ -205,8 +209,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64', 'random',
-                 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
+                 'random', 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
         c = r[case]
         assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
         # packed keys: softmax weights from scores with 2**-15 relative precision

@@ -119,6 +119,11 @@ if triton is not None:
         return (_ordered(s) & -BLOCK_N) | (BLOCK_N - 1 - cols[None, :])
 
     @triton.jit
+    def _unpack_keys(keys, BLOCK_N: tl.constexpr):
+        """``_packed_keys`` -> (score with its last log2(BLOCK_N) ordered bits zero, column)."""
+        return _unordered(keys & -BLOCK_N), BLOCK_N - 1 - (keys & (BLOCK_N - 1))
+
+    @triton.jit
     def _rank_softmax_aggregate(
             s, ids, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -137,8 +142,7 @@ if triton is not None:
             if PACKED:
                 kr = tl.max(s, axis=1)
                 s = tl.where(s == kr[:, None], -2147483648, s)  # below every key: taken
-                jr = NO_ID - 1 - (kr & (NO_ID - 1))
-                mr = _unordered(kr & -NO_ID)
+                mr, jr = _unpack_keys(kr, NO_ID)
             else:
                 mr = tl.max(s, axis=1)
                 jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
@@ -182,9 +186,7 @@ if triton is not None:
         back one slot at a time for the aggregation (after a barrier: a load per slot instead of two cross-lane
         reductions)."""
         if PACKED:
-            top = tl.topk(_packed_keys(s, cols, BLOCK_N), BLOCK_K)  # (BLOCK_M, BLOCK_K), descending
-            score = _unordered(top & -BLOCK_N)
-            sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1))
+            score, sel_idx = _unpack_keys(tl.topk(_packed_keys(s, cols, BLOCK_N), BLOCK_K), BLOCK_N)  # descending
         else:
             keys = (_ordered(s).to(tl.int64) << 32) | (BLOCK_N - 1 - cols[None, :]).to(tl.int64)
             top = tl.topk(keys, BLOCK_K)
