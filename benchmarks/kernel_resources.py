@@ -13,8 +13,9 @@ machine has.
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
 bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as
-``triton.jit`` specialises the kernels at run time for contiguous tensors with a head dim divisible by 16, i.e. every
-pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and atomics; 0: no such assumption,
+``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
+qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
+atomics; 0: no such assumption,
 far more registers).
 """
 import argparse
@@ -35,7 +36,6 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fw
                  'bwd:K=16,block_m=8,warps=1')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
-_STRIDES = ('stride_qb', 'stride_qn', 'stride_kb', 'stride_kn', 'stride_vb', 'stride_vn', 'stride_ob', 'stride_on')
 
 
 def _parse(case: str):
@@ -56,7 +56,7 @@ def _signature(kind: str, o: dict):
     p = '*' + o['dtype']
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
-                   H='i32', BH0='i32')
+                   H='i32')
         stream = o['N'] > ta.ROW_TOKENS or bool(o['cand'])
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'])
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
@@ -66,12 +66,12 @@ def _signature(kind: str, o: dict):
                      PACKED=bool(o['packed']) and not stream)
         fn = ta._convnn_fwd_kernel
     else:
-        sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo='*fp32', DKo='*fp32', DVo='*fp32',
-                   DWo='*fp32', N='i32', M='i32', H='i32', BH0='i32', DW_COPIES='i32')
+        sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
+                   DWo='*fp32', N='i32', M='i32', H='i32', DW_COPIES='i32')
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta.BLOCK_QUERIES,
                      BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
         fn = ta._convnn_bwd_kernel
-    sig.update({s: 'i32' for s in _STRIDES})
+    sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})
     return fn, sig, const
 

@@ -227,6 +227,37 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
 
 
+def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
+    # timm's attention hands over q, k, v as permuted views of one (B, N, 3, H, D) buffer: the kernels read them
+    # through their strides (no copies), write the output token-major so that the head merge is a view, and take the
+    # incoming gradient (a view of the same kind) in place too. The launches are recorded, not run.
+    if triton_attention.triton is None:
+        pytest.fail('triton is not installed (pip install triton)')
+    launches = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args))
+
+    monkeypatch.setattr(triton_attention, '_convnn_fwd_kernel', Record())
+    monkeypatch.setattr(triton_attention, '_convnn_bwd_kernel', Record())
+    B, N, H, D, K = 2, 50, 3, 16, 5
+    q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    w = torch.randn(H * D, 1, K)
+    out, idx, p = triton_attention._convnn_attention(q, k, v, w, K)
+    (grid, args), = launches
+    assert grid == (triton_attention.triton.cdiv(N, triton_attention.BLOCK_QUERIES), H, B)
+    for given, passed in zip((q, k, v, out), (args[0], args[1], args[2], args[4])):
+        assert passed.data_ptr() == given.data_ptr() and passed.stride() == given.stride()
+    assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()  # the merge (B, N, H * D) is a view
+    go = torch.randn(B, N, H, D).transpose(1, 2)
+    dq, dk, dv, dw = triton_attention._convnn_attention_backward(go, q, k, v, w, idx, p)
+    (_, bargs), = launches[1:]
+    for given, passed in zip((go, q, k, v), bargs[:4]):
+        assert passed.data_ptr() == given.data_ptr() and passed.stride() == given.stride()
+    assert dq.dtype == q.dtype and dq.is_contiguous() and bargs[7].data_ptr() == dq.data_ptr()  # stored once, no cast
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '
                                                           'kernel logic on every machine)')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

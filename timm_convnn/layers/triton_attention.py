@@ -21,7 +21,7 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU
 suite checks them against the PyTorch path.
 """
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -35,7 +35,7 @@ STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # takes 64 (STREAM_BLOCK_QUERIES: timed on the H200 at 0.38 ms against 0.52 ms for 16 at B 1, 6 heads, n 3137, K 16,
 # benchmarks/results/h200-kernel-sweep.json). Registers per thread compiled for sm_90 by triton 3.6 the way triton.jit
 # specialises the kernels at run time (aligned pointers, strides divisible by 16; benchmarks/kernel_resources.py),
-# 4 warps, bf16, K 16: row kernel 106, streaming kernel 250 (64 queries), backward 107; none spills. 64 streaming
+# 4 warps, bf16, K 16: row kernel 127, streaming kernel 250 (64 queries), backward 112; none spills. 64 streaming
 # queries spill with fp32 inputs (384 bytes) and, under triton 3.8, at K 64 (176 bytes): those keep 16. 64 x 256
 # score rows spill with exact keys (160 bytes) but not packed (254); kernel_sweep.py tries them.
 BLOCK_QUERIES = 16
@@ -87,7 +87,8 @@ if triton is not None:
 
     @triton.jit
     def _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ: tl.constexpr, IEEE: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key rows ``ids`` (-inf where not valid)."""
+        """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key rows ``ids`` of the (batch, head) slice
+        at offset ``kbase`` of ``Kf`` (-inf where not valid)."""
         kt = tl.load(Kf + kbase + ids[None, :] * stride_kn + dq[:, None],
                      mask=valid[None, :] & (dq[:, None] < DQ), other=0.)
         # half / bf16 inputs multiply exactly into the fp32 accumulator on the tensor cores (the same numbers as
@@ -125,7 +126,7 @@ if triton is not None:
 
     @triton.jit
     def _rank_softmax_aggregate(
-            s, ids, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
     ):
@@ -154,28 +155,27 @@ if triton is not None:
             sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
             sel_e = tl.where(kk[None, :] == r, e[:, None], sel_e)
         denom = tl.where(row_ok, denom, 1.)
-        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, bh, rows, row_ok, N, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV,
-                          NUM_K, BLOCK_M, BLOCK_DV)
+        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
-    def _store_selection(sel_idx, prob, IDX, P, bh, rows, row_ok, N, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
         """The K ids and softmax weights of a block of queries."""
         kk = tl.arange(0, BLOCK_K)
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
-        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
+        sel_off = rows[:, None] * NUM_K + kk[None, :]
         tl.store(IDX + sel_off, sel_idx, mask=sel_mask)
         tl.store(P + sel_off, prob, mask=sel_mask)
 
     @triton.jit
-    def _store_out(out, O, bh, rows, row_ok, stride_ob, stride_on, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def _store_out(out, O, rows, row_ok, stride_on, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
         dv = tl.arange(0, BLOCK_DV)
-        tl.store(O + bh * stride_ob + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
+        tl.store(O + rows[:, None] * stride_on + dv[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (dv[None, :] < DV))
 
     @triton.jit
     def _topk_softmax_aggregate(
-            s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr,
     ):
@@ -197,36 +197,47 @@ if triton is not None:
         m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
         e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
         denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
-        _store_selection(sel_idx, e / denom[:, None], IDX, P, bh, rows, row_ok, N, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV,
-                          NUM_K, BLOCK_M, BLOCK_DV)
+        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
     def _aggregate_stored(
-            V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn, stride_ob, stride_on,
+            V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         """out = sum_r w[:, r] * p_r * v[id_r] from the ids and weights this program has just stored, read back one
         slot at a time after a barrier (plain loads in the aggregation's own layout: no cross-lane extraction, no
         layout conversion per slot). Stores out."""
         tl.debug_barrier()  # the stores of the selection are visible to every thread of the program
-        row_off = bh * N * NUM_K + rows * NUM_K
+        row_off = rows * NUM_K
         dv = tl.arange(0, BLOCK_DV)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
             jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             pr = tl.load(P + row_off + r, mask=row_ok, other=0.)
-            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv[None, :],
+            vrow = tl.load(V + jr[:, None] * stride_vn + dv[None, :],
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
             wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
             acc += (pr[:, None] * vrow) * wr[None, :]
-        _store_out(acc, O, bh, rows, row_ok, stride_ob, stride_on, DV, BLOCK_DV)
+        _store_out(acc, O, rows, row_ok, stride_on, DV, BLOCK_DV)
+
+    @triton.jit
+    def _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+        """V, O, IDX, P at this program's (batch, head) slice, derived from the program id where they are first
+        needed (pointers or slice indices held through the streaming loop cost registers)."""
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        return (V + b * stride_vb + h * stride_vh, O + b * stride_ob + h * stride_oh, IDX + bh * N * NUM_K,
+                P + bh * N * NUM_K)
 
     @triton.jit
     def _convnn_fwd_kernel(
             Q, Kf, V, W, O, IDX, P, CAND,
-            N, M, L, H, BH0,
-            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+            N, M, L, H,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
@@ -236,16 +247,21 @@ if triton is not None:
         whole score row block in registers, ranked in place. STREAM=True: the L keys (all M tokens, or with
         CANDIDATES the L token ids in CAND plus each query itself) stream in tiles of BLOCK_N through a running top-K
         buffer (score, id) per query; a tile is merged only while some query of the block has a tile score above its
-        current K-th best (CTA-uniform loop), so later tiles mostly cost one row max."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        h = (bh + BH0) % H
+        current K-th best (CTA-uniform loop), so later tiles mostly cost one row max.
+
+        Grid: (query blocks, heads, batch). q, k, v and the output are read and written in place through their
+        (batch, head, token) strides (timm's attention hands over permuted views of one qkv buffer: no copies); offsets
+        are int32, the caller splits the batch so that they fit."""
+        pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        Q += b * stride_qb + h * stride_qh
+        kbase = b * stride_kb + h * stride_kh
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dq = tl.arange(0, BLOCK_DQ)
         row_ok = rows < N
-        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
-        kbase = bh * stride_kb
+        q = tl.load(Q + rows[:, None] * stride_qn + dq[None, :], mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
         if STREAM:
             kk = tl.arange(0, BLOCK_K)
             real = kk[None, :] < NUM_K
@@ -284,28 +300,32 @@ if triton is not None:
                     mx = tl.max(s, axis=1)
                     todo = (mx > thr) & row_ok
             best = tl.where(real, best, float('-inf'))
-            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
-                                    stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
+            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K,
+                                          BLOCK_M)
+            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
+                                    BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
+            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K,
+                                          BLOCK_M)
             if TOPK:
-                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb, stride_vn,
-                                        stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
+                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
+                                        BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
             elif PACKED:
-                _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, bh, h, rows,
-                                        row_ok, N, stride_vb, stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M,
-                                        BLOCK_DV, BLOCK_K, BLOCK_N, True)
+                _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, h, rows,
+                                        row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N,
+                                        True)
             else:
-                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, bh, h, rows, row_ok, N, stride_vb,
-                                        stride_vn, stride_ob, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
-                                        BLOCK_N, False)
+                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
+                                        NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
 
     @triton.jit
     def _convnn_bwd_kernel(
             GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
-            N, M, H, BH0, DW_COPIES,
-            stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
+            N, M, H, DW_COPIES,
+            stride_gb, stride_gh, stride_gn, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -314,10 +334,21 @@ if triton is not None:
         acquire-release, compiled for sm_90 to a GPU-wide fence and an L1 invalidation around each of the 272 atomic
         instructions per thread at K 16, so every later gathered row missed L1). dw goes to one of DW_COPIES copies
         (programs of one head spread over them by batch and query block; the caller sums them), not to one
-        (H, K, DV) block that every program of the head would update."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        h = (bh + BH0) % H
+        (H, K, DV) block that every program of the head would update. Strided inputs as in the forward; dq (in q's
+        dtype), dk and dv (fp32) are contiguous (B * H, tokens, channels)."""
+        pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
+        GO += b * stride_gb + h * stride_gh
+        Q += b * stride_qb + h * stride_qh
+        Kf += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        IDX += bh * N * NUM_K
+        P += bh * N * NUM_K
+        DQo += bh * N * DQ
+        DKo += bh * M * DQ
+        DVo += bh * M * DV
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dq_r = tl.arange(0, BLOCK_DQ)
         dv_r = tl.arange(0, BLOCK_DV)
@@ -326,26 +357,25 @@ if triton is not None:
         mq = row_ok[:, None] & (dq_r[None, :] < DQ)
         mv = row_ok[:, None] & (dv_r[None, :] < DV)
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
-        sel_off = bh * N * NUM_K + rows[:, None] * NUM_K + kk[None, :]
+        sel_off = rows[:, None] * NUM_K + kk[None, :]
         p = tl.load(P + sel_off, mask=sel_mask, other=0.)
-        row_off = bh * N * NUM_K + rows * NUM_K  # slot r of every row: one (cached) load, no cross-lane reduction
-        dw_base = DWo + (((pid_m + ((bh + BH0) // H) * tl.num_programs(0)) % DW_COPIES) * H + h) * NUM_K * DV
-        go = tl.load(GO + bh * stride_ob + rows[:, None] * stride_on + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
-        q = tl.load(Q + bh * stride_qb + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
+        row_off = rows * NUM_K  # slot r of every row: one (cached) load, no cross-lane reduction
+        dw_base = DWo + (((pid_m + b * tl.num_programs(0)) % DW_COPIES) * H + h) * NUM_K * DV
+        go = tl.load(GO + rows[:, None] * stride_gn + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
+        q = tl.load(Q + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
 
         # through the aggregation: dp (weights), dv and dw
         dp = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
             jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             pr = tl.load(P + row_off + r, mask=row_ok, other=0.)
-            vrow = tl.load(V + bh * stride_vb + jr[:, None] * stride_vn + dv_r[None, :], mask=mv,
-                           other=0.).to(tl.float32)
+            vrow = tl.load(V + jr[:, None] * stride_vn + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
             wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.).to(tl.float32)
             t = vrow * go
             dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
             tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV,
                           sem='relaxed')
-            tl.atomic_add(DVo + bh * M * DV + jr[:, None] * DV + dv_r[None, :],
+            tl.atomic_add(DVo + jr[:, None] * DV + dv_r[None, :],
                           (pr[:, None] * wr[None, :]) * go, mask=mv, sem='relaxed')
         # through the softmax over the K kept scores, then the selected dot products
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
@@ -353,19 +383,48 @@ if triton is not None:
         for r in tl.static_range(NUM_K):
             jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             dsr = tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)
-            krow = tl.load(Kf + bh * stride_kb + jr[:, None] * stride_kn + dq_r[None, :], mask=mq,
-                           other=0.).to(tl.float32)
+            krow = tl.load(Kf + jr[:, None] * stride_kn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
             dq += dsr[:, None] * krow
-            tl.atomic_add(DKo + bh * M * DQ + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq,
-                          sem='relaxed')
-        tl.store(DQo + bh * N * DQ + rows[:, None] * DQ + dq_r[None, :], dq, mask=mq)
+            tl.atomic_add(DKo + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq, sem='relaxed')
+        tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], dq.to(DQo.dtype.element_ty), mask=mq)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B*H, L, D) with unit stride on D."""
-    B, H, L, D = x.shape
-    x = x.reshape(B * H, L, D)
-    return x if x.stride(-1) == 1 else x.contiguous()
+_INT32_MAX = 2 ** 31 - 1
+_GRID_Z = 65535  # CUDA's limit on the third grid axis (the batch)
+
+
+def _entry_span(x: torch.Tensor) -> int:
+    """Elements one batch entry of x spans in memory."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+
+
+def _in_place(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) as the kernels read it: in place (any batch / head / token strides, e.g. timm's permuted views of
+    its qkv buffer) when channels are unit-stride and one batch entry spans fewer than 2**31 elements (the kernels'
+    int32 offsets); otherwise a contiguous copy."""
+    if x.stride(-1) == 1 and _entry_span(x) <= _INT32_MAX:
+        return x
+    x = x.contiguous()
+    if _entry_span(x) > _INT32_MAX:
+        raise ValueError(f'the fused ConvNN kernels take at most 2**31 - 1 elements per batch entry; got '
+                         f'{tuple(x.shape[1:])}')
+    return x
+
+
+def _batch_chunks(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, int]]:
+    """Batch ranges, one launch each: at most ``_GRID_Z`` entries, and few enough that every offset inside a launch
+    fits the kernels' int32 arithmetic in every tensor (one launch at any usual size)."""
+    step = _GRID_Z
+    for t in tensors:
+        if t.stride(0) > 0:
+            step = min(step, (_INT32_MAX - _entry_span(t)) // t.stride(0) + 1)
+    step = max(1, step)
+    return [(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+
+def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
+    """Batch, head and token strides of a (B, H, L, D) tensor."""
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
@@ -384,14 +443,6 @@ def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Te
     return min(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
 
 
-def _bh_chunks(num_bh: int, *tensors: torch.Tensor):
-    """(start, end) ranges over the batch x head dimension such that every offset inside one launch fits the kernels'
-    int32 arithmetic (elements per (batch, head) slice times slices < 2**31)."""
-    per_bh = max(max(t.stride(0), t[0].numel()) for t in tensors)
-    step = max(1, (2 ** 31 - 1) // max(1, per_bh))
-    return [(s, min(num_bh, s + step)) for s in range(0, num_bh, step)]
-
-
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
 def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                       num_neighbors: int, candidates: Optional[torch.Tensor] = None,
@@ -399,34 +450,34 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
     K = _num_kept(num_neighbors, M, candidates)
-    q, k, vv = _flat(qs), _flat(ks), _flat(v)
+    q, k, vv = _in_place(qs), _in_place(ks), _in_place(v)
     w = _slot_major(weight, H, DV, K)
-    out = torch.empty(B * H, N, DV, device=v.device, dtype=v.dtype)
-    idx = torch.empty(B * H, N, K, device=v.device, dtype=torch.int32)
-    p = torch.empty(B * H, N, K, device=v.device, dtype=torch.float32)
+    # written token-major, (B, N, H, DV), and returned as its (B, H, N, DV) view: timm's head merge
+    # (transpose(1, 2).reshape(B, N, C)) is then a view, not a copy
+    out = _in_place(torch.empty(B, N, H, DV, device=v.device, dtype=v.dtype).transpose(1, 2))
+    idx = torch.empty(B, H, N, K, device=v.device, dtype=torch.int32)
+    p = torch.empty(B, H, N, K, device=v.device, dtype=torch.float32)
     stream = M > ROW_TOKENS or candidates is not None
     block_n = STREAM_BLOCK_N if stream else _pow2(M)
     cand = (candidates if candidates is not None else torch.zeros(1, device=v.device)).to(torch.int32).contiguous()
     num_keys = cand.numel() if candidates is not None else M
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, ieee, K)
-    for s, e in _bh_chunks(B * H, q, k, vv, out, idx):
-        grid = (triton.cdiv(N, block_m), e - s)
-        _convnn_fwd_kernel[grid](
-            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, s,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), out.stride(0),
-            out.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQ=_pow2(DQ),
-            BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream, CANDIDATES=candidates is not None,
-            TOPK=CONFIG['fwd_select'] == 'topk' and not stream, PACKED=CONFIG['fwd_keys'] == 'packed' and not stream,
-            num_warps=CONFIG['fwd_warps'] or 4)
-    return out.view(B, H, N, DV), idx.view(B, H, N, K), p.view(B, H, N, K)
+    for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
+        _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
+            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, *_strides(q),
+            *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream,
+            CANDIDATES=candidates is not None, TOPK=CONFIG['fwd_select'] == 'topk' and not stream,
+            PACKED=CONFIG['fwd_keys'] == 'packed' and not stream, num_warps=CONFIG['fwd_warps'] or 4)
+    return out, idx, p
 
 
 @_convnn_attention.register_fake
 def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
     B, H, N, _ = qs.shape
     K = _num_kept(num_neighbors, ks.shape[2], candidates)
-    return (v.new_empty(B, H, N, v.shape[3]), v.new_empty(B, H, N, K, dtype=torch.int32),
+    return (_in_place(v.new_empty(B, N, H, v.shape[3]).transpose(1, 2)), v.new_empty(B, H, N, K, dtype=torch.int32),
             v.new_empty(B, H, N, K, dtype=torch.float32))
 
 
@@ -437,31 +488,29 @@ def _convnn_attention_backward(
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
     K = idx.shape[-1]
-    q, k, vv, go = _flat(qs), _flat(ks), _flat(v), _flat(grad_out)
+    q, k, vv, go = _in_place(qs), _in_place(ks), _in_place(v), _in_place(grad_out)
     w = _slot_major(weight, H, DV, K)
-    dq = torch.empty(B * H, N, DQ, device=v.device, dtype=torch.float32)
-    dk = torch.zeros(B * H, M, DQ, device=v.device, dtype=torch.float32)
-    dv = torch.zeros(B * H, M, DV, device=v.device, dtype=torch.float32)
+    dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
+    dk = torch.zeros(B, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
+    dv = torch.zeros(B, H, M, DV, device=v.device, dtype=torch.float32)
     block_m = CONFIG['bwd_block_m'] or BLOCK_QUERIES
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, B * triton.cdiv(N, block_m)))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
-    idx, p = idx.reshape(B * H, N, K).contiguous(), p.reshape(B * H, N, K).contiguous()
-    for s, e in _bh_chunks(B * H, q, k, vv, go, dk, dv):
-        grid = (triton.cdiv(N, block_m), e - s)
-        _convnn_bwd_kernel[grid](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, s, copies,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), go.stride(0),
-            go.stride(1), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV),
-            BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4)
+    idx, p = idx.contiguous(), p.contiguous()
+    for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
+        _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
+            *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
-    return (dq.view(B, H, N, DQ).to(qs.dtype), dk.view(B, H, M, DQ).to(ks.dtype), dv.view(B, H, M, DV).to(v.dtype),
-            full_dw.to(weight.dtype))
+    return dq, dk.to(ks.dtype), dv.to(v.dtype), full_dw.to(weight.dtype)
 
 
 @_convnn_attention_backward.register_fake
 def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
-    return torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(v), torch.empty_like(weight)
+    # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
+    return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -473,7 +522,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
     qs, ks, v, weight, idx, p = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out.contiguous(), qs, ks, v, weight, idx, p)
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p)
     return dq, dk, dv, dw, None, None
 
 
