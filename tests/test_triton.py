@@ -258,6 +258,18 @@ def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
     assert dq.dtype == q.dtype and dq.is_contiguous() and bargs[7].data_ptr() == dq.data_ptr()  # stored once, no cast
 
 
+def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
+    if triton_attention.triton is None:
+        pytest.fail('triton is not installed (pip install triton)')
+    chunks = triton_attention._batch_chunks
+    big = torch.empty(70000, 2, 4, 16, device='meta')  # more batch entries than CUDA's z grid axis takes
+    assert chunks(70000, big) == [(0, 65535), (65535, 70000)]
+    # one batch entry 2**30 elements apart: two entries per launch keep every offset below 2**31
+    wide = big[:5].as_strided((5, 1, 1, 16), (2 ** 30, 16, 16, 1))
+    assert chunks(5, big[:5], wide) == [(0, 2), (2, 4), (4, 5)]
+    assert chunks(256, torch.empty(256, 12, 197, 64, device='meta')) == [(0, 256)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '
                                                           'kernel logic on every machine)')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

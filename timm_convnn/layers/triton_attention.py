@@ -459,7 +459,8 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     p = torch.empty(B, H, N, K, device=v.device, dtype=torch.float32)
     stream = M > ROW_TOKENS or candidates is not None
     block_n = STREAM_BLOCK_N if stream else _pow2(M)
-    cand = (candidates if candidates is not None else torch.zeros(1, device=v.device)).to(torch.int32).contiguous()
+    cand = (candidates.to(torch.int32).contiguous() if candidates is not None  # a placeholder without (never read)
+            else torch.empty(1, device=v.device, dtype=torch.int32))
     num_keys = cand.numel() if candidates is not None else M
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, ieee, K)
