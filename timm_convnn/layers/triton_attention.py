@@ -222,8 +222,7 @@ if triton is not None:
         _store_out(acc, O, rows, row_ok, stride_on, DV, BLOCK_DV)
 
     @triton.jit
-    def _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+    def _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K: tl.constexpr):
         """V, O, IDX, P at this program's (batch, head) slice, derived from the program id where they are first
         needed (pointers or slice indices held through the streaming loop cost registers)."""
         h = tl.program_id(1)
@@ -255,7 +254,6 @@ if triton is not None:
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
         b = tl.program_id(2)
-        bh = b * H + h
         Q += b * stride_qb + h * stride_qh
         kbase = b * stride_kb + h * stride_kh
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -300,15 +298,13 @@ if triton is not None:
                     mx = tl.max(s, axis=1)
                     todo = (mx > thr) & row_ok
             best = tl.where(real, best, float('-inf'))
-            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K,
-                                          BLOCK_M)
+            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                     BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
-            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K,
-                                          BLOCK_M)
+            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             if TOPK:
                 _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                         BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
