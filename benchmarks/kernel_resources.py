@@ -15,8 +15,7 @@ fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warp
 bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
 qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
-atomics; 0: no such assumption,
-far more registers).
+atomics; 0: no such assumption, far more registers).
 """
 import argparse
 import os

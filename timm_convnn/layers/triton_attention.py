@@ -36,8 +36,8 @@ STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # benchmarks/results/h200-kernel-sweep.json). Registers per thread compiled for sm_90 by triton 3.6 the way triton.jit
 # specialises the kernels at run time (aligned pointers, strides divisible by 16; benchmarks/kernel_resources.py),
 # 4 warps, bf16, K 16: row kernel 127, streaming kernel 250 (64 queries), backward 112; none spills. 64 streaming
-# queries spill with fp32 inputs (384 bytes) and, under triton 3.8, at K 64 (176 bytes): those keep 16. 64 x 256
-# score rows spill with exact keys (160 bytes) but not packed (254); kernel_sweep.py tries them.
+# queries spill with fp32 inputs (384 bytes) and, under triton 3.8, at K 64 (168 bytes): those keep 16. 64 x 256
+# score rows spill with exact keys (104 bytes) but not packed (228); kernel_sweep.py tries them.
 BLOCK_QUERIES = 16
 STREAM_BLOCK_QUERIES = 64
 
