@@ -138,6 +138,25 @@ def test_cifar_sized_input(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize('name', ['vgg11_convnn', 'resnet18_convnn_branch'])
+def test_train_step_under_autocast(name):
+    # bf16 autocast (train.py --amp; here on the CPU): VGG's first ConvNN layer takes the fp32 image, the others and
+    # ResNet's take autocast's bf16 activations. (Numbers are not compared with the fp32 step: from bf16 features the
+    # top-K neighbour sets differ, and at random init the change compounds over the layers; the aggregation's
+    # numerics under autocast are tested against their definition in test_operator.py.)
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    params = list(model.parameters())
+    reached = [bool(g.any()) for g in torch.autograd.grad(model(x).logsumexp(-1).mean(), params)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().logsumexp(-1).mean(), params)
+    assert all(g.dtype == p.dtype and bool(torch.isfinite(g).all()) for g, p in zip(grads, params))
+    # the same parameters get a gradient (ResNet's zero-init last norm of each block stops it in fp32 as well)
+    assert [bool(g.any()) for g in grads] == reached and any(reached)
+
+
 def test_convnn_kwargs_reach_every_layer():
     opts = dict(num_neighbors=5, candidates='random', num_samples=16, similarity='euclidean', weighting='softmax',
                 coords='append')

@@ -88,6 +88,29 @@ def test_neighbor_aggregate_gradcheck_and_definition(depthwise, with_rho, budget
     torch.testing.assert_close(fn(v, w, *((rho,) if with_rho else ())), torch.stack(outs, 1))
 
 
+@pytest.mark.parametrize('depthwise', [True, False])
+def test_aggregation_under_autocast_takes_one_dtype(depthwise):
+    # the standard aggregation is a matrix product: under autocast it runs in autocast's dtype, as the conv it
+    # replaces would, from an fp32 v too (a VGG's first ConvNN layer gets the image), and differentiates back into
+    # the leaves' own dtypes; the depthwise one is elementwise and keeps v's dtype (autocast leaves such ops alone)
+    B, G, N, M, C, K = 2, 2, 7, 9, 3, 4
+    v = torch.randn(B, G, M, C, requires_grad=True)
+    rho = torch.rand(B, G, N, K, requires_grad=True)
+    w = torch.randn(*((G, C, K) if depthwise else (G, 5, C, K)), requires_grad=True)
+    idx = _rand_idx(B, G, N, M, K)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = FN.neighbor_aggregate(v, idx, rho, w, depthwise)
+    dtype = torch.float32 if depthwise else torch.bfloat16
+    leaves = (v, rho, w)
+    ref = FN.neighbor_aggregate(*(t.to(dtype) if t is v else t for t in (v, idx, rho, w)), depthwise)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    torch.testing.assert_close(grads, torch.autograd.grad((ref * gy).sum(), leaves))
+
+
 @pytest.mark.parametrize('budget', list(BUDGETS))
 @pytest.mark.parametrize('depthwise', [True, False])
 def test_custom_functions_match_eager_fallback(budget, depthwise):

@@ -545,14 +545,31 @@ def neighbor_aggregate(
         depthwise: selects the weight layout above.
 
     Returns:
-        (B, G, N, C) for depthwise, (B, G, N, Cout) for standard; dtype of ``v``.
+        (B, G, N, C) for depthwise, (B, G, N, Cout) for standard; dtype of ``v``, or under autocast for the standard
+        aggregation (a matrix product, like the convolution it replaces) autocast's dtype.
     """
+    if not torch.jit.is_scripting():
+        v = _autocast_operand(v, depthwise)
     weight = weight.to(v.dtype)
     if rho is not None:
         rho = rho.to(v.dtype)
     if torch.jit.is_scripting():
         return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
     return _NeighborAggregate.apply(v, idx, rho, weight, depthwise, budget_bytes)
+
+
+def _autocast_operand(v: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    """v in the dtype autocast gives a matrix product's operands on v's device, for the standard aggregation: the
+    aggregation then runs, saves and differentiates in one dtype, the output has it, and the cast's own backward
+    returns v's gradient in v's dtype. (Left to autocast inside the autograd Function, the forward product came out
+    in bf16 from an fp32 v, e.g. the image into a VGG's first ConvNN layer, and the backward, which runs outside
+    autocast, then mixed the two dtypes.) The depthwise aggregation is elementwise, which autocast leaves alone."""
+    if depthwise or v.device.type not in ('cpu', 'cuda', 'xpu', 'mps', 'hpu'):
+        return v
+    if not torch.is_autocast_enabled(v.device.type) or not v.is_floating_point():
+        return v
+    dtype = torch.get_autocast_dtype(v.device.type)
+    return v if v.dtype == torch.float64 else v.to(dtype)
 
 
 def hashed_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
