@@ -228,6 +228,27 @@ def test_export_ema_missing_is_a_clear_error(tmp_path):
         hub.export_checkpoint(run / 'model_best.pth.tar', tmp_path / 'out', use_ema=True)
 
 
+def test_export_of_unreadable_checkpoints_fails_in_one_line(tmp_path, capsys):
+    _, _, run = _train_checkpoint(tmp_path, ema=False)
+    good = (run / 'model_best.pth.tar').read_bytes()
+    files = {'garbage.pth': b'not a checkpoint\n', 'truncated.pth': good[:len(good) // 2], 'empty.pth': b''}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({'weights': torch.ones(2)}, tmp_path / 'plain.pth')
+    cases = [('missing.pth', FileNotFoundError, 'no checkpoint file at'),
+             ('plain.pth', ValueError, 'not a timm train.py checkpoint')]
+    cases += [(name, ValueError, 'not a readable torch checkpoint') for name in files]
+    for name, exc, message in cases:
+        path = tmp_path / name
+        with pytest.raises(exc, match=message):
+            hub.load_train_checkpoint(path)
+        for command in (['export', str(path), str(tmp_path / 'out')], ['push', str(path), 'org/x', '--dry-run']):
+            assert cli_main(command) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f'timm-convnn {command[0]}: error: ') and message in err and str(path) in err
+            assert 'Traceback' not in err and 'weights_only' not in err  # not torch's advice to unpickle anyway
+
+
 def test_push_uploads_exactly_the_exported_files(tmp_path, monkeypatch):
     model, _, run = _train_checkpoint(tmp_path)
     record = {}

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_args(p)
     p.add_argument('out_dir', help='output folder')
     p.add_argument('--repo-id', default='', help='Hub repo id used in the model card')
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=_cmd_export, friendly_errors=True)
 
     p = sub.add_parser('push', help='export a train.py checkpoint (or exported folder) and upload it to the Hub',
                        description='Export CHECKPOINT and upload it to REPO_ID (token: HF_TOKEN or huggingface-cli '
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out-dir', default=None, help='folder to write (default: a temporary folder)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--dry-run', action='store_true', help='write the folder, upload nothing')
-    p.set_defaults(func=_cmd_push)
+    p.set_defaults(func=_cmd_push, friendly_errors=True)
 
     p = sub.add_parser('weights', help='print the table of pretrained tags of the ConvNN models')
     p.set_defaults(func=_cmd_weights)
@@ -227,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, 'friendly_errors', False):  # bad names / coordinates: one line, no traceback
+    if getattr(args, 'friendly_errors', False):  # bad names / coordinates / files: one line, no traceback
         try:
             return args.func(args)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             print(f'timm-convnn {args.command}: error: {e}', file=sys.stderr)
             return 2
     return args.func(args)

@@ -9,6 +9,7 @@ format; ``push`` uploads the folder with huggingface_hub (token from the usual H
 import argparse
 import csv
 import datetime
+import pickle
 import string
 import tempfile
 from importlib import resources
@@ -169,8 +170,18 @@ def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tupl
     ``use_ema`` picks ``state_dict_ema`` (saved when training with ``--model-ema``) and fails clearly if absent.
     """
     path = Path(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint file at {path}')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        # torch's weights-only message starts with advice (weights_only=False) that is wrong for a damaged file; the
+        # unpickler's own reason is at its end
+        msg = str(e)
+        reason = msg.split('WeightsUnpickler error:')[-1].strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
+                         f'than tensors and train.py arguments): {reason}') from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a timm train.py checkpoint (no state_dict entry)')
     key = 'state_dict_ema' if use_ema else 'state_dict'
