@@ -138,6 +138,28 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no ConvNN layer named ['blocks.7.attn']; layers: blocks.0.attn" in capsys.readouterr().err
     assert cli_main(['info', 'resnet5O_convnn']) == 2
     assert 'did you mean: resnet50_convnn' in capsys.readouterr().err
+
+
+def test_neighbors_cli_bad_files_are_one_line_errors(tmp_path, capsys):
+    # missing / damaged checkpoints and images name the file; a checkpoint of another shape says it does not fit
+    torch.save(_vit(num_classes=3).state_dict(), tmp_path / 'other.pth')
+    data = (tmp_path / 'other.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint\n')
+    base = ['neighbors', 'vit_tiny_convnn_random', '--img-size', '32', '--out', str(tmp_path / 'x.png'),
+            '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2']
+    cases = [(['--checkpoint', str(tmp_path / 'missing.pth')], 'no checkpoint file at '),
+             (['--checkpoint', str(tmp_path / 'truncated.pth')], 'is not a readable torch checkpoint'),
+             (['--checkpoint', str(tmp_path / 'garbage.pth')], 'is not a readable torch checkpoint'),
+             (['--checkpoint', str(tmp_path / 'other.pth')], 'does not fit vit_tiny_convnn_random: Error(s) in loading'),
+             (['--image', str(tmp_path / 'missing.png')], 'cannot read the image'),
+             (['--image', str(tmp_path / 'garbage.pth')], 'cannot read the image')]
+    for extra, message in cases:
+        assert cli_main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith('timm-convnn neighbors: error: ') and message in err and extra[1] in err, err
+        assert 'Traceback' not in err and 'weights_only' not in err
+    assert not (tmp_path / 'x.png').exists()
     assert cli_main(['list', 'nothing_like_this']) == 2
     assert "no ConvNN model matches 'nothing_like_this'" in capsys.readouterr().err
     assert not (tmp_path / 'x.png').exists()

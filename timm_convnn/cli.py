@@ -1,5 +1,7 @@
 """ ``timm-convnn`` command line. """
 import argparse
+import os
+import pickle
 import sys
 from typing import List, Optional
 
@@ -119,6 +121,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     import timm
     from PIL import Image
     from .catalog import check_model_name
+    from .hub import is_unreadable_checkpoint, unreadable_checkpoint
     from .viz import neighbor_map
 
     name = check_model_name(args.model)
@@ -127,9 +130,23 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     query = _parse_query(args.query) if args.query else None
     kwargs = dict(args.model_kwargs or [])
     if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):  # timm raises a FileNotFoundError without a message
+            raise FileNotFoundError(f'no checkpoint file at {args.checkpoint}')
         kwargs['checkpoint_path'] = args.checkpoint
-    model = timm.create_model(name, pretrained=args.pretrained, **kwargs).eval()
-    image = Image.open(args.image) if args.image else None
+    image = None
+    if args.image:
+        try:
+            image = Image.open(args.image)
+        except OSError as e:  # missing, or not an image PIL reads
+            raise ValueError(f'cannot read the image {args.image}: {e}') from e
+    try:
+        model = timm.create_model(name, pretrained=args.pretrained, **kwargs).eval()
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        if not args.checkpoint:
+            raise
+        if is_unreadable_checkpoint(e):
+            raise unreadable_checkpoint(args.checkpoint, e) from e
+        raise ValueError(f'the checkpoint {args.checkpoint} does not fit {name}: {e}') from e
     (w, h), records, (qx, qy) = neighbor_map(model, args.out, image, query, args.layers, args.img_size)
     shown = len(args.layers) if args.layers else len(records)
     print(f'wrote {args.out} ({w}x{h} px): {shown} ConvNN layers of {name}, query pixel ({qx}, {qy})')

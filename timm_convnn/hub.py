@@ -164,6 +164,31 @@ def save(
     return save_directory
 
 
+def is_unreadable_checkpoint(e: BaseException) -> bool:
+    """Whether ``e`` (from ``torch.load``, or timm's loading around it) says the file itself could not be read, as
+    opposed to e.g. a state dict that does not fit the model."""
+    if isinstance(e, (pickle.UnpicklingError, EOFError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ('weights_only' in text or 'PytorchStreamReader' in text)
+
+
+def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueError:
+    """One line for a checkpoint file that torch.load could not read. torch's weights-only message leads with advice
+    (retry with weights_only=False) that is wrong for a damaged file; the unpickler's own reason ends it (timm raises
+    its own message with torch's as the cause)."""
+    reason = ''
+    for err in (e, e.__cause__):
+        if err is not None and 'WeightsUnpickler error:' in str(err):
+            reason = str(err).split('WeightsUnpickler error:')[-1].strip()
+            break
+    else:
+        reason = str(e).strip()
+    reason = reason.splitlines()[0] if reason else type(e).__name__
+    return ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
+                      f'than tensors and train.py arguments): {reason}')
+
+
 def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor], Dict]:
     """(architecture, state_dict, train.py args) from a timm train.py checkpoint.
 
@@ -176,12 +201,7 @@ def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tupl
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        # torch's weights-only message starts with advice (weights_only=False) that is wrong for a damaged file; the
-        # unpickler's own reason is at its end
-        msg = str(e)
-        reason = msg.split('WeightsUnpickler error:')[-1].strip().splitlines()[0] if msg.strip() else type(e).__name__
-        raise ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
-                         f'than tensors and train.py arguments): {reason}') from e
+        raise unreadable_checkpoint(path, e) from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a timm train.py checkpoint (no state_dict entry)')
     key = 'state_dict_ema' if use_ema else 'state_dict'
