@@ -103,6 +103,15 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     (['--op-batches', '65:x'], "--op-batches takes N:B with positive integers; got '65:x'"),
     (['--op-batches', '65:0'], "--op-batches takes N:B with positive integers; got '65:0'"),
     (['--models', '--pairs', 'vit_tiny_convnn_all'], "--pairs takes CONVNN:TIMM; got 'vit_tiny_convnn_all'"),
+    (['--models', '--pairs', 'vit_tiny_convn_all:vit_tiny_patch16_224'],
+     "unknown model 'vit_tiny_convn_all'; did you mean: vit_tiny_convnn_all"),
+    (['--tokens', '197', '1'], '--tokens must be >= 2 (a class token and at least one patch); got 1'),
+    (['--neighbors', '0'], '--neighbors must be >= 1; got 0'),
+    (['--iters', '0'], '--iters must be >= 1; got 0'),
+    (['--modes', 'grid'], "--modes takes all, random, spatial; got 'grid'"),
+    (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
+    pytest.param(['--device', 'cuda'], '--device cuda: torch sees no CUDA device here; use --device cpu',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA device')),
 ])
 def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
     argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')] + (args if '--models' in args else ['--ops'] + args)

@@ -532,8 +532,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', default='bench-out', help='folder for results.json, results.md, ops.png')
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Bad options fail before anything is timed, with the value and the valid range."""
+    from .catalog import check_model_name
+    from .layers.common import CANDIDATE_MODES
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f'--device {args.device!r} is not a torch device: {e}') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device}: torch sees no CUDA device here; use --device cpu')
+    positive = dict(tokens=(args.tokens, 2), neighbors=(args.neighbors, 1), heads=([args.heads], 1),
+                    head_dim=([args.head_dim], 1), num_samples=([args.num_samples], 1), iters=([args.iters], 1),
+                    warmup=([args.warmup], 0), batch_size=([args.batch_size], 1), img_size=([args.img_size], 1))
+    for name, (values, low) in positive.items():
+        bad = [v for v in values if v is not None and v < low]
+        if bad:
+            what = ' (a class token and at least one patch)' if name == 'tokens' else ''
+            raise ValueError(f'--{name.replace("_", "-")} must be >= {low}{what}; got {bad[0]}')
+    bad_modes = [m for m in args.modes if m not in CANDIDATE_MODES]
+    if bad_modes:
+        raise ValueError(f'--modes takes {", ".join(CANDIDATE_MODES)}; got {bad_modes[0]!r}')
+    for pair in args.pairs or []:
+        names = pair.split(':')
+        if len(names) != 2:
+            raise ValueError(f'--pairs takes CONVNN:TIMM; got {pair!r}')
+        for name in names:
+            check_model_name(name)
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
     import ast
+    _check_args(args)
     device = torch.device(args.device)
     both = not args.ops and not args.models
     cuda = device.type == 'cuda'
@@ -567,9 +597,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
                      backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
-        for p in pairs:
-            if len(p) != 2:
-                raise ValueError(f'--pairs takes CONVNN:TIMM; got {":".join(p)!r}')
         kwargs = {}
         for item in args.model_kwargs:
             key, _, value = item.partition('=')
