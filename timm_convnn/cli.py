@@ -1,7 +1,6 @@
 """ ``timm-convnn`` command line. """
 import argparse
 import os
-import pickle
 import sys
 from typing import List, Optional
 
@@ -121,7 +120,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     import timm
     from PIL import Image
     from .catalog import check_model_name
-    from .hub import is_unreadable_checkpoint, unreadable_checkpoint
+    from .hub import CHECKPOINT_LOAD_ERRORS, is_unreadable_checkpoint, unreadable_checkpoint
     from .viz import neighbor_map
 
     name = check_model_name(args.model)
@@ -141,7 +140,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
             raise ValueError(f'cannot read the image {args.image}: {e}') from e
     try:
         model = timm.create_model(name, pretrained=args.pretrained, **kwargs).eval()
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+    except CHECKPOINT_LOAD_ERRORS as e:
         if not args.checkpoint:
             raise
         if is_unreadable_checkpoint(e):

@@ -164,6 +164,10 @@ def save(
     return save_directory
 
 
+# what torch.load (and timm's loading around it) raise for a file it cannot read
+CHECKPOINT_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError)
+
+
 def is_unreadable_checkpoint(e: BaseException) -> bool:
     """Whether ``e`` (from ``torch.load``, or timm's loading around it) says the file itself could not be read, as
     opposed to e.g. a state dict that does not fit the model."""
@@ -177,7 +181,6 @@ def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueErro
     """One line for a checkpoint file that torch.load could not read. torch's weights-only message leads with advice
     (retry with weights_only=False) that is wrong for a damaged file; the unpickler's own reason ends it (timm raises
     its own message with torch's as the cause)."""
-    reason = ''
     for err in (e, e.__cause__):
         if err is not None and 'WeightsUnpickler error:' in str(err):
             reason = str(err).split('WeightsUnpickler error:')[-1].strip()
@@ -200,7 +203,7 @@ def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tupl
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+    except CHECKPOINT_LOAD_ERRORS as e:
         raise unreadable_checkpoint(path, e) from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a timm train.py checkpoint (no state_dict entry)')
