@@ -151,7 +151,8 @@ def test_neighbors_cli_bad_files_are_one_line_errors(tmp_path, capsys):
     cases = [(['--checkpoint', str(tmp_path / 'missing.pth')], 'no checkpoint file at '),
              (['--checkpoint', str(tmp_path / 'truncated.pth')], 'is not a readable torch checkpoint'),
              (['--checkpoint', str(tmp_path / 'garbage.pth')], 'is not a readable torch checkpoint'),
-             (['--checkpoint', str(tmp_path / 'other.pth')], 'does not fit vit_tiny_convnn_random: Error(s) in loading'),
+             (['--checkpoint', str(tmp_path / 'other.pth')],
+              'does not fit vit_tiny_convnn_random: Error(s) in loading'),
              (['--image', str(tmp_path / 'missing.png')], 'cannot read the image'),
              (['--image', str(tmp_path / 'garbage.pth')], 'cannot read the image')]
     for extra, message in cases:
