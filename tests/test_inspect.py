@@ -138,6 +138,11 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no ConvNN layer named ['blocks.7.attn']; layers: blocks.0.attn" in capsys.readouterr().err
     assert cli_main(['info', 'resnet5O_convnn']) == 2
     assert 'did you mean: resnet50_convnn' in capsys.readouterr().err
+    assert cli_main(['list', 'nothing_like_this']) == 2
+    assert "no ConvNN model matches 'nothing_like_this'" in capsys.readouterr().err
+    assert not (tmp_path / 'x.png').exists()
+    with pytest.raises(ValueError, match='unknown model'):
+        check_model_name('vit_convnn')
 
 
 def test_neighbors_cli_bad_files_are_one_line_errors(tmp_path, capsys):
@@ -161,11 +166,6 @@ def test_neighbors_cli_bad_files_are_one_line_errors(tmp_path, capsys):
         assert err.startswith('timm-convnn neighbors: error: ') and message in err and extra[1] in err, err
         assert 'Traceback' not in err and 'weights_only' not in err
     assert not (tmp_path / 'x.png').exists()
-    assert cli_main(['list', 'nothing_like_this']) == 2
-    assert "no ConvNN model matches 'nothing_like_this'" in capsys.readouterr().err
-    assert not (tmp_path / 'x.png').exists()
-    with pytest.raises(ValueError, match='unknown model'):
-        check_model_name('vit_convnn')
 
 
 def test_list_rows_match_the_models(capsys):
