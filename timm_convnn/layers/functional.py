@@ -116,10 +116,15 @@ def softmax_weights(scores: torch.Tensor) -> torch.Tensor:
     return _at_least_fp32(scores).softmax(dim=-1)
 
 
+def _has_autocast(x: torch.Tensor) -> bool:
+    """Whether autocast exists for x's device type (not for meta tensors, for instance)."""
+    return x.device.type in ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
+
+
 def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b at the inputs' precision (fp32 selection scores) even under autocast, which would otherwise round
     them to bf16 / fp16 (steps of ~4e-3 for cosine scores: ranks flip and near-ties become ties)."""
-    if torch.jit.is_scripting() or a.device.type not in ('cpu', 'cuda', 'xpu', 'mps', 'hpu'):
+    if torch.jit.is_scripting() or not _has_autocast(a):
         return torch.matmul(a, b)  # (meta tensors: no autocast for that device type)
     with torch.autocast(a.device.type, enabled=False):
         return torch.matmul(a, b)
@@ -564,7 +569,7 @@ def _autocast_operand(v: torch.Tensor, depthwise: bool) -> torch.Tensor:
     returns v's gradient in v's dtype. (Left to autocast inside the autograd Function, the forward product came out
     in bf16 from an fp32 v, e.g. the image into a VGG's first ConvNN layer, and the backward, which runs outside
     autocast, then mixed the two dtypes.) The depthwise aggregation is elementwise, which autocast leaves alone."""
-    if depthwise or v.device.type not in ('cpu', 'cuda', 'xpu', 'mps', 'hpu'):
+    if depthwise or not _has_autocast(v):
         return v
     if not torch.is_autocast_enabled(v.device.type) or not v.is_floating_point():
         return v
