@@ -52,3 +52,11 @@ def test_cli_requires_a_command(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([])
     assert info.value.code == 2
+
+
+def test_digits_into_an_unwritable_path_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('')
+    assert cli.main(['digits', str(tmp_path / 'a_file' / 'digits')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm-convnn digits: error: cannot write the digits ImageFolder to ') and 'a_file' in err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1

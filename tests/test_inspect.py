@@ -168,6 +168,17 @@ def test_neighbors_cli_bad_files_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / 'x.png').exists()
 
 
+def test_neighbors_cli_missing_pretrained_weights_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from .hub_cache import use_cache
+    use_cache(monkeypatch, tmp_path / 'hub')  # offline, empty: timm's weights for the warm start are not there
+    argv = ['neighbors', 'vit_tiny_convnn_random', '--pretrained', '--out', str(tmp_path / 'x.png')]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm-convnn neighbors: error: Could not load pretrained weights for vit_tiny_convnn_random')
+    assert 'not in the local Hugging Face cache' in err and 'Traceback' not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'x.png').exists()
+
+
 def test_list_rows_match_the_models(capsys):
     assert cli_main(['list', 'vit_tiny_convnn_random', '--no-flops']) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith('| vit_')]

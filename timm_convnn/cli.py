@@ -21,7 +21,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_digits(args: argparse.Namespace) -> int:
     from .data import write_digits_imagefolder
-    root = write_digits_imagefolder(args.out_dir, img_size=args.img_size)
+    try:
+        root = write_digits_imagefolder(args.out_dir, img_size=args.img_size)
+    except OSError as e:  # not a folder, no permission, disk full
+        raise ValueError(f'cannot write the digits ImageFolder to {args.out_dir}: {e}') from e
     counts = {split: sum(1 for _ in (root / split).rglob('*.png')) for split in ('train', 'validation')}
     print(f'wrote scikit-learn digits to {root}: train/ {counts["train"]} and validation/ {counts["validation"]} '
           f'images, 10 classes, {args.img_size} px')
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('digits', help='write scikit-learn digits as an ImageFolder (train/, validation/)')
     p.add_argument('out_dir')
     p.add_argument('--img-size', type=int, default=32)
-    p.set_defaults(func=_cmd_digits)
+    p.set_defaults(func=_cmd_digits, friendly_errors=True)
 
     def export_args(p):
         p.add_argument('checkpoint', help='timm train.py checkpoint (model_best.pth.tar, last.pth.tar, ...)')
@@ -242,11 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .models._pretrained import PretrainedWeightsError
     args = build_parser().parse_args(argv)
     if getattr(args, 'friendly_errors', False):  # bad names / coordinates / files: one line, no traceback
         try:
             return args.func(args)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, PretrainedWeightsError) as e:
             print(f'timm-convnn {args.command}: error: {e}', file=sys.stderr)
             return 2
     return args.func(args)

@@ -12,11 +12,16 @@ from typing import Any, Dict, Iterator, Optional
 import timm
 from timm.models import get_pretrained_cfg
 
-__all__ = ['warm_start_cfg', 'explain_load_errors', 'WARM_START_PREFIX']
+__all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'WARM_START_PREFIX']
 
 WARM_START_PREFIX = 'from_timm_'
 _DATA_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode',
               'interpolation', 'mean', 'std', 'num_classes', 'license')
+
+
+class PretrainedWeightsError(RuntimeError):
+    """``pretrained=True`` found no weights to load, or could not load them; the message says which and what to do.
+    A ``RuntimeError``, as timm raises for an unknown pretrained tag."""
 
 
 def warm_start_cfg(base_cfg: Dict[str, Any], source: str, new_tensors: str) -> Dict[str, Any]:
@@ -89,10 +94,10 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
             variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
             pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
     except RuntimeError as e:  # unknown tag
-        raise RuntimeError(f'{e} {with_weights}') from e
+        raise PretrainedWeightsError(f'{e} {with_weights}') from e
     source = _source_of(cfg)
     if not source:
-        raise RuntimeError(f'{arch}.{cfg.get("tag") or ""} has no pretrained weights. {with_weights}')
+        raise PretrainedWeightsError(f'{arch}.{cfg.get("tag") or ""} has no pretrained weights. {with_weights}')
     try:
         yield
     except (ValueError, TypeError):
@@ -119,5 +124,5 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
         elif 'EntryNotFound' in text or 'does not exist' in text or 'No such file' in text or '404' in text:
             why = 'the weights file is missing (expected model.safetensors or pytorch_model.bin)'
         else:
-            why = 'see the error above'
-        raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {why}.') from e
+            why = text  # unforeseen: the loader's own words
+        raise PretrainedWeightsError(f'Could not load pretrained weights for {variant} from {source}: {why}.') from e
