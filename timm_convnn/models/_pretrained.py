@@ -67,8 +67,9 @@ def _hub_config_architecture(repo_id: str) -> Optional[str]:
 
 def _cached_files(repo_id: str):
     try:
-        from huggingface_hub import scan_cache_dir
-        for repo in scan_cache_dir().repos:
+        from huggingface_hub import constants, scan_cache_dir
+        # the cache loading used: scan_cache_dir's default is the value from when its module was first imported
+        for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos:
             if repo.repo_id == repo_id.split('@')[0]:
                 return sorted({f.file_name for rev in repo.revisions for f in rev.files})
     except Exception:
