@@ -1,9 +1,9 @@
 """ ``timm-convnn`` command line. """
 import argparse
-import os
 import sys
 from typing import List, Optional
 
+from .models._pretrained import PretrainedWeightsError
 from .version import __version__
 
 
@@ -123,7 +123,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     import timm
     from PIL import Image
     from .catalog import check_model_name
-    from .hub import CHECKPOINT_LOAD_ERRORS, is_unreadable_checkpoint, unreadable_checkpoint
+    from .hub import CHECKPOINT_LOAD_ERRORS, is_unreadable_checkpoint, require_checkpoint_file, unreadable_checkpoint
     from .viz import neighbor_map
 
     name = check_model_name(args.model)
@@ -132,8 +132,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     query = _parse_query(args.query) if args.query else None
     kwargs = dict(args.model_kwargs or [])
     if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):  # timm raises a FileNotFoundError without a message
-            raise FileNotFoundError(f'no checkpoint file at {args.checkpoint}')
+        require_checkpoint_file(args.checkpoint)
         kwargs['checkpoint_path'] = args.checkpoint
     image = None
     if args.image:
@@ -245,7 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .models._pretrained import PretrainedWeightsError
     args = build_parser().parse_args(argv)
     if getattr(args, 'friendly_errors', False):  # bad names / coordinates / files: one line, no traceback
         try:

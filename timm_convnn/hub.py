@@ -168,6 +168,13 @@ def save(
 CHECKPOINT_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError)
 
 
+def require_checkpoint_file(path: Union[str, Path]) -> None:
+    """FileNotFoundError naming ``path`` when no file is there (timm's checkpoint loader raises one without a
+    message)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'no checkpoint file at {path}')
+
+
 def is_unreadable_checkpoint(e: BaseException) -> bool:
     """Whether ``e`` (from ``torch.load``, or timm's loading around it) says the file itself could not be read, as
     opposed to e.g. a state dict that does not fit the model."""
@@ -198,8 +205,7 @@ def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tupl
     ``use_ema`` picks ``state_dict_ema`` (saved when training with ``--model-ema``) and fails clearly if absent.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'no checkpoint file at {path}')
+    require_checkpoint_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
