@@ -288,6 +288,16 @@ def _dense_backward_is_cheaper(num_tokens: int, num_slots: int) -> bool:
     return num_tokens <= 16 * num_slots
 
 
+def _needs_input_grad(ctx, *positions: int) -> Tuple[bool, ...]:
+    """``ctx.needs_input_grad`` at ``positions``, except while torch.compile traces the backward: there torch 2.4 and
+    2.5 report False for an input that is the output of another custom autograd Function in the same graph (the
+    rho of the aggregation, from ``_GatherDot``), and the scores' gradient was silently dropped. Traced, every
+    gradient is built and the graph drops the unused ones."""
+    if torch.compiler.is_compiling():
+        return (True,) * len(positions)
+    return tuple(bool(ctx.needs_input_grad[i]) for i in positions)
+
+
 class _GatherDot(torch.autograd.Function):
     """s[b, g, i, t] = <q[b, g, i], k[b, g, idx[b, g, i, t]]>, storing only q, k and idx for backward.
 
@@ -307,7 +317,7 @@ class _GatherDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, idx = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_q, need_k = _needs_input_grad(ctx, 0, 1)
         if _dense_backward_is_cheaper(k.shape[2], idx.shape[-1]):
             dq, dk = _gather_dot_backward_dense(q, k, idx, grad, need_q, need_k)
         else:
@@ -489,7 +499,7 @@ class _NeighborAggregate(torch.autograd.Function):
     def backward(ctx, grad):
         v, idx, rho, weight = ctx.saved_tensors
         rho = rho if ctx.has_rho else None
-        need_v, need_rho, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        need_v, need_rho, need_w = _needs_input_grad(ctx, 0, 2, 3)
         if ctx.depthwise:
             grads = _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
                 v, idx, rho, weight, grad.contiguous(), need_v, need_rho, need_w)
