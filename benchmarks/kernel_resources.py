@@ -23,6 +23,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -103,8 +104,9 @@ def main() -> None:
     p.add_argument('cases', nargs='*', default=list(DEFAULT_CASES))
     p.add_argument('--arch', type=int, default=90, help='compute capability x 10 (90: H100 / H200)')
     args = p.parse_args()
-    if ta.triton is None:
-        raise SystemExit('triton is not installed')
+    reason = ta.triton_unavailable_reason(torch.device('cuda'))
+    if reason is not None:
+        raise SystemExit(reason)
     print(f'triton {triton.__version__}, sm_{args.arch}')
     for case in args.cases:
         r = resources(case, args.arch)

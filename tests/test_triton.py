@@ -5,6 +5,7 @@ On a CUDA machine the same comparison runs on the GPU (bf16 included) in ``test_
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,16 @@ def backend():
     set_backend(saved)
 
 
+def _require_kernels(what: str) -> None:
+    """Fail without triton (CI installs torch, which brings it); skip with a triton too old for the kernels, where the
+    fused path is off (``test_fused_path_needs_a_recent_triton``)."""
+    if triton_attention.triton is None:
+        pytest.fail(f'triton is not installed: the fused kernels cannot be {what} (pip install triton)')
+    reason = triton_attention.triton_unavailable_reason(torch.device('cuda'))
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def _layer(**kw):
     torch.manual_seed(0)
     return ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7), **kw)
@@ -39,10 +50,11 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
     assert calls == [] and get_backend() == 'auto'
     if not triton_attention.interpreting():
         backend('triton')
-        if triton_attention.triton is None:
-            match = 'Triton cannot run on cpu tensors'
-        else:
-            match = r'Triton cannot run on cpu tensors \(CUDA, or CPU under TRITON_INTERPRET=1\)'
+        reason = triton_attention.triton_unavailable_reason(x.device)  # no triton, too old a triton, or this:
+        if triton_attention.triton_available(torch.device('cuda')):
+            assert reason == ('the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under '
+                              'TRITON_INTERPRET=1); got cpu tensors')
+        match = 'set_backend is "triton" but ' + re.escape(reason)
         with pytest.raises(RuntimeError, match=match):
             _layer()(x)
         with pytest.raises(RuntimeError, match=match):  # sampled candidates: fused under 'triton'
@@ -242,8 +254,7 @@ print('RESULT ' + json.dumps(results))
 
 
 def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
-    if triton_attention.triton is None:
-        pytest.fail('triton is not installed: the fused kernels cannot be checked (pip install triton)')
+    _require_kernels('checked')
     env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='2')
     out = subprocess.run([sys.executable, '-c', _INTERPRETED], env=env, capture_output=True, text=True, timeout=900,
                          cwd=tmp_path)
@@ -408,7 +419,7 @@ def test_fused_model_under_compile_on_cuda(backend):
 
 
 def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
-    monkeypatch.setattr(triton_attention, 'triton_available', lambda device: True)
+    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
     cuda = torch.device('cuda')
     assert _layer()._fused_supported(50, cuda)
@@ -426,11 +437,37 @@ def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
     assert not _layer()._fused_supported(50, cuda)
 
 
+def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
+    # triton 3.1-3.3 (torch 2.5-2.7) cannot compile the kernels (no tl.topk): auto falls back to the PyTorch path on
+    # CUDA, and 'triton' / fused_attention say which version is there and which is needed
+    if triton_attention.triton is None:
+        pytest.fail('triton is not installed (pip install triton)')
+    cuda = torch.device('cuda')
+    monkeypatch.setattr(triton_attention.triton, '__version__', '3.3.1')
+    assert triton_attention.triton_unavailable_reason(cuda) == (
+        'triton 3.3.1 is too old for the fused ConvNN kernels (they need triton >= 3.4, which torch >= 2.8 brings)')
+    assert not triton_attention.triton_available(cuda)
+    backend('auto')
+    assert not _layer()._fused_supported(50, cuda)
+    backend('triton')
+    with pytest.raises(RuntimeError, match=r'is "triton" but triton 3.3.1 is too old .* need triton >= 3.4'):
+        _layer()._fused_supported(50, cuda)
+    x = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match='triton 3.3.1 is too old'):
+        triton_attention.fused_attention(x, x, x, torch.ones(8, 1, 2), 2)
+    for version, ok in (('3.4.0', True), ('3.4.0rc1', True), ('3.10.0+git8a1b2c3', True), ('3.3.9', False),
+                        ('2.3.1', False)):
+        monkeypatch.setattr(triton_attention.triton, '__version__', version)
+        assert triton_attention.triton_available(cuda) is ok, version
+    monkeypatch.setattr(triton_attention.triton, '__version__', '3.4.0')
+    backend('auto')
+    assert _layer()._fused_supported(50, cuda)
+
+
 def test_fused_kernels_compile_for_sm90_without_spills_or_fences():
     # ahead-of-time compilation for an H100 / H200 on any machine: a kernel that spills registers to local memory
     # runs many times slower (the first 64-query row kernel spilled 27 KB per thread and ran 20x slower than SDPA)
-    if triton_attention.triton is None:
-        pytest.fail('triton is not installed: the fused kernels cannot be compiled (pip install triton)')
+    _require_kernels('compiled')
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
     try:
         from kernel_resources import resources

@@ -220,9 +220,9 @@ class ConvNNAttention(nn.Module):
             # tested against the PyTorch path but has not been timed on a GPU yet
             return (supported and self._every_token(num_tokens) and device.type == 'cuda'
                     and triton_attention.triton_available(device))
-        if supported and not triton_attention.triton_available(device):
-            raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but Triton cannot run on {device} '
-                               f'tensors (CUDA, or CPU under TRITON_INTERPRET=1)')
+        reason = triton_attention.triton_unavailable_reason(device) if supported else None
+        if reason is not None:
+            raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but {reason}')
         return supported
 
     @torch.jit.unused

@@ -21,11 +21,13 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU
 suite checks them against the PyTorch path.
 """
 import os
+import re
 from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ['triton_available', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS']
+__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS',
+           'MIN_TRITON']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
@@ -68,15 +70,41 @@ except ImportError:  # CPU-only installs without triton: the PyTorch path serves
     tl = None
 
 
+# The oldest Triton that compiles the kernels: the row kernel's opt-in bitonic selection calls tl.topk, which 3.4 added,
+# and Triton resolves every tl attribute a kernel names when it is first launched, so with 3.1-3.3 (torch 2.5-2.7)
+# the whole forward would fail with "module 'triton.language' has no attribute 'topk'". Older installs use the PyTorch
+# path. Compiled for sm_90 (benchmarks/kernel_resources.py): 3.1 and 3.3 fail on tl.topk; 3.4, 3.5, 3.6 and 3.8
+# compile every kernel (under 3.4 the fp32-input forwards spill registers: slower, not wrong); run on a GPU with 3.6.
+MIN_TRITON = (3, 4)
+
+
 def interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def triton_available(device: torch.device) -> bool:
-    """Triton kernels can run on tensors of ``device`` (CUDA, or any device under the CPU interpreter)."""
+def _version(text: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0', '3.4.0rc1' or '3.5.0+git1a2b3c'."""
+    return tuple(int(x) for x in re.findall(r'\d+', text)[:2])
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the fused kernels cannot run on tensors of ``device``, or None when they can (CUDA, or CPU tensors under
+    Triton's interpreter, with a Triton of at least ``MIN_TRITON``)."""
     if triton is None:
-        return False
-    return device.type == 'cuda' or (interpreting() and device.type == 'cpu')
+        return 'triton is not installed (pip install triton)'
+    if _version(triton.__version__) < MIN_TRITON:
+        need = '.'.join(map(str, MIN_TRITON))
+        return (f'triton {triton.__version__} is too old for the fused ConvNN kernels (they need triton >= {need}, '
+                f'which torch >= 2.8 brings)')
+    if not (device.type == 'cuda' or (interpreting() and device.type == 'cpu')):
+        return (f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); got '
+                f'{device} tensors')
+    return None
+
+
+def triton_available(device: torch.device) -> bool:
+    """The fused kernels can run on tensors of ``device`` (see ``triton_unavailable_reason``)."""
+    return triton_unavailable_reason(device) is None
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -533,9 +561,7 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
     (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
     ids (r,) shared by all queries (each query is a candidate of itself too, as in the PyTorch path); None: all
     tokens."""
-    if triton is None:
-        raise RuntimeError('the fused ConvNN kernels need triton (pip install triton)')
-    if not triton_available(qs.device):
-        raise RuntimeError(f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under '
-                           f'TRITON_INTERPRET=1); got {qs.device} tensors')
+    reason = triton_unavailable_reason(qs.device)
+    if reason is not None:
+        raise RuntimeError(reason)
     return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates)
