@@ -135,6 +135,30 @@ def test_no_weights_and_unknown_tag_list_the_tags_with_weights():
         timm.create_model('resnet18_convnn', pretrained=True, pretrained_cfg=dict(architecture='resnet18_convnn'))
 
 
+def test_offline_error_of_an_older_huggingface_hub_is_explained(cache, tmp_path, monkeypatch):
+    # huggingface_hub < 1.0 raises LocalEntryNotFoundError offline for a file that is not cached, and derives it from
+    # FileNotFoundError and ValueError; a ValueError from building the model passes through untouched, this one must
+    # not (with huggingface_hub 0.26 it did, and the user saw the hub's generic text only)
+    good = hub.save(timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=4), tmp_path / 'm')
+    cache.add_repo('org/old-hub', {'config.json': good / 'config.json'})
+    old_error = type('LocalEntryNotFoundError', (FileNotFoundError, ValueError),
+                     {'__module__': 'huggingface_hub.errors'})
+    download = timm.models._hub.hf_hub_download
+
+    def old_hub_download(repo_id, filename, *args, **kwargs):
+        if filename == 'config.json':
+            return download(repo_id, filename, *args, **kwargs)
+        raise old_error('An error happened while trying to locate the file on the Hub and we cannot find the '
+                        'requested files in the local cache.')
+
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', old_hub_download)
+    with pytest.raises(RuntimeError, match=r'org/old-hub.*not in the local Hugging Face cache \(cached files of this '
+                                           r'repo: config.json\)'):
+        timm.create_model('hf-hub:org/old-hub', pretrained=True)
+    with pytest.raises(ValueError, match='num_neighbors'):  # a bad option still passes through as itself
+        timm.create_model('hf-hub:org/old-hub', pretrained=True, num_neighbors=0)
+
+
 def test_bad_checkpoints_fail_clearly(cache, tmp_path):
     kw = dict(img_size=32, patch_size=4)
     good = hub.save(timm.create_model('vit_tiny_convnn_all', num_neighbors=16, **kw), tmp_path / 'k16')

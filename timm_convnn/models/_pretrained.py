@@ -77,6 +77,12 @@ def _cached_files(repo_id: str):
     return []
 
 
+def _is_loading_error(e: Exception) -> bool:
+    """An error of finding or reading the weights, even where it is also a ValueError (huggingface_hub < 1.0 derives
+    LocalEntryNotFoundError, raised offline for a file not in the cache, from ValueError and FileNotFoundError)."""
+    return isinstance(e, OSError) or type(e).__module__.split('.')[0] == 'huggingface_hub'
+
+
 @contextmanager
 def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Iterator[None]:
     """Re-raise pretrained-loading failures with the repo / file, the cause and what to do.
@@ -101,9 +107,9 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
         raise PretrainedWeightsError(f'{arch}.{cfg.get("tag") or ""} has no pretrained weights. {with_weights}')
     try:
         yield
-    except (ValueError, TypeError):
-        raise
     except Exception as e:
+        if isinstance(e, (ValueError, TypeError)) and not _is_loading_error(e):
+            raise
         text = f'{type(e).__name__}: {e}'
         hub_id = cfg.get('hf_hub_id')
         if 'size mismatch' in text or 'Missing key' in text or 'Unexpected key' in text:
