@@ -10,6 +10,8 @@ from typing import Callable, List
 import torch
 import torch.nn as nn
 
+from .layers import get_backend, triton_attention
+
 __all__ = ['run_selfcheck']
 
 
@@ -76,10 +78,21 @@ def _speed(batch: int, tokens: int, dim: int, heads: int, k: int, candidates: st
     return [f'{candidates:>7} K={k:<3}', f'{t_nn:8.1f} ms', f'{t_attn:8.1f} ms', f'{t_nn / t_attn:6.2f}x']
 
 
+def fused_kernels_status() -> str:
+    """Whether ConvNN attention on a CUDA GPU can use the fused Triton kernels here, and if not, why."""
+    reason = triton_attention.triton_unavailable_reason(torch.device('cuda'))
+    if reason is not None:
+        return f'fused GPU kernels: off, the PyTorch path runs: {reason}'
+    gpu = 'a CUDA GPU is present' if torch.cuda.is_available() else 'no CUDA GPU on this machine'
+    return (f'fused GPU kernels: available with triton {triton_attention.triton.__version__} ({gpu}; '
+            f'backend {get_backend()})')
+
+
 def run_selfcheck(quick: bool = False) -> int:
     torch.manual_seed(0)
     print(f'timm-convnn self-check | torch {torch.__version__} | {platform.machine()} | '
           f'{torch.get_num_threads()} threads')
+    print(fused_kernels_status())
     checks = [
         _attention_identity(2, 197, 192, 3, torch.float32),
         _attention_identity(2, 50, 64, 4, torch.float32),
