@@ -40,11 +40,12 @@ def test_selfcheck_says_why_the_fused_kernels_are_off(monkeypatch):
     if selfcheck.triton_attention.triton is None:
         assert 'triton is not installed' in selfcheck.fused_kernels_status()
         return
-    monkeypatch.setattr(selfcheck.triton_attention.triton, '__version__', '3.3.1')
+    monkeypatch.setattr(selfcheck.triton_attention, '_INSTALL_REASON', selfcheck.triton_attention._too_old('3.3.1'))
     assert selfcheck.fused_kernels_status() == (
         'fused GPU kernels: off, the PyTorch path runs: triton 3.3.1 is too old for the fused ConvNN kernels (they '
         'need triton >= 3.4, which torch >= 2.8 brings)')
     monkeypatch.setattr(selfcheck.triton_attention.triton, '__version__', '3.8.0')
+    monkeypatch.setattr(selfcheck.triton_attention, '_INSTALL_REASON', selfcheck.triton_attention._too_old('3.8.0'))
     assert selfcheck.fused_kernels_status().startswith('fused GPU kernels: available with triton 3.8.0 (')
 
 

@@ -443,7 +443,7 @@ def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
     if triton_attention.triton is None:
         pytest.fail('triton is not installed (pip install triton)')
     cuda = torch.device('cuda')
-    monkeypatch.setattr(triton_attention.triton, '__version__', '3.3.1')
+    monkeypatch.setattr(triton_attention, '_INSTALL_REASON', triton_attention._too_old('3.3.1'))
     assert triton_attention.triton_unavailable_reason(cuda) == (
         'triton 3.3.1 is too old for the fused ConvNN kernels (they need triton >= 3.4, which torch >= 2.8 brings)')
     assert not triton_attention.triton_available(cuda)
@@ -457,9 +457,9 @@ def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
         triton_attention.fused_attention(x, x, x, torch.ones(8, 1, 2), 2)
     for version, ok in (('3.4.0', True), ('3.4.0rc1', True), ('3.10.0+git8a1b2c3', True), ('3.3.9', False),
                         ('2.3.1', False)):
-        monkeypatch.setattr(triton_attention.triton, '__version__', version)
+        monkeypatch.setattr(triton_attention, '_INSTALL_REASON', triton_attention._too_old(version))
         assert triton_attention.triton_available(cuda) is ok, version
-    monkeypatch.setattr(triton_attention.triton, '__version__', '3.4.0')
+    monkeypatch.setattr(triton_attention, '_INSTALL_REASON', triton_attention._too_old('3.4.0'))
     backend('auto')
     assert _layer()._fused_supported(50, cuda)
 

@@ -82,20 +82,25 @@ def interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def _version(text: str) -> Tuple[int, ...]:
-    """(major, minor) of a version string such as '3.6.0', '3.4.0rc1' or '3.5.0+git1a2b3c'."""
-    return tuple(int(x) for x in re.findall(r'\d+', text)[:2])
+def _too_old(version: str) -> Optional[str]:
+    """Why a Triton of ``version`` (e.g. '3.6.0', '3.4.0rc1', '3.5.0+git1a2b3c') cannot compile the kernels, or None
+    when it can."""
+    if tuple(int(x) for x in re.findall(r'\d+', version)[:2]) >= MIN_TRITON:
+        return None
+    need = '.'.join(map(str, MIN_TRITON))
+    return (f'triton {version} is too old for the fused ConvNN kernels (they need triton >= {need}, which torch >= 2.8 '
+            f'brings)')
+
+
+# what the installed Triton allows, decided once: dispatch asks on every ConvNN attention call
+_INSTALL_REASON = 'triton is not installed (pip install triton)' if triton is None else _too_old(triton.__version__)
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the fused kernels cannot run on tensors of ``device``, or None when they can (CUDA, or CPU tensors under
     Triton's interpreter, with a Triton of at least ``MIN_TRITON``)."""
-    if triton is None:
-        return 'triton is not installed (pip install triton)'
-    if _version(triton.__version__) < MIN_TRITON:
-        need = '.'.join(map(str, MIN_TRITON))
-        return (f'triton {triton.__version__} is too old for the fused ConvNN kernels (they need triton >= {need}, '
-                f'which torch >= 2.8 brings)')
+    if _INSTALL_REASON is not None:
+        return _INSTALL_REASON
     if not (device.type == 'cuda' or (interpreting() and device.type == 'cpu')):
         return (f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); got '
                 f'{device} tensors')
