@@ -6,9 +6,10 @@
 Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
 (spills), SHARED static shared memory; ``-sass`` gives the count of GPU-wide memory fences and L1 invalidations
-(MEMBAR .GPU, CCTL: what an acquire-release atomic brings along). A kernel that spills runs many times slower (the first
-64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton version the GPU
-machine has.
+(MEMBAR .GPU, CCTL: what an acquire-release atomic brings along) and of fused multiply-adds (FFMA: none when the
+compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``). A kernel that spills runs many times
+slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton
+version the GPU machine has.
 
 Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
@@ -85,7 +86,7 @@ def resources(case: str, arch: int = 90) -> dict:
                  if name not in const and (sig[name].startswith('*') or name.startswith('stride'))}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                               target=GPUTarget('cuda', arch, 32),
-                              options=dict(num_warps=o['warps'], num_stages=o['stages']))
+                              options=dict(num_warps=o['warps'], num_stages=o['stages'], **ta.COMPILE_OPTIONS))
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(compiled.asm['cubin'])
@@ -96,7 +97,8 @@ def resources(case: str, arch: int = 90) -> dict:
     if m is None:
         raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
     return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)),
-                fences=len(re.findall(_FENCE, sass)), fence_ops=sorted(set(re.findall(_FENCE, sass))))
+                fences=len(re.findall(_FENCE, sass)), fence_ops=sorted(set(re.findall(_FENCE, sass))),
+                ffma=len(re.findall(r'\bFFMA\b', sass)))
 
 
 def main() -> None:
@@ -112,7 +114,7 @@ def main() -> None:
         r = resources(case, args.arch)
         flag = '  SPILLS' if r['stack_bytes'] else ''
         print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
-              f'  fences {r["fences"]} {" ".join(r["fence_ops"])}{flag}', flush=True)
+              f'  FFMA {r["ffma"]}  fences {r["fences"]} {" ".join(r["fence_ops"])}{flag}', flush=True)
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS',
-           'MIN_TRITON']
+           'MIN_TRITON', 'COMPILE_OPTIONS']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
@@ -56,6 +56,11 @@ STREAM_BLOCK_QUERIES = 64
 # cost of such int32 keys, and its best n 197 forwards used them.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
               bwd_dw_copies=None)
+# Compile options of every launch. FMA contraction (a * b + c with one rounding) is what the kernels were tested and
+# timed with, and it saves instructions (compiled for sm_90 by triton 3.9, the row kernel at K 16 has 432 fp32
+# multiply / add / FMA instructions with it, 560 without). It is Triton's default up to 3.9, which warns that the
+# default becomes off in 3.10: asked for explicitly, it stays on (and the warning stays away).
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 # The backward accumulates dw (H x K x DV values) with atomics from every program; one block for all of them would
 # serialise ~B * N / 16 updates per address (832 at B 64, n 197), so programs spread over this many copies, summed
 # after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning, not yet timed on a GPU: the kernel
@@ -499,7 +504,8 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream,
             CANDIDATES=candidates is not None, TOPK=CONFIG['fwd_select'] == 'topk' and not stream,
-            PACKED=CONFIG['fwd_keys'] == 'packed' and not stream, num_warps=CONFIG['fwd_warps'] or 4)
+            PACKED=CONFIG['fwd_keys'] == 'packed' and not stream, num_warps=CONFIG['fwd_warps'] or 4,
+            **COMPILE_OPTIONS)
     return out, idx, p
 
 
@@ -531,7 +537,8 @@ def _convnn_attention_backward(
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
             go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4)
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4,
+            **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     return dq, dk.to(ks.dtype), dv.to(v.dtype), full_dw.to(weight.dtype)
