@@ -67,7 +67,9 @@ def test_round_trip_hf_hub(case, cache, tmp_path, restore_registry):
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == name
     for k, v in kwargs.items():
-        if k not in ('img_size',):
+        if k == 'num_classes':  # where timm and transformers both read it (not in model_args: see the next test)
+            assert config['num_classes'] == v and 'num_classes' not in config['model_args']
+        elif k != 'img_size':
             assert config['model_args'][k] == v, k
     cache.add_folder(f'org/{case}', folder)
 
@@ -105,6 +107,34 @@ def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
     env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
     subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt')], env=env, check=True)
     assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
+
+
+def test_transformers_timm_wrapper_loads_the_export(tmp_path):
+    # transformers' AutoModel* classes load a timm repo through TimmWrapper, which calls
+    # timm.create_model(architecture, num_classes=..., **model_args): with num_classes in model_args too (as timm's
+    # save_for_hf writes it) that failed with "got multiple values for keyword argument 'num_classes'". A user's
+    # fresh process, offline from the Hub cache, no `import timm_convnn` (zero-touch registration).
+    model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_classes=7,
+                                       num_neighbors=6)).eval()
+    folder = hub.save(model, tmp_path / 'export')
+    HubCache(tmp_path / 'hub').add_folder('org/wrapped', folder)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / 'x.pt')
+    with torch.no_grad():
+        logits, pooled = model(x), model.forward_head(model.forward_features(x), pre_logits=True)
+    code = ('import sys, torch\n'
+            'from transformers import AutoModel, AutoModelForImageClassification\n'
+            'x = torch.load(sys.argv[1])\n'
+            'classifier = AutoModelForImageClassification.from_pretrained("org/wrapped").eval()\n'
+            'backbone = AutoModel.from_pretrained("org/wrapped").eval()\n'
+            'with torch.no_grad():\n'
+            '    torch.save((classifier(pixel_values=x).logits, backbone(pixel_values=x).pooler_output), sys.argv[2])\n')
+    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt')], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got_logits, got_pooled = torch.load(tmp_path / 'y.pt')
+    assert got_logits.shape == (2, 7) and torch.equal(got_logits, logits) and torch.equal(got_pooled, pooled)
 
 
 @pytest.mark.parametrize('name,source', [

@@ -2,13 +2,15 @@
 
 ``save(model, dir)`` writes what ``timm.create_model('hf-hub:org/repo', pretrained=True)`` reads: ``model.safetensors``,
 ``config.json`` (architecture, num_classes, pretrained_cfg and ``model_args`` including every ConvNN option, so a
-non-default model round-trips) and a ``README.md`` model card rendered from ``model_cards/``.
+non-default model round-trips; transformers' ``TimmWrapper`` reads the same folder) and a ``README.md`` model card
+rendered from ``model_cards/``.
 ``export_checkpoint`` converts a timm ``train.py`` checkpoint (``model_best.pth.tar`` etc., EMA or not) to that
 format; ``push`` uploads the folder with huggingface_hub (token from the usual HF env / cache).
 """
 import argparse
 import csv
 import datetime
+import json
 import pickle
 import string
 import tempfile
@@ -158,10 +160,27 @@ def save(
     # the exported weights are whatever the model holds now: drop the source tag's notes (e.g. "warm start")
     model_config = {'pretrained_cfg': {'tag': None, 'notes': _export_notes(metrics, dataset)}}
     save_for_hf(model, save_directory, model_config=model_config, model_args=args, safe_serialization=True)
+    _drop_num_classes_from_model_args(save_directory / 'config.json')
     if model_card:
         text = render_model_card(model, repo_id, metrics=metrics, train_args=train_args, dataset=dataset)
         (save_directory / 'README.md').write_text(text, encoding='utf-8')
     return save_directory
+
+
+def _drop_num_classes_from_model_args(config_path: Path) -> None:
+    """Keep the class count only where timm and transformers both read it, the top-level ``num_classes``.
+
+    timm's ``save_for_hf`` also copies it into ``model_args``. transformers' ``TimmWrapper``
+    (``AutoModelForImageClassification.from_pretrained`` on a timm repo) passes ``num_classes`` to
+    ``timm.create_model`` itself, next to ``**model_args``, and fails with "got multiple values for keyword argument
+    'num_classes'". timm builds the head from the top-level value either way (it becomes the pretrained cfg's
+    ``num_classes``, the model's default).
+    """
+    config = json.loads(config_path.read_text(encoding='utf-8'))
+    model_args = config.get('model_args') or {}
+    if 'num_classes' in model_args and model_args['num_classes'] == config.get('num_classes'):
+        del model_args['num_classes']
+        config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
 # what torch.load (and timm's loading around it) raise for a file it cannot read
