@@ -5,8 +5,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import timm
 import timm_convnn  # noqa: F401
@@ -113,28 +115,41 @@ def test_transformers_timm_wrapper_loads_the_export(tmp_path):
     # transformers' AutoModel* classes load a timm repo through TimmWrapper, which calls
     # timm.create_model(architecture, num_classes=..., **model_args): with num_classes in model_args too (as timm's
     # save_for_hf writes it) that failed with "got multiple values for keyword argument 'num_classes'". A user's
-    # fresh process, offline from the Hub cache, no `import timm_convnn` (zero-touch registration).
+    # fresh process, offline from the Hub cache, no `import timm_convnn` (zero-touch registration); and its
+    # image-classification pipeline.
     model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_classes=7,
                                        num_neighbors=6)).eval()
     folder = hub.save(model, tmp_path / 'export')
     HubCache(tmp_path / 'hub').add_folder('org/wrapped', folder)
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / 'x.pt')
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 48, 3), dtype=np.uint8))
+    image.save(tmp_path / 'image.png')
+    exported_cfg = json.loads((folder / 'config.json').read_text())['pretrained_cfg']  # 32 px, as exported
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, pretrained_cfg=exported_cfg))
     with torch.no_grad():
         logits, pooled = model(x), model.forward_head(model.forward_features(x), pre_logits=True)
+        probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
     code = ('import sys, torch\n'
-            'from transformers import AutoModel, AutoModelForImageClassification\n'
+            'from PIL import Image\n'
+            'from transformers import AutoModel, AutoModelForImageClassification, pipeline\n'
             'x = torch.load(sys.argv[1])\n'
             'classifier = AutoModelForImageClassification.from_pretrained("org/wrapped").eval()\n'
             'backbone = AutoModel.from_pretrained("org/wrapped").eval()\n'
+            'top = pipeline("image-classification", model="org/wrapped")(Image.open(sys.argv[3]), top_k=3)\n'
             'with torch.no_grad():\n'
-            '    torch.save((classifier(pixel_values=x).logits, backbone(pixel_values=x).pooler_output), sys.argv[2])\n')
+            '    torch.save((classifier(pixel_values=x).logits, backbone(pixel_values=x).pooler_output, top), '
+            'sys.argv[2])\n')
     env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
-    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt')], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt'),
+                          str(tmp_path / 'image.png')], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    got_logits, got_pooled = torch.load(tmp_path / 'y.pt')
+    got_logits, got_pooled, top = torch.load(tmp_path / 'y.pt')
     assert got_logits.shape == (2, 7) and torch.equal(got_logits, logits) and torch.equal(got_pooled, pooled)
+    # the pipeline preprocesses with the export's data config (timm's eval transform) and labels classes LABEL_i
+    expect = probs.topk(3)
+    assert [t['label'] for t in top] == [f'LABEL_{i}' for i in expect.indices.tolist()]
+    assert torch.allclose(torch.tensor([t['score'] for t in top]), expect.values, atol=1e-5)
 
 
 @pytest.mark.parametrize('name,source', [
