@@ -251,6 +251,7 @@ def test_model_cards_render_for_every_family(name):
     assert f'`{name}`' in text and 'hf-hub:org/card' in text and 'arXiv 2511.14137' in text
     assert '| `num_neighbors` | `9` |' in text and 'Not measured' in text and '@article{kang2025convnn' in text
     assert ('ViT with ConvNN' in text) == name.startswith('vit')
+    assert "pipeline('image-classification', model='org/card')" in text  # what the transformers test runs
 
 
 def _train_checkpoint(tmp_path, ema=True):

@@ -138,6 +138,7 @@ def render_model_card(
         options=options or '| (none) | |', metrics=metric_text, recipe=recipe, notes=_export_notes(metrics, dataset),
         citation=CITATION, version=__version__, date=datetime.date.today().isoformat(),
         hub_name=f'hf-hub:{repo_id}' if repo_id else arch,
+        transformers_model=repo_id or 'path/to/this/folder',
     )
     return template.substitute(fields)
 
