@@ -38,10 +38,13 @@ def _run(args, timeout=900, check=True, env=None):
 
 def test_launcher_runs_a_script_as_main_with_models_registered(tmp_path):
     script = tmp_path / 'probe.py'
-    script.write_text('import sys, timm\n'
+    # one write(2) per process: under torchrun both ranks share the stdout pipe, and print()'s separate pieces
+    # interleaved ("argvargv ['--b'] ..."); a single write below PIPE_BUF bytes is atomic
+    script.write_text('import os, sys, timm\n'
                       'assert __name__ == "__main__"\n'
                       'assert "vit_tiny_convnn_random" in timm.list_models("*convnn*")\n'
-                      'print("argv", sys.argv[1:], "script", sys.argv[0].endswith("probe.py"))\n')
+                      'line = f"argv {sys.argv[1:]} script {sys.argv[0].endswith(\'probe.py\')}\\n"\n'
+                      'os.write(1, line.encode())\n')
     out = _run([sys.executable, '-m', 'timm_convnn.run', str(script), '--a', '1'])
     assert "argv ['--a', '1'] script True" in out.stdout
     # and under torchrun (two processes on the CPU)
