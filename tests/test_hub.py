@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -94,6 +95,14 @@ def test_round_trip_hf_hub(case, cache, tmp_path, restore_registry):
     assert _same_weights(model, local)
 
 
+def _run_offline(code, hub_cache, *args):
+    """Run ``code`` in a fresh Python as a user's machine does: HF_HUB_OFFLINE / HF_HUB_CACHE set before it starts."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(hub_cache))
+    out = subprocess.run([sys.executable, '-c', code, *map(str, args)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
 def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
     # exactly what a user's machine does: HF_HUB_OFFLINE / HF_HUB_CACHE set before Python starts
     model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_neighbors=6)).eval()
@@ -106,8 +115,7 @@ def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
     code = ('import sys, torch, timm, timm_convnn\n'
             'm = timm.create_model("hf-hub:org/fresh", pretrained=True).eval()\n'
             'torch.save(m(torch.load(sys.argv[1])).detach(), sys.argv[2])\n')
-    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
-    subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt')], env=env, check=True)
+    _run_offline(code, tmp_path / 'hub', tmp_path / 'x.pt', tmp_path / 'y.pt')
     assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
 
 
@@ -143,10 +151,7 @@ def test_transformers_timm_wrapper_loads_the_export(tmp_path):
             'with torch.no_grad():\n'
             '    torch.save((classifier(pixel_values=x).logits, backbone(pixel_values=x).pooler_output, top), '
             'sys.argv[2])\n')
-    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'))
-    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'y.pt'),
-                          str(tmp_path / 'image.png')], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
+    _run_offline(code, tmp_path / 'hub', tmp_path / 'x.pt', tmp_path / 'y.pt', tmp_path / 'image.png')
     got_logits, got_pooled, top = torch.load(tmp_path / 'y.pt')
     assert got_logits.shape == (2, 7) and torch.equal(got_logits, logits) and torch.equal(got_pooled, pooled)
     # the pipeline preprocesses with the export's data config (timm's eval transform) and labels classes LABEL_i

@@ -490,7 +490,7 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
     # launch configurations (the streaming kernel on 64 queries for bf16), and the opt-in row selections
     # The no-spill bar is CI's Triton (3.8, 3.9); older ones keep some stack in a few kernels, slower but not wrong
     # (3.4: the fp32-input forwards, up to 2.4 KB; 3.5 / 3.6: 16-32 bytes at K 64), see MIN_TRITON.
-    no_spills = tuple(int(x) for x in re.findall(r'\d+', triton_attention.triton.__version__)[:2]) >= (3, 8)
+    no_spills = triton_attention._version(triton_attention.triton.__version__) >= (3, 8)
     for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
                  'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
                  'bwd:K=16'):

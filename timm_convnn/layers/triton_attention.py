@@ -87,10 +87,14 @@ def interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+def _version(text: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0', '3.4.0rc1' or '3.5.0+git1a2b3c'."""
+    return tuple(int(x) for x in re.findall(r'\d+', text)[:2])
+
+
 def _too_old(version: str) -> Optional[str]:
-    """Why a Triton of ``version`` (e.g. '3.6.0', '3.4.0rc1', '3.5.0+git1a2b3c') cannot compile the kernels, or None
-    when it can."""
-    if tuple(int(x) for x in re.findall(r'\d+', version)[:2]) >= MIN_TRITON:
+    """Why a Triton of ``version`` cannot compile the kernels, or None when it can."""
+    if _version(version) >= MIN_TRITON:
         return None
     need = '.'.join(map(str, MIN_TRITON))
     return (f'triton {version} is too old for the fused ConvNN kernels (they need triton >= {need}, which torch >= 2.8 '
