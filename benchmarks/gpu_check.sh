@@ -6,8 +6,8 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)  (2026-11-28: 179 s, before
-# the sweep and the CUDA tests grew: stage limits now add up to 430 s)
+# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)  (2026-11-28: 179 s, before
+# the sweep and the CUDA tests grew: stage limits now add up to 475 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 set -uo pipefail
 out="${OUT:-gpu-out}"
@@ -35,7 +35,9 @@ if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
   timeout 150 python benchmarks/bench.py --models --device cuda --amp --compile --warmup 3 --iters 10 \
       --pairs vit_base_convnn_all_k16:vit_base_patch16_224 --out "$out/compile" 2>&1
 fi
-# 4. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
+# 4. the selection kernel alone (ConvNN2d on CUDA) against the PyTorch selection, a ResNet-50 stage-1 layer at batch 64
+timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out "$out/select.json" 2>&1
+# 5. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
 #    16 / 32 / 64 queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
 timeout 150 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
 ls -R "$out"

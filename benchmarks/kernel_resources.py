@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the fused ConvNN kernels, compiled for a GPU target without a GPU.
 
     python benchmarks/kernel_resources.py                       # the default cases, sm_90 (H100 / H200)
-    python benchmarks/kernel_resources.py fwd:N=197,K=16,warps=8 fwd:N=3137,K=16,block_m=64 bwd:K=9 --arch 90
+    python benchmarks/kernel_resources.py fwd:N=197,K=16,warps=8 fwd:N=3137,K=16,block_m=64 bwd:K=9 sel:K=9,D=128
 
 Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
@@ -11,7 +11,9 @@ compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``).
 slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton
 version the GPU machine has.
 
-Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D (head dim), dtype (bf16 |
+Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
+does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
+(head dim / similarity channels), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
 bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
@@ -34,15 +36,16 @@ from timm_convnn.layers import triton_attention as ta
 DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
-                 'bwd:K=16,block_m=8,warps=1')
+                 'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
+                 'sel:K=9,D=128,dtype=fp32')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
 
 def _parse(case: str):
     kind, _, rest = case.partition(':')
-    if kind not in ('fwd', 'bwd'):
-        raise ValueError(f'a case starts with fwd: or bwd:; got {case!r}')
+    if kind not in ('fwd', 'bwd', 'sel'):
+        raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
     opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=4, stages=3, topk=0,
                 packed=0, aligned=1)
     for item in filter(None, rest.split(',')):
@@ -66,6 +69,12 @@ def _signature(kind: str, o: dict):
                      STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
                      PACKED=bool(o['packed']) and not stream)
         fn = ta._convnn_fwd_kernel
+    elif kind == 'sel':
+        sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', N='i32', M='i32', G='i32')
+        const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K']),
+                     BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
+                     IEEE=o['dtype'] == 'fp32')
+        fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
                    DWo='*fp32', N='i32', M='i32', H='i32', DW_COPIES='i32')

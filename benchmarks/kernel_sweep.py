@@ -2,8 +2,11 @@
 next to SDPA forward / forward+backward on the same bf16 tensors. Prints one line per case and writes JSON.
 
     python benchmarks/kernel_sweep.py --out sweep.json
+    python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out select.json
 
-Shapes up to ``ROW_TOKENS`` tokens run the row kernel, larger ones the streaming kernel.
+Shapes up to ``ROW_TOKENS`` tokens run the row kernel, larger ones the streaming kernel. ``--select`` times the
+selection kernel alone (what ``ConvNN2d`` runs on CUDA; BxNxMxD: batch, queries, candidates, channels; 64x3136x3364x64
+is a ResNet-50 stage-1 layer at batch 64) against the PyTorch selection (score slices, ``torch.topk``).
 """
 import argparse
 import itertools
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='kernel_sweep.json')
-    p.add_argument('--shapes', nargs='+', default=['64x12x197', '1x6x3137'], help='BxHxN')
+    p.add_argument('--shapes', nargs='*', default=['64x12x197', '1x6x3137'], help='BxHxN')
+    p.add_argument('--select', nargs='*', default=[], help='BxNxMxD: the selection kernel alone')
     p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16])
     args = p.parse_args()
     import triton
@@ -91,6 +95,40 @@ def main() -> None:
             ta.CONFIG.update(bwd_block_m=None, bwd_warps=None, bwd_dw_copies=None)
         rows.append(dict(shape=shape, kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
         save()
+    for shape in args.select:
+        _sweep_select(shape, args.neighbors, rows, save)
+
+
+def _sweep_select(shape, neighbors, rows, save) -> None:
+    """The selection kernel's launch configurations against the PyTorch selection, bf16 cosine features."""
+    import triton
+    from timm_convnn.layers import set_backend, triton_attention as ta
+    from timm_convnn.layers.functional import select_scored_neighbors
+    B, N, M, D = (int(x) for x in shape.split('x'))
+    g = torch.Generator(device='cuda').manual_seed(0)
+    ks = F.normalize(torch.randn(B, 1, M, D, device='cuda', generator=g), dim=-1).bfloat16()
+    qs = ks[:, :, :N]
+    for K in neighbors:
+        set_backend('torch')
+        base = triton.testing.do_bench(lambda: select_scored_neighbors(qs, ks, K))
+        set_backend('auto')
+        rows.append(dict(shape=shape, K=K, kernel='select', impl='torch', ms=base))
+        save()
+        print(f'{shape} select K {K:2d} PyTorch (score slices, torch.topk): {base:.4f} ms', flush=True)
+        for bm, nw in ((None, None), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
+            ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw)
+            try:
+                t = triton.testing.do_bench(lambda: ta.fused_select(qs, ks, K))
+            except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
+                t, err = float('nan'), repr(e)[:200]
+            else:
+                err = None
+            rows.append(dict(shape=shape, K=K, kernel='select', impl='fused', block_m=bm or 'default',
+                             warps=nw or 4, ms=t, x_torch=t / base, error=err))
+            save()
+            print(f'  fused BM {bm or "default"} warps {nw or 4}: {t:.4f} ms  x{t / base:.3f} PyTorch'
+                  + (f'  {err}' if err else ''), flush=True)
+        ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
 
 
 if __name__ == '__main__':

@@ -67,6 +67,29 @@ def test_convnn_core_keeps_far_less_than_the_paper_style_code():
     assert paper / ours > 5, (paper, ours)  # the performance issue's memory target at n = 3137
 
 
+def test_bench_counts_the_layers_that_run_fused_kernels(monkeypatch):
+    # read from a meta-device forward, each layer counted once: the fused forward, or the top-K selection alone
+    from timm_convnn.bench import _fused_layers
+    from timm_convnn.layers import get_backend, set_backend, triton_attention
+    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)  # as if Triton ran
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    vit = dict(img_size=96, patch_size=8, depth=3)  # 144 patches: more than the 64 random candidates
+    saved = get_backend()
+    try:
+        set_backend('auto')
+        assert _fused_layers('vit_tiny_convnn_all_k16', vit, cuda, None) == 3
+        assert _fused_layers('vit_tiny_convnn_all_k16', dict(vit, weighting='ones'), cuda, None) == 3
+        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 0  # sampled candidates: PyTorch
+        assert _fused_layers('resnet50_convnn_branch', {}, cuda, 64) == 7  # stages 1 and 2 (64 / 128 channels)
+        assert _fused_layers('resnet50_convnn_branch', {}, cpu, 64) == 0
+        set_backend('triton')
+        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 3
+        set_backend('torch')
+        assert _fused_layers('resnet50_convnn_branch', {}, cuda, 64) == 0
+    finally:
+        set_backend(saved)
+
+
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / 'bench'
     assert cli_main(['bench', '--ops', '--models', '--device', 'cpu', '--tokens', '65', '--neighbors', '9',

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from timm_convnn.inspect import neighbors
-from timm_convnn.layers import ConvNNAttention, get_backend, set_backend
+from timm_convnn.layers import ConvNN2d, ConvNNAttention, get_backend, set_backend
 from timm_convnn.layers import triton_attention
 
 
@@ -44,9 +44,12 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
         set_backend('cuda')
     calls = []
     monkeypatch.setattr(triton_attention, 'fused_attention', lambda *a: calls.append(a))
-    x = torch.randn(2, 50, 32)
+    monkeypatch.setattr(triton_attention, 'fused_select', lambda *a: calls.append(a))
+    x, img = torch.randn(2, 50, 32), torch.randn(1, 8, 6, 6)
     backend('auto')
     _layer()(x)  # CPU tensors: the PyTorch path
+    _layer(weighting='ones')(x)
+    ConvNN2d(8, 8)(img)
     assert calls == [] and get_backend() == 'auto'
     if not triton_attention.interpreting():
         backend('triton')
@@ -59,22 +62,47 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
             _layer()(x)
         with pytest.raises(RuntimeError, match=match):  # sampled candidates: fused under 'triton'
             _layer(candidates='random', num_samples=16)(x)
-        # unsupported layers never reach the kernels, whatever the backend
-        _layer(weighting='ones')(x)
-        _layer(neighbor_order='position')(x)
+        # layers the fused forward does not cover select their neighbours with the fused selection kernel
+        for run in (lambda: _layer(weighting='ones')(x), lambda: _layer(neighbor_order='position')(x),
+                    lambda: ConvNN2d(8, 8)(img)):
+            with pytest.raises(RuntimeError, match=match):
+                run()
+        # and some reach no kernel, whatever the backend: sampled candidates outside the fused forward, fp64
+        _layer(weighting='ones', candidates='random', num_samples=16)(x)
+        _layer(weighting='ones').double()(x.double())
+        ConvNN2d(8, 8, candidates='spatial', num_samples=9)(img)
+        ConvNN2d(8, 8).double()(img.double())
         assert calls == []
+
+
+def test_fused_selection_covers_what_the_kernel_takes():
+    # what functional.select_scored_neighbors hands to the selection kernel (the backend decides the rest)
+    from timm_convnn.layers.functional import _fused_selection_supported as supported
+
+    def feats(n, d=64, dtype=torch.bfloat16):
+        return torch.empty(2, 1, n, d, device='meta', dtype=dtype)
+
+    assert supported(feats(3136), feats(3364), 9)  # a ResNet stage-1 map (queries, padded candidates)
+    assert supported(feats(49, 66, torch.float32), feats(81, 66, torch.float32), 9)  # coordinates appended
+    assert supported(feats(50), feats(50), 100)  # K clamps to the 50 tokens
+    assert not supported(feats(100), feats(100), 100)  # K 100 > MAX_NEIGHBORS
+    assert not supported(feats(10, dtype=torch.float64), feats(10, dtype=torch.float64), 3)  # fp64: in fp64
+    assert not supported(feats(10, 130), feats(10, 130), 3)  # wider than MAX_SELECT_DIM
+    assert not supported(feats(10), feats(0), 3)  # no candidates
+    assert not supported(feats(10)[0], feats(10)[0], 3)  # not (B, G, N, D)
 
 
 _INTERPRETED = r'''
 import json, sys, torch
 import timm, timm_convnn
-from timm_convnn.layers import ConvNNAttention, ConvNNBranchAttention, set_backend, triton_attention
+from timm_convnn.layers import ConvNN2d, ConvNNAttention, ConvNNBranchAttention, set_backend, triton_attention
 from timm_convnn.inspect import neighbors
-from timm_convnn.layers import attention as convnn_attention
+from timm_convnn.layers import attention as convnn_attention, conv2d as convnn_conv2d
 torch.manual_seed(0)  # torch seeds its default generator at random in every process
-calls = []
-real = triton_attention.fused_attention
+calls, sel_calls = [], []  # fused forwards; fused selections alone
+real, real_select = triton_attention.fused_attention, triton_attention.fused_select
 triton_attention.fused_attention = lambda *a: calls.append(1) or real(*a)
+triton_attention.fused_select = lambda *a: sel_calls.append(1) or real_select(*a)
 results = {}
 
 # The selection margin of a PyTorch-path forward: the smallest gap between consecutive scores among the K + 1 best of
@@ -95,12 +123,12 @@ def margin_of(run):
     """run() on the PyTorch path -> its smallest selection margin."""
     set_backend('torch')
     del margins[:]
-    convnn_attention.select_scored_neighbors = recording_select
+    convnn_attention.select_scored_neighbors = convnn_conv2d.select_scored_neighbors = recording_select
     try:
         with torch.no_grad():
             run()
     finally:
-        convnn_attention.select_scored_neighbors = select
+        convnn_attention.select_scored_neighbors = convnn_conv2d.select_scored_neighbors = select
     return min(margins)
 
 def compare(name, make, x):
@@ -114,15 +142,15 @@ def compare(name, make, x):
     outs = {}
     for b in ('torch', 'triton'):
         set_backend(b)
-        before = len(calls)
+        before, before_sel = len(calls), len(sel_calls)
         xx = x.detach().requires_grad_()
         y = layer(xx)
         grads = torch.autograd.grad(y, [xx] + list(layer.parameters()), g.to(y.dtype))
-        outs[b] = (y.float(), [t.float() for t in grads], len(calls) - before)
-    (y0, g0, c0), (y1, g1, c1) = outs['torch'], outs['triton']
+        outs[b] = (y.float(), [t.float() for t in grads], len(calls) - before, len(sel_calls) - before_sel)
+    (y0, g0, c0, s0), (y1, g1, c1, s1) = outs['torch'], outs['triton']
     results[name] = dict(out=(y0 - y1).abs().max().item(), scale=y0.abs().max().item(),
                          grad=max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() for a, b in zip(g0, g1)),
-                         torch_calls=c0, triton_calls=c1, margin=margin_of(lambda: layer(x)))
+                         torch_calls=c0 + s0, triton_calls=c1, select_calls=s1, margin=margin_of(lambda: layer(x)))
 
 x = torch.randn(2, 50, 32)
 compare('dot', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
@@ -228,11 +256,46 @@ results['packed_row_topk'] = packed_case(40, 6)
 results['ties_row_topk_packed'] = tie_case(40, 5)
 triton_attention.CONFIG.update(fwd_select=None, fwd_keys=None)
 
+# selection alone (fused_select): the layers the fused forward does not cover take the kernel's neighbours and
+# aggregate in PyTorch. ConvNN2d: queries on the (strided) map, candidates on the zero-padded one (more than
+# ROW_TOKENS of them in the last case)
+img = torch.randn(2, 8, 9, 9)
+compare('cnn', lambda: ConvNN2d(8, 6, num_neighbors=9, padding=1), img)
+# (no padding here: zero pixels at mirror-image coordinates would tie exactly)
+compare('cnn_strided_euclidean_coords_softmax', lambda: ConvNN2d(8, 6, num_neighbors=9, stride=2,
+        similarity='euclidean', coords='append', weighting='softmax'), img)
+compare('cnn_depthwise_position', lambda: ConvNN2d(8, 8, num_neighbors=16, similarity='dot', aggregation='depthwise',
+        neighbor_order='position'), torch.randn(1, 8, 17, 17))
+compare('attention_ones', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, weighting='ones',
+        num_prefix_tokens=1, grid_size=(7, 7)), x)
+# the conv identity through the kernel: coordinate-only euclidean ConvNN2d picks each pixel's 3 x 3 window
+set_backend('triton')
+conv = torch.nn.Conv2d(8, 5, 3, padding=1)
+before = len(sel_calls)
+with torch.no_grad():
+    results['conv_identity'] = dict(err=(ConvNN2d.from_conv2d(conv)(img) - conv(img)).abs().max().item(),
+                                    select_calls=len(sel_calls) - before)
+
+# exact ties, as for the fused forward: the K best by (score descending, token id ascending)
+def select_tie_case(n, m, kk):
+    g = torch.Generator().manual_seed(m)
+    qs, ks = torch.randint(-2, 3, (2, 1, n, 16), generator=g).float(), torch.randint(-2, 3, (2, 1, m, 16), generator=g).float()
+    s = qs.double() @ ks.double().transpose(-1, -2)
+    order = torch.sort(-s, dim=-1, stable=True).indices[..., :kk]
+    idx, val = triton_attention.fused_select(qs, ks, kk)
+    ties = int((s.unsqueeze(-1) == s.unsqueeze(-2)).sum() - s.numel())
+    return dict(ids_equal=bool((idx == order).all()), scores=(val.double() - s.gather(-1, order)).abs().max().item(),
+                ties=ties, dtype=str(idx.dtype))
+
+results['select_ties'] = select_tie_case(30, 90, 9)
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
 torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5),
                       test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(), ks.detach(), 5),
+                      test_utils=('test_schema', 'test_faketensor'))
 # a model end to end, and inspection (hooks) falling back to the PyTorch path with the same neighbours
 set_backend('triton')
 model = timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=8, depth=2, num_classes=3).eval()
@@ -249,6 +312,20 @@ set_backend('triton')
 before = len(calls)
 maps = neighbors(model, img)
 results['inspect_calls'] = len(calls) - before
+# a ResNet whose every 3 x 3 conv is a ConvNN2d: one fused selection per layer of at most MAX_SELECT_DIM channels,
+# the same logits as the PyTorch path
+cnn = timm.create_model('resnet18_convnn', num_classes=3).eval()
+img = torch.randn(2, 3, 48, 48)
+for b in ('triton', 'torch'):
+    set_backend(b)
+    before = len(sel_calls)
+    with torch.no_grad():
+        results['cnn_model_' + b] = cnn(img)
+    results['cnn_model_calls_' + b] = len(sel_calls) - before
+results['cnn_model'] = (results.pop('cnn_model_triton') - results.pop('cnn_model_torch')).abs().max().item()
+# every layer but those on wider maps than the kernel takes (stages 3 and 4: 256 and 512 channels)
+results['cnn_model_layers'] = [(m.in_channels <= triton_attention.MAX_SELECT_DIM) for m in cnn.modules()
+                               if isinstance(m, ConvNN2d)]
 print('RESULT ' + json.dumps(results))
 '''
 
@@ -269,10 +346,12 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                     f'e.g. 3.8): the kernels are not what failed')
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
+    selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'random', 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed'):
+                 'random', 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
-        assert c['torch_calls'] == 0 and c['triton_calls'] == 1, (case, c)  # each path really ran
+        assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
+        assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
         # packed keys: softmax weights from scores with 2**-15 relative precision
         tol = {'bf16': (3e-2, 3e-2), 'dot_packed': (1e-3, 1e-3)}.get(case, (1e-5, 1e-4))
         # the comparison is defined: no query's ranking hangs on rounding (2e-6: about 30 fp32 roundings of the row's
@@ -287,6 +366,12 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         c = r[case]
         assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model_margin'] > 2e-6 and r['model'] < 1e-5  # one fused call per block
+    assert r['conv_identity']['select_calls'] == 1 and r['conv_identity']['err'] < 1e-5, r['conv_identity']
+    c = r['select_ties']
+    assert c['ties'] > 1000 and c['ids_equal'] and c['scores'] == 0 and c['dtype'] == 'torch.int64', c
+    layers = r['cnn_model_layers']
+    assert len(layers) == 16 and r['cnn_model_calls_triton'] == sum(layers) == 9 and r['cnn_model_calls_torch'] == 0
+    assert r['cnn_model'] < 1e-4, r['cnn_model']
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
 
 
@@ -429,6 +514,55 @@ def test_fused_model_under_compile_on_cuda(backend):
     assert (eager.float() - compiled.float()).abs().max() <= 0.05 * eager.float().abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_select_matches_torch_on_cuda(dtype, backend, monkeypatch):
+    # a ResNet stage-1 map: 56 x 56 queries against the 58 x 58 zero-padded map, 64 channels, K 9
+    from timm_convnn.layers.functional import select_scored_neighbors, similarity_features
+    calls = []
+    real = triton_attention.fused_select
+    monkeypatch.setattr(triton_attention, 'fused_select', lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator(device='cuda').manual_seed(0)
+    x = torch.randn(4, 1, 58 * 58, 64, device='cuda', generator=g).to(dtype)
+    qs, ks = similarity_features(x[:, :, :56 * 56], x, 'cosine')
+    backend('torch')
+    i0, s0 = select_scored_neighbors(qs, ks, 9)
+    backend('auto')
+    i1, s1 = select_scored_neighbors(qs, ks, 9)
+    assert calls == [1] and i1.dtype == i0.dtype == torch.int64 and s1.dtype == torch.float32
+    # the same neighbours up to fp32 summation order (near-ties), the same sorted scores
+    assert (i0 == i1).all(-1).float().mean() >= 0.999
+    assert (s0 - s1).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_fused_select_model_train_step_on_cuda(backend, monkeypatch):
+    import timm
+    calls = []
+    real = triton_attention.fused_select
+    monkeypatch.setattr(triton_attention, 'fused_select', lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = timm.create_model('resnet50_convnn_branch', num_classes=10).cuda()
+    x = torch.randn(4, 3, 96, 96, device='cuda')
+    layers = [m for m in model.modules() if isinstance(m, ConvNN2d)]
+    outs = {}
+    for b in ('torch', 'auto'):
+        backend(b)
+        model.zero_grad()
+        del calls[:]
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = model(x)
+        y.float().logsumexp(-1).sum().backward()
+        outs[b] = (y.float(), model.conv1.weight.grad.clone())
+        # one fused selection per ConvNN2d of at most MAX_SELECT_DIM channels (stages 1 and 2), only under 'auto'
+        assert len(calls) == (sum(m.in_channels <= triton_attention.MAX_SELECT_DIM for m in layers)
+                              if b == 'auto' else 0)
+    scale = outs['torch'][0].abs().max()
+    assert (outs['torch'][0] - outs['auto'][0]).abs().max() <= 0.1 * scale
+    g0, g1 = outs['torch'][1], outs['auto'][1]
+    assert torch.cosine_similarity(g0.flatten(), g1.flatten(), dim=0) > 0.98
+
+
 def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
@@ -493,10 +627,12 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
     no_spills = triton_attention._version(triton_attention.triton.__version__) >= (3, 8)
     for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
                  'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
-                 'bwd:K=16'):
+                 'bwd:K=16', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r
         # relaxed atomics: an acquire-release one brings a GPU-wide fence and an L1 invalidation along
         assert r['fences'] == 0, r
-        assert r['ffma'] > 0, r  # multiply-adds contracted, as the kernels were tested and timed
+        # multiply-adds contracted, as the kernels were tested and timed (bf16 selection alone has no fp32 products:
+        # its dot products run on the tensor cores)
+        assert r['ffma'] > 0 or case.startswith('sel:') and 'fp32' not in case, r

@@ -175,22 +175,46 @@ def _backend(name: str) -> Iterator[None]:
         set_backend(saved)
 
 
-def _fused_layers(name: str, model_kwargs: Dict[str, Any], device: torch.device) -> int:
-    """How many ConvNN attention layers of model ``name`` run the fused kernels under the current backend, in
-    inference or in training (whichever more), read from a meta-device build before anything is timed."""
+def _fused_layers(name: str, model_kwargs: Dict[str, Any], device: torch.device, img_size: Optional[int]) -> int:
+    """How many ConvNN layers of model ``name`` run a fused kernel (the whole forward, or the top-K selection alone)
+    under the current backend on ``device``, in inference or in training (whichever more): one forward of a
+    meta-device build before anything is timed, every dispatch decision taken as for ``device`` and credited to the
+    layer that asked, the PyTorch path run (meta tensors compute nothing)."""
     import timm
-    from .layers import ConvNNAttention
+    from .layers import ConvNN2d, ConvNNAttention, triton_attention
     model = timm.create_model(name, num_classes=1000, device='meta', **model_kwargs)
-    embed = getattr(model, 'patch_embed', None)
-    if embed is None:
-        return 0
-    tokens = embed.num_patches + model.num_prefix_tokens
+    size = _input_size(model, img_size)
+    decide = triton_attention.use_fused
+    asking: List[torch.nn.Module] = []
+    fused: set = set()
+
+    def record(supported: bool, _device: torch.device, auto: bool = True) -> bool:
+        if decide(supported, device, auto):
+            fused.add(id(asking[-1]))
+        return False
+
+    hooks = [m.register_forward_pre_hook(lambda module, args: asking.append(module)) for m in model.modules()
+             if isinstance(m, (ConvNNAttention, ConvNN2d))]
     counts = []
-    for training in (False, True):
-        model.train(training)
-        counts.append(sum(1 for m in model.modules()
-                          if isinstance(m, ConvNNAttention) and m._fused_supported(tokens, device)))
+    triton_attention.use_fused = record
+    try:
+        for training in (False, True):
+            model.train(training)
+            fused.clear()
+            with torch.no_grad():
+                model(torch.empty(2, 3, size, size, device='meta'))
+            counts.append(len(fused))
+    finally:
+        triton_attention.use_fused = decide
+        for h in hooks:
+            h.remove()
     return max(counts)
+
+
+def _input_size(model: torch.nn.Module, img_size: Optional[int]) -> int:
+    """``img_size``, else the size a ViT was built for, else the model's default input size."""
+    fixed = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # a ViT built for another size
+    return img_size or (fixed[-1] if fixed else model.pretrained_cfg['input_size'][-1])
 
 
 # -- operator level --------------------------------------------------------------------------------------------------
@@ -309,8 +333,7 @@ def _bench_model(name: str, device: torch.device, batch_size: int, img_size: Opt
                  model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     import timm
     model = timm.create_model(name, num_classes=1000, **model_kwargs).to(device)
-    fixed = getattr(getattr(model, 'patch_embed', None), 'img_size', None)  # a ViT built for another size
-    size = img_size or (fixed[-1] if fixed else model.pretrained_cfg['input_size'][-1])
+    size = _input_size(model, img_size)
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch_size,), device=device)
     if channels_last:
@@ -365,7 +388,7 @@ def model_benchmark(
                 continue
             for backend in (backends if name in convnn_names else ('auto',)):
                 with _backend(backend):
-                    fused = _fused_layers(name, dict(model_kwargs or {}), device)
+                    fused = _fused_layers(name, dict(model_kwargs or {}), device, img_size)
                     ran = ('triton' if fused else 'torch') if name in convnn_names else None
                     if any(r['model'] == name and r['backend'] == ran for r in rows):
                         continue  # this backend runs the same code as one already timed

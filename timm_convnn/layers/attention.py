@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from . import triton_attention
-from .backend import get_backend
 from .common import NeighborAggregation, check_convnn_args
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
@@ -206,24 +205,15 @@ class ConvNNAttention(nn.Module):
     @torch.jit.unused
     def _fused_supported(self, num_tokens: int, device: torch.device) -> bool:
         """Whether this call runs the fused Triton kernels (see ``timm_convnn.layers.backend``)."""
-        backend = get_backend()
-        if backend == 'torch':
-            return False
         supported = (
             self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
             and not (self.aggregate._forward_hooks or self.aggregate._forward_pre_hooks))  # inspection hooks
-        if backend == 'auto':
-            # sampled candidates (random / spatial) run fused only when asked for ('triton'): that kernel variant is
-            # tested against the PyTorch path but has not been timed on a GPU yet
-            return (supported and self._every_token(num_tokens) and device.type == 'cuda'
-                    and triton_attention.triton_available(device))
-        reason = triton_attention.triton_unavailable_reason(device) if supported else None
-        if reason is not None:
-            raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but {reason}')
-        return supported
+        # sampled candidates (random / spatial) run fused only when asked for ('triton'): that kernel variant is
+        # tested against the PyTorch path but has not been timed on a GPU yet
+        return triton_attention.use_fused(supported, device, auto=self._every_token(num_tokens))
 
     @torch.jit.unused
     def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,

@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import triton_attention
+
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
     'neighbor_aggregate', 'hashed_permutation', 'random_candidates', 'grid_shape', 'grid_candidates', 'coordinate_grid',
@@ -96,7 +98,13 @@ def select_scored_neighbors(
         budget_bytes: int = 8 * 1024 * 1024,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``select_neighbors`` that also returns the selected scores <qs_i, ks_j> (fp32, no grad), (B, G, N, K_eff)
-    each; ``gather_dot(..., scores=...)`` turns them into differentiable scores without recomputing them."""
+    each; ``gather_dot(..., scores=...)`` turns them into differentiable scores without recomputing them.
+
+    All-token selection on CUDA runs one fused Triton kernel (``triton_attention.fused_select``: no score matrix, no
+    ``torch.topk``; ties to the smallest token id) where the backend allows it (``timm_convnn.layers.backend``)."""
+    if not torch.jit.is_scripting():
+        if candidates is None and _fused_selection(qs, ks, num_neighbors):
+            return triton_attention.fused_select(qs, ks, num_neighbors)
     with torch.no_grad():
         qf, kf = _at_least_fp32(qs), _at_least_fp32(ks)
         if candidates is None:
@@ -104,6 +112,23 @@ def select_scored_neighbors(
         if query_index is None:
             raise ValueError('select_neighbors: query_index is required with a candidate list')
         return _select_listed(qf, kf, num_neighbors, candidates, query_index, budget_bytes)
+
+
+def _fused_selection_supported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> bool:
+    """Whether the fused selection kernel computes this all-token selection: fp32 / half / bf16 (B, G, N, D)
+    features of at most ``MAX_SELECT_DIM`` channels, K (after clamping) at most ``MAX_NEIGHBORS``. fp64 selects in
+    PyTorch, in fp64."""
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    tokens = ks.shape[-2]
+    return (qs.dim() == 4 and ks.dim() == 4 and qs.dtype in floats and ks.dtype in floats
+            and qs.shape[-1] <= triton_attention.MAX_SELECT_DIM and 1 <= tokens <= triton_attention.MAX_TOKENS
+            and min(num_neighbors, tokens) <= triton_attention.MAX_NEIGHBORS)
+
+
+@torch.jit.unused
+def _fused_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> bool:
+    """Whether an all-token selection runs the fused kernel (supported, and the backend's say)."""
+    return triton_attention.use_fused(_fused_selection_supported(qs, ks, num_neighbors), qs.device)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

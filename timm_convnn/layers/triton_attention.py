@@ -1,5 +1,7 @@
 """ Fused ConvNN attention (all tokens or a shared candidate list, softmax, depthwise aggregation) as Triton kernels
-behind a ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations.
+behind a ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations;
+and the top-K selection alone (``timm_convnn::convnn_select``, ``fused_select``) for the layers whose weighting or
+aggregation the fused forward does not cover (``ConvNN2d``).
 
 Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
 * up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction (or one
@@ -26,11 +28,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'MAX_TOKENS', 'MAX_NEIGHBORS',
-           'MIN_TRITON', 'COMPILE_OPTIONS']
+from .backend import get_backend
+
+__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'use_fused', 'MAX_TOKENS',
+           'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
+# The selection kernel holds a block of query features in registers: up to this many similarity channels (ConvNN2d's
+# 56 x 56 and 28 x 28 maps of a ResNet have 64 and 128, plus 2 with coordinates); wider ones select in PyTorch
+MAX_SELECT_DIM = 128
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # Queries per program: 16, the smallest tensor-core tile; the streaming forward on half / bf16 inputs with K <= 32
@@ -121,6 +128,21 @@ def triton_available(device: torch.device) -> bool:
     return triton_unavailable_reason(device) is None
 
 
+def use_fused(supported: bool, device: torch.device, auto: bool = True) -> bool:
+    """The backend's decision (``timm_convnn.layers.backend``) for a call on ``device`` tensors that the fused kernels
+    can compute (``supported``): ``torch``, never; ``auto``, on CUDA when Triton can run there and ``auto`` (the
+    call's own extra condition) holds; ``triton``, always, and an error when Triton cannot run on ``device``."""
+    backend = get_backend()
+    if backend == 'torch' or not supported:
+        return False
+    if backend == 'auto':
+        return auto and device.type == 'cuda' and triton_available(device)
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but {reason}')
+    return True
+
+
 def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(1, x) - 1).bit_length())
 
@@ -167,20 +189,15 @@ if triton is not None:
         return _unordered(keys & -BLOCK_N), BLOCK_N - 1 - (keys & (BLOCK_N - 1))
 
     @triton.jit
-    def _rank_softmax_aggregate(
-            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
-            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
-    ):
+    def _rank(s, ids, NO_ID: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              PACKED: tl.constexpr):
         """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
-        id) is rank r; softmax over the K kept scores; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p.
-        PACKED: ``s`` holds ``_packed_keys`` (NO_ID = their BLOCK_N), so a round is one row max instead of two
-        reductions (max, then the smallest id at the max)."""
+        id) is rank r. Returns the (BLOCK_M, BLOCK_K) ids and scores by rank, best first (slots from NUM_K on: id 0,
+        score -inf). PACKED: ``s`` holds ``_packed_keys`` (NO_ID = their BLOCK_N), so a round is one row max instead
+        of two reductions (max, then the smallest id at the max)."""
         kk = tl.arange(0, BLOCK_K)
-        m0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        denom = tl.zeros([BLOCK_M], dtype=tl.float32)
         sel_idx = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        sel_e = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        sel_val = tl.full([BLOCK_M, BLOCK_K], float('-inf'), dtype=tl.float32)
         for r in tl.static_range(NUM_K):
             if PACKED:
                 kr = tl.max(s, axis=1)
@@ -190,15 +207,36 @@ if triton is not None:
                 mr = tl.max(s, axis=1)
                 jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
                 s = tl.where(ids == jr[:, None], float('-inf'), s)
-            if r == 0:
-                m0 = mr  # the best score: softmax reference
-            e = tl.exp(mr - m0)
-            denom += e
             sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
-            sel_e = tl.where(kk[None, :] == r, e[:, None], sel_e)
-        denom = tl.where(row_ok, denom, 1.)
-        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+            sel_val = tl.where(kk[None, :] == r, mr[:, None], sel_val)
+        return sel_idx, sel_val
+
+    @triton.jit
+    def _softmax_aggregate(
+            score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr,
+    ):
+        """Softmax over the K kept scores by rank (``score``: slots from NUM_K on ignored), then
+        out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
+        kk = tl.arange(0, BLOCK_K)
+        keep = kk[None, :] < NUM_K
+        m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
+        e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
+        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
+        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
         _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+
+    @triton.jit
+    def _rank_softmax_aggregate(
+            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
+    ):
+        """``_rank``, then ``_softmax_aggregate``."""
+        sel_idx, score = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED)
+        _softmax_aggregate(score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
+                           BLOCK_M, BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -234,13 +272,8 @@ if triton is not None:
             top = tl.topk(keys, BLOCK_K)
             score = _unordered((top >> 32).to(tl.int32))
             sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1)).to(tl.int32)
-        kk = tl.arange(0, BLOCK_K)
-        keep = kk[None, :] < NUM_K
-        m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
-        e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
-        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
-        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+        _softmax_aggregate(score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
+                           BLOCK_M, BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _aggregate_stored(
@@ -274,6 +307,71 @@ if triton is not None:
                 P + bh * N * NUM_K)
 
     @triton.jit
+    def _query_block(Q, N, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, DQ: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr):
+        """This program's block of queries (grid: query blocks, heads or groups, batch): their similarity features
+        q (BLOCK_M, BLOCK_DQ), token ids, which are real, the channel range, and the key slice's offset."""
+        pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dq = tl.arange(0, BLOCK_DQ)
+        row_ok = rows < N
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+        return q, rows, row_ok, dq, b * stride_kb + h * stride_kh
+
+    @triton.jit
+    def _stream_top_k(
+            q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L,
+            DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, CANDIDATES: tl.constexpr,
+    ):
+        """The K best keys of every query of the block, unordered: (BLOCK_M, BLOCK_K) scores (-inf from slot NUM_K
+        on) and token ids. The L keys (all M tokens, or with CANDIDATES the L token ids in CAND plus each query itself,
+        whose token id is its row) stream in tiles of BLOCK_N through a running top-K buffer (score, id) per query; a
+        tile is merged only while some query of the block has a tile score above its current K-th best (CTA-uniform
+        loop), so later tiles mostly cost one row max. Ties: the smallest id."""
+        kk = tl.arange(0, BLOCK_K)
+        real = kk[None, :] < NUM_K
+        # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
+        # distinct negative ids so that "the largest id among the minima" is one slot)
+        best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        if CANDIDATES:  # the query itself is always a candidate: it starts in slot 0
+            kself = tl.load(Kf + kbase + rows[:, None] * stride_kn + dq[None, :],
+                            mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+            s_self = tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
+            best = tl.where(kk[None, :] == 0, s_self[:, None], best)
+            best_i = tl.where(kk[None, :] == 0, rows[:, None], best_i)
+        thr = tl.min(best, axis=1)
+        for start in range(0, L, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            if CANDIDATES:
+                valid = pos < L
+                ids = tl.load(CAND + pos, mask=valid, other=0)
+                s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, IEEE)
+                s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query is in slot 0 already
+            else:
+                ids = pos
+                s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, IEEE)
+            mx = tl.max(s, axis=1)
+            todo = (mx > thr) & row_ok
+            while tl.max(todo.to(tl.int32), axis=0) > 0:
+                j = tl.min(tl.where(s == mx[:, None], ids[None, :], M), axis=1)  # ties: the smallest id
+                # evict the worst kept entry: the minimum score, among equal minima the largest id
+                evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
+                upd = todo[:, None] & (best_i == evict[:, None])
+                best = tl.where(upd, mx[:, None], best)
+                best_i = tl.where(upd, j[:, None], best_i)
+                s = tl.where(todo[:, None] & (ids[None, :] == j[:, None]), float('-inf'), s)
+                thr = tl.min(best, axis=1)
+                mx = tl.max(s, axis=1)
+                todo = (mx > thr) & row_ok
+        best = tl.where(real, best, float('-inf'))
+        return best, best_i
+
+    @triton.jit
     def _convnn_fwd_kernel(
             Q, Kf, V, W, O, IDX, P, CAND,
             N, M, L, H,
@@ -285,61 +383,18 @@ if triton is not None:
             TOPK: tl.constexpr, PACKED: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
-        whole score row block in registers, ranked in place. STREAM=True: the L keys (all M tokens, or with
-        CANDIDATES the L token ids in CAND plus each query itself) stream in tiles of BLOCK_N through a running top-K
-        buffer (score, id) per query; a tile is merged only while some query of the block has a tile score above its
-        current K-th best (CTA-uniform loop), so later tiles mostly cost one row max.
+        whole score row block in registers, ranked in place. STREAM=True: the keys stream through a running top-K
+        buffer (``_stream_top_k``), which is then ranked.
 
         Grid: (query blocks, heads, batch). q, k, v and the output are read and written in place through their
         (batch, head, token) strides (timm's attention hands over permuted views of one qkv buffer: no copies); offsets
         are int32, the caller splits the batch so that they fit."""
-        pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
-        b = tl.program_id(2)
-        Q += b * stride_qb + h * stride_qh
-        kbase = b * stride_kb + h * stride_kh
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dq = tl.arange(0, BLOCK_DQ)
-        row_ok = rows < N
-        q = tl.load(Q + rows[:, None] * stride_qn + dq[None, :], mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+        q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, DQ,
+                                                  BLOCK_M, BLOCK_DQ)
         if STREAM:
-            kk = tl.arange(0, BLOCK_K)
-            real = kk[None, :] < NUM_K
-            # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
-            # distinct negative ids so that "the largest id among the minima" is one slot)
-            best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-            if CANDIDATES:  # the query itself is always a candidate: it starts in slot 0
-                kself = tl.load(Kf + kbase + rows[:, None] * stride_kn + dq[None, :],
-                                mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
-                s_self = tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
-                best = tl.where(kk[None, :] == 0, s_self[:, None], best)
-                best_i = tl.where(kk[None, :] == 0, rows[:, None], best_i)
-            thr = tl.min(best, axis=1)
-            for start in range(0, L, BLOCK_N):
-                pos = start + tl.arange(0, BLOCK_N)
-                if CANDIDATES:
-                    valid = pos < L
-                    ids = tl.load(CAND + pos, mask=valid, other=0)
-                    s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, IEEE)
-                    s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query is in slot 0 already
-                else:
-                    ids = pos
-                    s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, IEEE)
-                mx = tl.max(s, axis=1)
-                todo = (mx > thr) & row_ok
-                while tl.max(todo.to(tl.int32), axis=0) > 0:
-                    j = tl.min(tl.where(s == mx[:, None], ids[None, :], M), axis=1)  # ties: the smallest id
-                    # evict the worst kept entry: the minimum score, among equal minima the largest id
-                    evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
-                    upd = todo[:, None] & (best_i == evict[:, None])
-                    best = tl.where(upd, mx[:, None], best)
-                    best_i = tl.where(upd, j[:, None], best_i)
-                    s = tl.where(todo[:, None] & (ids[None, :] == j[:, None]), float('-inf'), s)
-                    thr = tl.min(best, axis=1)
-                    mx = tl.max(s, axis=1)
-                    todo = (mx > thr) & row_ok
-            best = tl.where(real, best, float('-inf'))
+            best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K, BLOCK_M,
+                                         BLOCK_N, BLOCK_K, IEEE, CANDIDATES)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                     BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
@@ -357,6 +412,25 @@ if triton is not None:
             else:
                 _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
                                         NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
+
+    @triton.jit
+    def _convnn_select_kernel(
+            Q, Kf, IDX, S, N, M, G,
+            stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, stride_kn,
+            DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Top-K selection alone, one program per (batch x group, block of queries): the N queries against all M
+        keys through ``_stream_top_k``, ranked best first (ties: the smallest id); stores the K token ids and their
+        fp32 scores per query. For the ConvNN layers whose weighting or aggregation the fused forward does not cover
+        (``ConvNN2d``, ``ones`` weights, standard aggregation): they aggregate in PyTorch."""
+        q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, DQ,
+                                                  BLOCK_M, BLOCK_DQ)
+        best, best_i = _stream_top_k(q, Kf, kbase, IDX, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
+                                     BLOCK_N, BLOCK_K, IEEE, False)  # (no candidate list: IDX stands in for it)
+        sel_idx, score = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False)
+        bg = tl.program_id(2) * G + tl.program_id(1)
+        _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, NUM_K, BLOCK_K)
 
     @triton.jit
     def _convnn_bwd_kernel(
@@ -581,3 +655,48 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
     if reason is not None:
         raise RuntimeError(reason)
     return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates)
+
+
+@torch.library.custom_op('timm_convnn::convnn_select', mutates_args=())
+def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, G, N, DQ = qs.shape
+    M = ks.shape[2]
+    K = min(num_neighbors, M)
+    q, k = _in_place(qs), _in_place(ks)
+    idx = torch.empty(B, G, N, K, device=q.device, dtype=torch.int32)
+    scores = torch.empty(B, G, N, K, device=q.device, dtype=torch.float32)
+    ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, ieee, K)
+    for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
+        _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
+            q[s:e], k[s:e], idx[s:e], scores[s:e], N, M, G, *_strides(q), *_strides(k), DQ=DQ, NUM_K=K,
+            BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N, BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), IEEE=ieee,
+            num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
+    return idx, scores
+
+
+@_convnn_select.register_fake
+def _convnn_select_fake(qs, ks, num_neighbors):
+    B, G, N, _ = qs.shape
+    K = min(num_neighbors, ks.shape[2])
+    return qs.new_empty(B, G, N, K, dtype=torch.int32), qs.new_empty(B, G, N, K, dtype=torch.float32)
+
+
+def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-K selection in one fused kernel: (B, G, N, D) query and (B, G, M, D) token similarity features -> the
+    token ids (int64) and fp32 scores <qs_i, ks_j> of every query's K = min(num_neighbors, M) best tokens, best first
+    (ties: the smallest id). What ``functional.select_scored_neighbors`` returns for all-token candidates, without the
+    (N, M) score matrix or ``torch.topk``; no autograd graph (selection needs none)."""
+    reason = triton_unavailable_reason(qs.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if qs.dim() != 4 or ks.dim() != 4 or qs.shape[-1] != ks.shape[-1] or qs.shape[:2] != ks.shape[:2]:
+        raise ValueError(f'fused_select expects (B, G, N, D) and (B, G, M, D) features; got {tuple(qs.shape)} and '
+                         f'{tuple(ks.shape)}')
+    if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= min(num_neighbors, ks.shape[2]) <= MAX_NEIGHBORS:
+        raise ValueError(f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is '
+                         f'clamped to the token count); got {qs.shape[-1]} channels, K {num_neighbors}, '
+                         f'{ks.shape[2]} tokens')
+    with torch.no_grad():
+        idx, scores = _convnn_select(qs.detach(), ks.detach(), num_neighbors)
+    return idx.long(), scores
