@@ -574,6 +574,8 @@ def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
     assert _layer(candidates='random', num_samples=64)._fused_supported(50, cuda)  # r >= patches: every token
     assert not _layer(weighting='ones')._fused_supported(50, cuda)
     assert not _layer()._fused_supported(triton_attention.MAX_TOKENS + 1, cuda)
+    assert _layer()._fused_supported(50, cuda, torch.bfloat16)
+    assert not _layer()._fused_supported(50, cuda, torch.float64)  # the kernels compute in fp32: fp64 in PyTorch
     backend('triton')
     assert _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
     assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)

@@ -294,7 +294,7 @@ def op_benchmark(
                 timed = set()
                 for backend in backends:
                     with _backend(backend):
-                        ran = 'triton' if layer._fused_supported(n, device) else 'torch'
+                        ran = 'triton' if layer._fused_supported(n, device, q.dtype) else 'torch'
                         if ran not in timed:
                             timed.add(ran)
                             record('convnn', mode, kk, r, lambda: layer.convnn_mix(q, k, v), ran)

@@ -189,7 +189,7 @@ class ConvNNAttention(nn.Module):
 
         cand = self._candidate_ids(N, q.device)
         if not torch.jit.is_scripting():
-            if self._fused_supported(N, q.device):
+            if self._fused_supported(N, q.device, torch.promote_types(qs.dtype, v.dtype)):
                 return self._fused(qs, ks, v, cand)
         query_index = torch.arange(N, device=q.device) if cand is not None else None
         idx, scores = select_scored_neighbors(qs, ks, self.num_neighbors, cand, query_index)
@@ -203,10 +203,12 @@ class ConvNNAttention(nn.Module):
         return self.aggregate(v, idx, rho)
 
     @torch.jit.unused
-    def _fused_supported(self, num_tokens: int, device: torch.device) -> bool:
-        """Whether this call runs the fused Triton kernels (see ``timm_convnn.layers.backend``)."""
+    def _fused_supported(self, num_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether this call (``dtype`` q / k / v) runs the fused Triton kernels (see ``timm_convnn.layers.backend``).
+        fp64 stays on the PyTorch path: the kernels compute in fp32."""
         supported = (
-            self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
+            dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
