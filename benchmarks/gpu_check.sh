@@ -6,8 +6,8 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)  (2026-11-28: 179 s, before
-# the sweep and the CUDA tests grew: stage limits now add up to 475 s)
+# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)  (2026-11-28: 179 s, before
+# the sweep and the CUDA tests grew: stage limits now add up to 515 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 set -uo pipefail
 out="${OUT:-gpu-out}"
@@ -37,7 +37,9 @@ if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
 fi
 # 4. the selection kernel alone (ConvNN2d on CUDA) against the PyTorch selection, a ResNet-50 stage-1 layer at batch 64
 timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out "$out/select.json" 2>&1
-# 5. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
+# 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
+timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1
+# 6. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
 #    16 / 32 / 64 queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
 timeout 150 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
 ls -R "$out"

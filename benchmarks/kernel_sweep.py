@@ -21,6 +21,9 @@ def main() -> None:
     p.add_argument('--out', default='kernel_sweep.json')
     p.add_argument('--shapes', nargs='*', default=['64x12x197', '1x6x3137'], help='BxHxN')
     p.add_argument('--select', nargs='*', default=[], help='BxNxMxD: the selection kernel alone')
+    p.add_argument('--fp32', action='store_true',
+                   help='fp32 inputs (timm validate.py / benchmark.py without AMP): 4 vs 8 warps only (compiled for '
+                        'sm_90, the fp32 row kernel spills 408 bytes per thread on 4 warps, none on 8)')
     p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16])
     args = p.parse_args()
     import triton
@@ -35,9 +38,10 @@ def main() -> None:
     for shape in args.shapes:
         B, H, N = (int(x) for x in shape.split('x'))
         g = torch.Generator(device='cuda').manual_seed(0)
-        q, k, v = (torch.randn(B, H, N, 64, device='cuda', dtype=torch.bfloat16, generator=g).requires_grad_()
+        dtype = torch.float32 if args.fp32 else torch.bfloat16
+        q, k, v = (torch.randn(B, H, N, 64, device='cuda', dtype=dtype, generator=g).requires_grad_()
                    for _ in range(3))
-        qs, ks = F.normalize(q.float(), dim=-1).bfloat16(), F.normalize(k.float(), dim=-1).bfloat16()
+        qs, ks = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
         go = torch.randn_like(v)
         sdpa_f = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
         sdpa_fb = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v).backward(go))
@@ -46,7 +50,9 @@ def main() -> None:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
             # (block_m, warps, selection, keys); the most informative first (a stage cut short keeps what it
             # timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197.
-            if N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
+            if args.fp32:
+                fwd_configs = [(16, 4, None, None), (16, 8, None, None)]
+            elif N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
                 # (64 queries on 4 warps: Hopper's wgmma gives each warp 16 whole rows, so the ranking reductions
                 # stay inside a warp; exact-key rounds spill there, packed ones do not)
                 fwd_configs = [(16, 4, None, None), (16, 4, None, 'packed'), (16, 4, 'topk', 'packed'),
@@ -63,7 +69,7 @@ def main() -> None:
                     t, err = float('nan'), repr(e)[:200]
                 else:
                     err = None
-                rows.append(dict(shape=shape, K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
+                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
                                  keys=keys or 'exact', ms=t, x_sdpa=t / sdpa_f, error=err))
                 save()
                 print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {keys or "exact":6s}: '
@@ -77,6 +83,8 @@ def main() -> None:
             # (sm_90 SASS, K 16), at 217 registers
             bwd_configs = [(16, 4, None), (8, 1, None), (8, 2, None), (16, 4, 1), (16, 2, None), (16, 8, None),
                            (32, 4, None), (32, 8, None)]
+            if args.fp32:
+                bwd_configs = [(16, 4, None), (16, 8, None)]
             for bm, nw, copies in bwd_configs:
                 ta.CONFIG.update(bwd_block_m=bm, bwd_warps=nw, bwd_dw_copies=copies)
                 try:
@@ -86,14 +94,14 @@ def main() -> None:
                 else:
                     err = None
                 copies = copies or ta.DW_COPIES
-                rows.append(dict(shape=shape, K=K, kernel='bwd', block_m=bm, warps=nw, dw_copies=copies, ms=t,
+                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='bwd', block_m=bm, warps=nw, dw_copies=copies, ms=t,
                                  x_sdpa=t / (sdpa_fb - sdpa_f), error=err))
                 save()
                 print(f'  bwd K {K:2d} BM {bm:2d} warps {nw} dw copies {copies:2d}: {t:.4f} ms  '
                       f'x{t / (sdpa_fb - sdpa_f):.2f} SDPA bwd'
                       + (f'  {err}' if err else ''), flush=True)
             ta.CONFIG.update(bwd_block_m=None, bwd_warps=None, bwd_dw_copies=None)
-        rows.append(dict(shape=shape, kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
+        rows.append(dict(shape=shape, dtype=str(dtype)[6:], kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
         save()
     for shape in args.select:
         _sweep_select(shape, args.neighbors, rows, save)
