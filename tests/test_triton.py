@@ -75,6 +75,25 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
         assert calls == []
 
 
+def test_fused_select_rejects_bad_input():
+    x, wide = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 130)
+    with pytest.raises(ValueError, match=r'expects \(B, G, N, D\) and \(B, G, M, D\) features; got \(5, 4\) and'):
+        triton_attention.fused_select(x[0, 0], x[0, 0], 3)
+    with pytest.raises(ValueError, match=r'got \(1, 1, 5, 4\) and \(1, 1, 5, 130\)'):
+        triton_attention.fused_select(x, wide, 3)
+    with pytest.raises(ValueError, match=r'at most 128 channels and 1 <= K <= 64 \(K is clamped to the token count\); '
+                                         r'got 4 channels, K 0, 5 tokens'):
+        triton_attention.fused_select(x, x, 0)
+    with pytest.raises(ValueError, match='got 130 channels, K 3, 5 tokens'):
+        triton_attention.fused_select(wide, wide, 3)
+    big = torch.randn(1, 1, 100, 4)
+    with pytest.raises(ValueError, match='got 4 channels, K 65, 100 tokens'):
+        triton_attention.fused_select(big, big, 65)
+    if not triton_attention.interpreting():  # well-formed: then whether Triton runs on these tensors
+        with pytest.raises(RuntimeError, match=re.escape(triton_attention.triton_unavailable_reason(x.device))):
+            triton_attention.fused_select(x, x, 3)
+
+
 def test_fused_selection_covers_what_the_kernel_takes():
     # what functional.select_scored_neighbors hands to the selection kernel (the backend decides the rest)
     from timm_convnn.layers.functional import _fused_selection_supported as supported

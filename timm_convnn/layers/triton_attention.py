@@ -687,9 +687,6 @@ def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tupl
     token ids (int64) and fp32 scores <qs_i, ks_j> of every query's K = min(num_neighbors, M) best tokens, best first
     (ties: the smallest id). What ``functional.select_scored_neighbors`` returns for all-token candidates, without the
     (N, M) score matrix or ``torch.topk``; no autograd graph (selection needs none)."""
-    reason = triton_unavailable_reason(qs.device)
-    if reason is not None:
-        raise RuntimeError(reason)
     if qs.dim() != 4 or ks.dim() != 4 or qs.shape[-1] != ks.shape[-1] or qs.shape[:2] != ks.shape[:2]:
         raise ValueError(f'fused_select expects (B, G, N, D) and (B, G, M, D) features; got {tuple(qs.shape)} and '
                          f'{tuple(ks.shape)}')
@@ -697,6 +694,9 @@ def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tupl
         raise ValueError(f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is '
                          f'clamped to the token count); got {qs.shape[-1]} channels, K {num_neighbors}, '
                          f'{ks.shape[2]} tokens')
+    reason = triton_unavailable_reason(qs.device)
+    if reason is not None:
+        raise RuntimeError(reason)
     with torch.no_grad():
         idx, scores = _convnn_select(qs.detach(), ks.detach(), num_neighbors)
     return idx.long(), scores
