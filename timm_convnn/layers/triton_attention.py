@@ -190,14 +190,18 @@ if triton is not None:
 
     @triton.jit
     def _rank(s, ids, NO_ID: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-              PACKED: tl.constexpr):
+              PACKED: tl.constexpr, EXP: tl.constexpr):
         """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
-        id) is rank r. Returns the (BLOCK_M, BLOCK_K) ids and scores by rank, best first (slots from NUM_K on: id 0,
-        score -inf). PACKED: ``s`` holds ``_packed_keys`` (NO_ID = their BLOCK_N), so a round is one row max instead
-        of two reductions (max, then the smallest id at the max)."""
+        id) is rank r. Returns the (BLOCK_M, BLOCK_K) ids and values by rank (slots from NUM_K on: 0) and a row sum:
+        values = the scores (sum 0), or with EXP their softmax numerators exp(score - best score) and the softmax
+        denominator, accumulated round by round (one exp per row and round). PACKED: ``s`` holds ``_packed_keys``
+        (NO_ID = their BLOCK_N), so a round is one row max instead of two reductions (max, then the smallest id at the
+        max)."""
         kk = tl.arange(0, BLOCK_K)
+        m0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
         sel_idx = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        sel_val = tl.full([BLOCK_M, BLOCK_K], float('-inf'), dtype=tl.float32)
+        sel_val = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for r in tl.static_range(NUM_K):
             if PACKED:
                 kr = tl.max(s, axis=1)
@@ -207,25 +211,14 @@ if triton is not None:
                 mr = tl.max(s, axis=1)
                 jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
                 s = tl.where(ids == jr[:, None], float('-inf'), s)
+            if EXP:
+                if r == 0:
+                    m0 = mr  # the best score: softmax reference
+                mr = tl.exp(mr - m0)
+                total += mr
             sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
             sel_val = tl.where(kk[None, :] == r, mr[:, None], sel_val)
-        return sel_idx, sel_val
-
-    @triton.jit
-    def _softmax_aggregate(
-            score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
-            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr,
-    ):
-        """Softmax over the K kept scores by rank (``score``: slots from NUM_K on ignored), then
-        out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
-        kk = tl.arange(0, BLOCK_K)
-        keep = kk[None, :] < NUM_K
-        m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
-        e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
-        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
-        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+        return sel_idx, sel_val, total
 
     @triton.jit
     def _rank_softmax_aggregate(
@@ -233,10 +226,11 @@ if triton is not None:
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
     ):
-        """``_rank``, then ``_softmax_aggregate``."""
-        sel_idx, score = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED)
-        _softmax_aggregate(score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
-                           BLOCK_M, BLOCK_DV, BLOCK_K)
+        """``_rank`` with softmax; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
+        sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
+        denom = tl.where(row_ok, denom, 1.)
+        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
     def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -272,8 +266,13 @@ if triton is not None:
             top = tl.topk(keys, BLOCK_K)
             score = _unordered((top >> 32).to(tl.int32))
             sel_idx = BLOCK_N - 1 - (top & (BLOCK_N - 1)).to(tl.int32)
-        _softmax_aggregate(score, sel_idx, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
-                           BLOCK_M, BLOCK_DV, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K)
+        keep = kk[None, :] < NUM_K
+        m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
+        e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
+        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
+        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
     def _aggregate_stored(
@@ -428,7 +427,7 @@ if triton is not None:
                                                   BLOCK_M, BLOCK_DQ)
         best, best_i = _stream_top_k(q, Kf, kbase, IDX, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
                                      BLOCK_N, BLOCK_K, IEEE, False)  # (no candidate list: IDX stands in for it)
-        sel_idx, score = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False)
+        sel_idx, score, _ = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False, False)
         bg = tl.program_id(2) * G + tl.program_id(1)
         _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, NUM_K, BLOCK_K)
 
