@@ -86,6 +86,9 @@ def test_fused_select_rejects_bad_input():
         triton_attention.fused_select(x, x, 0)
     with pytest.raises(ValueError, match='got 130 channels, K 3, 5 tokens'):
         triton_attention.fused_select(wide, wide, 3)
+    with pytest.raises(ValueError, match=r'takes fp32 / half / bf16 features \(it computes in fp32\); got '
+                                         r'torch.float64 and torch.float64'):
+        triton_attention.fused_select(x.double(), x.double(), 3)
     big = torch.randn(1, 1, 100, 4)
     with pytest.raises(ValueError, match='got 4 channels, K 65, 100 tokens'):
         triton_attention.fused_select(big, big, 65)
@@ -96,7 +99,8 @@ def test_fused_select_rejects_bad_input():
 
 def test_fused_selection_covers_what_the_kernel_takes():
     # what functional.select_scored_neighbors hands to the selection kernel (the backend decides the rest)
-    from timm_convnn.layers.functional import _fused_selection_supported as supported
+    def supported(qs, ks, k):
+        return triton_attention.select_unsupported(qs, ks, k) is None
 
     def feats(n, d=64, dtype=torch.bfloat16):
         return torch.empty(2, 1, n, d, device='meta', dtype=dtype)
@@ -298,7 +302,8 @@ with torch.no_grad():
 # exact ties, as for the fused forward: the K best by (score descending, token id ascending)
 def select_tie_case(n, m, kk):
     g = torch.Generator().manual_seed(m)
-    qs, ks = torch.randint(-2, 3, (2, 1, n, 16), generator=g).float(), torch.randint(-2, 3, (2, 1, m, 16), generator=g).float()
+    qs = torch.randint(-2, 3, (2, 1, n, 16), generator=g).float()
+    ks = torch.randint(-2, 3, (2, 1, m, 16), generator=g).float()
     s = qs.double() @ ks.double().transpose(-1, -2)
     order = torch.sort(-s, dim=-1, stable=True).indices[..., :kk]
     idx, val = triton_attention.fused_select(qs, ks, kk)

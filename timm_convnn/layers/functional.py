@@ -114,21 +114,10 @@ def select_scored_neighbors(
         return _select_listed(qf, kf, num_neighbors, candidates, query_index, budget_bytes)
 
 
-def _fused_selection_supported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> bool:
-    """Whether the fused selection kernel computes this all-token selection: fp32 / half / bf16 (B, G, N, D)
-    features of at most ``MAX_SELECT_DIM`` channels, K (after clamping) at most ``MAX_NEIGHBORS``. fp64 selects in
-    PyTorch, in fp64."""
-    floats = (torch.float32, torch.float16, torch.bfloat16)
-    tokens = ks.shape[-2]
-    return (qs.dim() == 4 and ks.dim() == 4 and qs.dtype in floats and ks.dtype in floats
-            and qs.shape[-1] <= triton_attention.MAX_SELECT_DIM and 1 <= tokens <= triton_attention.MAX_TOKENS
-            and min(num_neighbors, tokens) <= triton_attention.MAX_NEIGHBORS)
-
-
 @torch.jit.unused
 def _fused_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> bool:
-    """Whether an all-token selection runs the fused kernel (supported, and the backend's say)."""
-    return triton_attention.use_fused(_fused_selection_supported(qs, ks, num_neighbors), qs.device)
+    """Whether an all-token selection runs the fused kernel (it takes these features, and the backend's say)."""
+    return triton_attention.use_fused(triton_attention.select_unsupported(qs, ks, num_neighbors) is None, qs.device)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch
 
 from .backend import get_backend
 
-__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'use_fused', 'MAX_TOKENS',
-           'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
+__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
+           'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
@@ -681,18 +681,37 @@ def _convnn_select_fake(qs, ks, num_neighbors):
     return qs.new_empty(B, G, N, K, dtype=torch.int32), qs.new_empty(B, G, N, K, dtype=torch.float32)
 
 
+_SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Optional[str]:
+    """Why ``fused_select`` cannot take these features, or None when it can: (B, G, N, D) and (B, G, M, D) fp32 /
+    half / bf16 features (the kernel computes in fp32: fp64 selects in PyTorch, in fp64) of at most
+    ``MAX_SELECT_DIM`` channels, 1 to ``MAX_TOKENS`` tokens, K (clamped to the token count) at most
+    ``MAX_NEIGHBORS``. The dispatch (``functional.select_scored_neighbors``) and ``fused_select``'s errors both
+    read this."""
+    if qs.dim() != 4 or ks.dim() != 4 or qs.shape[-1] != ks.shape[-1] or qs.shape[:2] != ks.shape[:2]:
+        return (f'fused_select expects (B, G, N, D) and (B, G, M, D) features; got {tuple(qs.shape)} and '
+                f'{tuple(ks.shape)}')
+    if qs.dtype not in _SELECT_DTYPES or ks.dtype not in _SELECT_DTYPES:
+        return f'fused_select takes fp32 / half / bf16 features (it computes in fp32); got {qs.dtype} and {ks.dtype}'
+    tokens = ks.shape[2]
+    if tokens > MAX_TOKENS:
+        return f'fused_select takes at most {MAX_TOKENS} tokens; got {tokens}'
+    if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= min(num_neighbors, tokens) <= MAX_NEIGHBORS:
+        return (f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is clamped '
+                f'to the token count); got {qs.shape[-1]} channels, K {num_neighbors}, {tokens} tokens')
+    return None
+
+
 def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-K selection in one fused kernel: (B, G, N, D) query and (B, G, M, D) token similarity features -> the
     token ids (int64) and fp32 scores <qs_i, ks_j> of every query's K = min(num_neighbors, M) best tokens, best first
     (ties: the smallest id). What ``functional.select_scored_neighbors`` returns for all-token candidates, without the
-    (N, M) score matrix or ``torch.topk``; no autograd graph (selection needs none)."""
-    if qs.dim() != 4 or ks.dim() != 4 or qs.shape[-1] != ks.shape[-1] or qs.shape[:2] != ks.shape[:2]:
-        raise ValueError(f'fused_select expects (B, G, N, D) and (B, G, M, D) features; got {tuple(qs.shape)} and '
-                         f'{tuple(ks.shape)}')
-    if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= min(num_neighbors, ks.shape[2]) <= MAX_NEIGHBORS:
-        raise ValueError(f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is '
-                         f'clamped to the token count); got {qs.shape[-1]} channels, K {num_neighbors}, '
-                         f'{ks.shape[2]} tokens')
+    (N, M) score matrix or ``torch.topk``; no autograd graph (selection needs none). Inputs: ``select_unsupported``."""
+    bad = select_unsupported(qs, ks, num_neighbors)
+    if bad is not None:
+        raise ValueError(bad)
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
