@@ -37,7 +37,7 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fw
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
-                 'sel:K=9,D=128,dtype=fp32')
+                 'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
@@ -70,10 +70,10 @@ def _signature(kind: str, o: dict):
                      PACKED=bool(o['packed']) and not stream)
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
-        sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', N='i32', M='i32', G='i32')
+        sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')
         const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K']),
                      BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
-                     IEEE=o['dtype'] == 'fp32')
+                     IEEE=o['dtype'] == 'fp32', CANDIDATES=bool(o['cand']))
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',

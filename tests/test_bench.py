@@ -79,13 +79,18 @@ def test_bench_counts_the_layers_that_run_fused_kernels(monkeypatch):
         set_backend('auto')
         assert _fused_layers('vit_tiny_convnn_all_k16', vit, cuda, None) == 3
         assert _fused_layers('vit_tiny_convnn_all_k16', dict(vit, weighting='ones'), cuda, None) == 3
-        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 0  # sampled candidates: PyTorch
+        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 3  # sampled candidates too
+        assert _fused_layers('vit_tiny_convnn_random', dict(vit, weighting='ones'), cuda, None) == 3  # selection
         assert _fused_layers('resnet50_convnn_branch', {}, cuda, 64) == 7  # stages 1 and 2 (64 / 128 channels)
         assert _fused_layers('resnet50_convnn_branch', {}, cpu, 64) == 0
+        assert _fused_layers('resnet50_convnn_branch', dict(candidates='random'), cuda, 64) == 7
+        assert _fused_layers('vit_tiny_convnn_random', vit, cpu, None) == 0
         set_backend('triton')
-        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 3
+        assert _fused_layers('vit_tiny_convnn_random', vit, cpu, None) == 3
+        assert _fused_layers('resnet50_convnn_branch', {}, cpu, 64) == 7
         set_backend('torch')
         assert _fused_layers('resnet50_convnn_branch', {}, cuda, 64) == 0
+        assert _fused_layers('vit_tiny_convnn_random', vit, cuda, None) == 0
     finally:
         set_backend(saved)
 

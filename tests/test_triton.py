@@ -62,15 +62,16 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
             _layer()(x)
         with pytest.raises(RuntimeError, match=match):  # sampled candidates: fused under 'triton'
             _layer(candidates='random', num_samples=16)(x)
-        # layers the fused forward does not cover select their neighbours with the fused selection kernel
+        # layers the fused forward does not cover select their neighbours with the fused selection kernel, sampled
+        # candidates included
         for run in (lambda: _layer(weighting='ones')(x), lambda: _layer(neighbor_order='position')(x),
-                    lambda: ConvNN2d(8, 8)(img)):
+                    lambda: ConvNN2d(8, 8)(img),
+                    lambda: _layer(weighting='ones', candidates='random', num_samples=16)(x),
+                    lambda: ConvNN2d(8, 8, candidates='spatial', num_samples=9)(img)):
             with pytest.raises(RuntimeError, match=match):
                 run()
-        # and some reach no kernel, whatever the backend: sampled candidates outside the fused forward, fp64
-        _layer(weighting='ones', candidates='random', num_samples=16)(x)
+        # and fp64 reaches no kernel, whatever the backend (they compute in fp32)
         _layer(weighting='ones').double()(x.double())
-        ConvNN2d(8, 8, candidates='spatial', num_samples=9)(img)
         ConvNN2d(8, 8).double()(img.double())
         assert calls == []
 
@@ -92,6 +93,19 @@ def test_fused_select_rejects_bad_input():
     big = torch.randn(1, 1, 100, 4)
     with pytest.raises(ValueError, match='got 4 channels, K 65, 100 tokens'):
         triton_attention.fused_select(big, big, 65)
+    # a candidate list: (r,) token ids, with the (N,) token id of every query; K is clamped to r
+    cand, qid = torch.tensor([0, 2, 4]), torch.arange(5)
+    with pytest.raises(ValueError, match=r'takes a candidate list as \(r,\) token ids with the \(N,\) = \(5,\) token '
+                                         r'ids of the queries; got candidates \(3,\) and query_index None'):
+        triton_attention.fused_select(x, x, 3, cand)
+    with pytest.raises(ValueError, match=r'got candidates \(3,\) and query_index \(4,\)'):
+        triton_attention.fused_select(x, x, 3, cand, qid[:4])
+    with pytest.raises(ValueError, match=r'got candidates \(1, 3\) and query_index \(5,\)'):
+        triton_attention.fused_select(x, x, 3, cand[None], qid)
+    with pytest.raises(ValueError, match='takes integer token ids; got torch.float32 and torch.int64'):
+        triton_attention.fused_select(x, x, 3, cand.float(), qid)
+    with pytest.raises(ValueError, match=r'\(K is clamped to the candidate count\); got 4 channels, K 3, 0 candidates'):
+        triton_attention.fused_select(x, x, 3, cand[:0], qid)
     if not triton_attention.interpreting():  # well-formed: then whether Triton runs on these tensors
         with pytest.raises(RuntimeError, match=re.escape(triton_attention.triton_unavailable_reason(x.device))):
             triton_attention.fused_select(x, x, 3)
@@ -99,8 +113,8 @@ def test_fused_select_rejects_bad_input():
 
 def test_fused_selection_covers_what_the_kernel_takes():
     # what functional.select_scored_neighbors hands to the selection kernel (the backend decides the rest)
-    def supported(qs, ks, k):
-        return triton_attention.select_unsupported(qs, ks, k) is None
+    def supported(qs, ks, k, candidates=None, query_index=None):
+        return triton_attention.select_unsupported(qs, ks, k, candidates, query_index) is None
 
     def feats(n, d=64, dtype=torch.bfloat16):
         return torch.empty(2, 1, n, d, device='meta', dtype=dtype)
@@ -113,6 +127,12 @@ def test_fused_selection_covers_what_the_kernel_takes():
     assert not supported(feats(10, 130), feats(10, 130), 3)  # wider than MAX_SELECT_DIM
     assert not supported(feats(10), feats(0), 3)  # no candidates
     assert not supported(feats(10)[0], feats(10)[0], 3)  # not (B, G, N, D)
+    # sampled candidates: a ResNet stage-1 layer with 64 random candidates on the padded map, K clamped to r
+    cand, qid = torch.arange(64), torch.arange(3136)
+    assert supported(feats(3136), feats(3364), 9, cand, qid)
+    assert supported(feats(3136), feats(3364), 100, cand, qid)  # K 100 clamps to the 64 candidates
+    assert not supported(feats(3136), feats(3364), 9, cand, None)  # the queries' own tokens are needed
+    assert not supported(feats(3136), feats(3364), 9, cand[:0], qid)  # no candidates
 
 
 _INTERPRETED = r'''
@@ -199,6 +219,10 @@ compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, can
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
         num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# fp32 heads of more than 64 channels: the query's own token enters the buffer after the candidates, not first
+compare('random_wide', lambda: ConvNNAttention(160, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
+        num_prefix_tokens=1, grid_size=(7, 7)).eval(),
+        torch.randn(2, 50, 160, generator=torch.Generator().manual_seed(0)))
 
 # exact ties (small integer vectors: exact fp32 dot products in any order): both forwards keep the K best by
 # (score descending, token id ascending), as a stable sort does
@@ -291,6 +315,18 @@ compare('cnn_depthwise_position', lambda: ConvNN2d(8, 8, num_neighbors=16, simil
         neighbor_order='position'), torch.randn(1, 8, 17, 17))
 compare('attention_ones', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, weighting='ones',
         num_prefix_tokens=1, grid_size=(7, 7)), x)
+# sampled candidates, the selection alone: candidates and each query's own pixel on the padded map (two key tiles in
+# the first case), a strided grid, and attention with ones weights
+compare('cnn_random', lambda: ConvNN2d(8, 6, num_neighbors=9, padding=1, candidates='random', num_samples=100).eval(),
+        torch.randn(1, 8, 17, 17))
+compare('cnn_spatial_strided_softmax', lambda: ConvNN2d(8, 6, num_neighbors=6, stride=2, padding=1,
+        candidates='spatial', num_samples=16, weighting='softmax').eval(), img)
+compare('attention_ones_random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, weighting='ones',
+        candidates='random', num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# fp32 features of more than 64 channels: the query's own token enters the buffer after the candidates, not first
+# (an input whose selection margin is well above fp32 rounding: 9e-5)
+compare('cnn_random_wide', lambda: ConvNN2d(80, 6, num_neighbors=9, padding=1, candidates='random',
+        num_samples=40).eval(), torch.randn(1, 80, 9, 9, generator=torch.Generator().manual_seed(2)))
 # the conv identity through the kernel: coordinate-only euclidean ConvNN2d picks each pixel's 3 x 3 window
 set_backend('triton')
 conv = torch.nn.Conv2d(8, 5, 3, padding=1)
@@ -313,12 +349,41 @@ def select_tie_case(n, m, kk):
 
 results['select_ties'] = select_tie_case(30, 90, 9)
 
+# with a candidate list (shuffled; some queries listed in it, some not): the K kept are K best of the listed tokens
+# and the query's own (with exact ties at the K-th place, any of the tied), ranked by (score descending, id ascending)
+def select_listed_tie_case(n, m, r, kk, d=16):
+    g = torch.Generator().manual_seed(m + r)
+    qs = torch.randint(-2, 3, (2, 1, n, d), generator=g).float()
+    ks = torch.randint(-2, 3, (2, 1, m, d), generator=g).float()
+    cand, qid = torch.randperm(m, generator=g)[:r], torch.randperm(m, generator=g)[:n]
+    idx, val = triton_attention.fused_select(qs, ks, kk, cand, qid)
+    s = qs.double() @ ks.double().transpose(-1, -2)
+    allowed = torch.zeros(n, m, dtype=torch.bool)
+    allowed[:, cand] = True
+    allowed[torch.arange(n), qid] = True
+    best = s.masked_fill(~allowed, float('-inf')).sort(-1, descending=True).values[..., :kk]
+    kept = s.gather(-1, idx)
+    ids = idx.sort(-1).values
+    tied = kept[..., 1:] == kept[..., :-1]
+    return dict(k_best=bool((kept == best).all()),
+                listed=bool(allowed.expand(2, 1, n, m).gather(-1, idx).all()),
+                unique=bool((ids[..., 1:] > ids[..., :-1]).all()),
+                order=bool(((idx[..., 1:] > idx[..., :-1]) | ~tied).all()), ties=int(tied.sum()),
+                scores=(val.double() - kept).abs().max().item(), shape=list(idx.shape), dtype=str(idx.dtype))
+
+results['select_listed_ties'] = select_listed_tie_case(30, 90, 40, 9)
+results['select_listed_ties_tiles'] = select_listed_tie_case(40, 120, 80, 16)  # 80 candidates: two key tiles
+results['select_listed_ties_wide'] = select_listed_tie_case(30, 90, 40, 9, d=80)  # the query's own token last
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
 torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5),
                       test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(), ks.detach(), 5),
+                      test_utils=('test_schema', 'test_faketensor'))
+torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default,
+                      (qs.detach(), ks.detach(), 5, torch.tensor([3, 0, 9, 4]), torch.arange(17)),
                       test_utils=('test_schema', 'test_faketensor'))
 # a model end to end, and inspection (hooks) falling back to the PyTorch path with the same neighbours
 set_backend('triton')
@@ -370,9 +435,11 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
                     f'e.g. 3.8): the kernels are not what failed')
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     r = json.loads(out.stdout.split('RESULT ', 1)[1])
-    selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones')
+    selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
+               'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'random', 'spatial', 'random_k_is_r', 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed') + selects:
+                 'random', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk', 'euclidean_k_clamped_topk',
+                 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
@@ -393,6 +460,11 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert r['conv_identity']['select_calls'] == 1 and r['conv_identity']['err'] < 1e-5, r['conv_identity']
     c = r['select_ties']
     assert c['ties'] > 1000 and c['ids_equal'] and c['scores'] == 0 and c['dtype'] == 'torch.int64', c
+    for shape, case in (([2, 1, 30, 9], 'select_listed_ties'), ([2, 1, 40, 16], 'select_listed_ties_tiles'),
+                        ([2, 1, 30, 9], 'select_listed_ties_wide')):
+        c = r[case]
+        assert c['shape'] == shape and c['dtype'] == 'torch.int64' and c['ties'] > 50, c
+        assert c['k_best'] and c['listed'] and c['unique'] and c['order'] and c['scores'] == 0, c
     layers = r['cnn_model_layers']
     assert len(layers) == 16 and r['cnn_model_calls_triton'] == sum(layers) == 9 and r['cnn_model_calls_torch'] == 0
     assert r['cnn_model'] < 1e-4, r['cnn_model']
@@ -489,11 +561,11 @@ def test_fused_candidates_match_torch_on_cuda(candidates, backend):
                             num_prefix_tokens=1, grid_size=(28, 28)).cuda().eval()  # eval: the same candidates
     x = torch.randn(4, 785, 384, device='cuda', requires_grad=True)
     outs = {}
-    for b in ('torch', 'triton'):
+    for b in ('torch', 'auto'):  # 'auto': the fused forward with the candidate list
         backend(b)
         y = layer(x)
         outs[b] = (y, torch.autograd.grad(y.sum(), [x] + list(layer.parameters())))
-    (y0, g0), (y1, g1) = outs['torch'], outs['triton']
+    (y0, g0), (y1, g1) = outs['torch'], outs['auto']
     assert (y0 - y1).abs().max() <= 1e-4 * y0.abs().max()
     for a, b in zip(g0, g1):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
@@ -501,6 +573,7 @@ def test_fused_candidates_match_torch_on_cuda(candidates, backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('name, kernel', [('vit_tiny_convnn_all_k16', 'fused_attention'),
+                                          ('vit_tiny_convnn_random', 'fused_attention'),
                                           ('resnet50_convnn_branch', 'fused_select')])
 def test_fused_model_train_step_on_cuda(name, kernel, backend, monkeypatch):
     import timm
@@ -521,6 +594,7 @@ def test_fused_model_train_step_on_cuda(name, kernel, backend, monkeypatch):
         backend(b)
         model.zero_grad()
         del calls[:]
+        torch.manual_seed(1)  # random candidates: the same fresh draw for both paths
         with torch.autocast('cuda', dtype=torch.bfloat16):
             y = model(x)
         y.float().logsumexp(-1).sum().backward()
@@ -549,44 +623,53 @@ def test_fused_model_under_compile_on_cuda(backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_select_matches_torch_on_cuda(dtype, backend, monkeypatch):
-    # a ResNet stage-1 map: 56 x 56 queries against the 58 x 58 zero-padded map, 64 channels, K 9
+@pytest.mark.parametrize('listed', [False, True], ids=['all', 'random'])
+def test_fused_select_matches_torch_on_cuda(dtype, listed, backend, monkeypatch):
+    # a ResNet stage-1 map: 56 x 56 queries against the 58 x 58 zero-padded map, 64 channels, K 9; all candidates, or
+    # 100 random pixels of the map (two key tiles) and each query's own
     from timm_convnn.layers.functional import select_scored_neighbors, similarity_features
     calls = []
     real = triton_attention.fused_select
     monkeypatch.setattr(triton_attention, 'fused_select', lambda *a: calls.append(1) or real(*a))
     g = torch.Generator(device='cuda').manual_seed(0)
     x = torch.randn(4, 1, 58 * 58, 64, device='cuda', generator=g).to(dtype)
-    qs, ks = similarity_features(x[:, :, :56 * 56], x, 'cosine')
+    inner = (torch.arange(1, 57, device='cuda').view(-1, 1) * 58 + torch.arange(1, 57, device='cuda')).flatten()
+    cand = inner[torch.randperm(inner.numel(), device='cuda', generator=g)[:100]] if listed else None
+    qid = inner if listed else None
+    qs, ks = similarity_features(x[:, :, inner], x, 'cosine')
     backend('torch')
-    i0, s0 = select_scored_neighbors(qs, ks, 9)
+    i0, s0 = select_scored_neighbors(qs, ks, 9, cand, qid)
     backend('auto')
-    i1, s1 = select_scored_neighbors(qs, ks, 9)
+    i1, s1 = select_scored_neighbors(qs, ks, 9, cand, qid)
     assert calls == [1] and i1.dtype == i0.dtype == torch.int64 and s1.dtype == torch.float32
     # the same neighbours up to fp32 summation order (near-ties), the same sorted scores
     assert (i0 == i1).all(-1).float().mean() >= 0.999
     assert (s0 - s1).abs().max() <= 1e-5
 
 
-def test_fused_dispatch_only_for_every_token_candidates(backend, monkeypatch):
+def test_fused_forward_dispatch(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
     cuda = torch.device('cuda')
     assert _layer()._fused_supported(50, cuda)
-    # candidate subsets: only when asked for (that kernel variant has not been timed on a GPU yet)
-    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
-    assert not _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
-    assert _layer(candidates='random', num_samples=64)._fused_supported(50, cuda)  # r >= patches: every token
-    assert not _layer(weighting='ones')._fused_supported(50, cuda)
+    # candidate subsets (random / spatial) and r covering every token
+    assert _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
+    assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
+    assert _layer(candidates='random', num_samples=64)._fused_supported(50, cuda)
+    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, torch.device('cpu'))
+    assert not _layer(weighting='ones')._fused_supported(50, cuda)  # the selection kernel serves these
+    assert not _layer(aggregation='standard')._fused_supported(50, cuda)
+    assert not _layer(neighbor_order='position')._fused_supported(50, cuda)
+    assert not ConvNNAttention(32, num_heads=2, num_neighbors=65)._fused_supported(100, cuda)  # K > MAX_NEIGHBORS
     assert not _layer()._fused_supported(triton_attention.MAX_TOKENS + 1, cuda)
     assert _layer()._fused_supported(50, cuda, torch.bfloat16)
     assert not _layer()._fused_supported(50, cuda, torch.float64)  # the kernels compute in fp32: fp64 in PyTorch
     backend('triton')
-    assert _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
-    assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, cuda)
+    assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, torch.device('cpu'))
     assert not _layer(weighting='ones')._fused_supported(50, cuda)
     backend('torch')
     assert not _layer()._fused_supported(50, cuda)
+    assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
 
 
 def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
@@ -634,7 +717,8 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
     no_spills = triton_attention._version(triton_attention.triton.__version__) >= (3, 8)
     for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
                  'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
-                 'bwd:K=16', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32'):
+                 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64',
+                 'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

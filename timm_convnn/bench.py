@@ -185,16 +185,18 @@ def _fused_layers(name: str, model_kwargs: Dict[str, Any], device: torch.device,
     model = timm.create_model(name, num_classes=1000, device='meta', **model_kwargs)
     size = _input_size(model, img_size)
     decide = triton_attention.use_fused
-    asking: List[torch.nn.Module] = []
+    asking: List[Optional[torch.nn.Module]] = [None]  # the ConvNN layer whose forward runs now
     fused: set = set()
 
-    def record(supported: bool, _device: torch.device, auto: bool = True) -> bool:
-        if decide(supported, device, auto):
-            fused.add(id(asking[-1]))
+    def record(supported: bool, _device: torch.device) -> bool:
+        if decide(supported, device):
+            fused.add(id(asking[0]))
         return False
 
-    hooks = [m.register_forward_pre_hook(lambda module, args: asking.append(module)) for m in model.modules()
-             if isinstance(m, (ConvNNAttention, ConvNN2d))]
+    def enter(module: torch.nn.Module, args) -> None:
+        asking[0] = module
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules() if isinstance(m, (ConvNNAttention, ConvNN2d))]
     counts = []
     triton_attention.use_fused = record
     try:

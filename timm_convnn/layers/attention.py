@@ -213,9 +213,7 @@ class ConvNNAttention(nn.Module):
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
             and not (self.aggregate._forward_hooks or self.aggregate._forward_pre_hooks))  # inspection hooks
-        # sampled candidates (random / spatial) run fused only when asked for ('triton'): that kernel variant is
-        # tested against the PyTorch path but has not been timed on a GPU yet
-        return triton_attention.use_fused(supported, device, auto=self._every_token(num_tokens))
+        return triton_attention.use_fused(supported, device)
 
     @torch.jit.unused
     def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,

@@ -2,19 +2,18 @@
 kernels (CUDA). ``TIMM_CONVNN_BACKEND`` sets the start value; ``set_backend`` changes it at run time.
 
 Two kernels can serve a layer:
-* the fused attention forward and backward (``ConvNNAttention``): every token a candidate, softmax weights, depthwise
-  aggregation, rank order, K <= 64, no attention dropout in training, not under
-  ``torch.use_deterministic_algorithms(True)``, nothing hooked on the layer's aggregation;
-* otherwise, the top-K selection alone (``ConvNN2d``, and attention layers the forward does not cover): every token a
-  candidate, fp32 / half / bf16 similarity features of at most 128 channels, K <= 64. It replaces the score matrix
-  and ``torch.topk``; weights and aggregation stay in PyTorch (selection has no gradient, and no atomics: it is
-  deterministic).
+* the fused attention forward and backward (``ConvNNAttention``): every token a candidate or a sampled list
+  (``random`` / ``spatial``), softmax weights, depthwise aggregation, rank order, K <= 64, no attention dropout in
+  training, not under ``torch.use_deterministic_algorithms(True)``, nothing hooked on the layer's aggregation;
+* otherwise, the top-K selection alone (``ConvNN2d``, and attention layers the forward does not cover): every token or
+  a sampled list a candidate, fp32 / half / bf16 similarity features of at most 128 channels, K <= 64. It replaces the
+  score matrix and ``torch.topk``; weights and aggregation stay in PyTorch (selection has no gradient, and no atomics:
+  it is deterministic).
 
 * ``auto`` (default): those kernels for CUDA tensors; PyTorch otherwise.
 * ``torch``: always the PyTorch path.
-* ``triton``: those kernels wherever they apply, the attention forward with sampled candidates (``random`` /
-  ``spatial``) included, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for testing); an error
-  when Triton cannot run on the input's device.
+* ``triton``: those kernels wherever they apply, CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for
+  testing) included; an error when Triton cannot run on the input's device.
 """
 import os
 

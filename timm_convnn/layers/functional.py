@@ -100,24 +100,26 @@ def select_scored_neighbors(
     """``select_neighbors`` that also returns the selected scores <qs_i, ks_j> (fp32, no grad), (B, G, N, K_eff)
     each; ``gather_dot(..., scores=...)`` turns them into differentiable scores without recomputing them.
 
-    All-token selection on CUDA runs one fused Triton kernel (``triton_attention.fused_select``: no score matrix, no
+    On CUDA the selection runs one fused Triton kernel (``triton_attention.fused_select``: no score matrix, no
     ``torch.topk``; ties to the smallest token id) where the backend allows it (``timm_convnn.layers.backend``)."""
+    if candidates is not None and query_index is None:
+        raise ValueError('select_neighbors: query_index is required with a candidate list')
     if not torch.jit.is_scripting():
-        if candidates is None and _fused_selection(qs, ks, num_neighbors):
-            return triton_attention.fused_select(qs, ks, num_neighbors)
+        if _fused_selection(qs, ks, num_neighbors, candidates, query_index):
+            return triton_attention.fused_select(qs, ks, num_neighbors, candidates, query_index)
     with torch.no_grad():
         qf, kf = _at_least_fp32(qs), _at_least_fp32(ks)
-        if candidates is None:
+        if candidates is None or query_index is None:
             return _select_all(qf, kf, num_neighbors, budget_bytes)
-        if query_index is None:
-            raise ValueError('select_neighbors: query_index is required with a candidate list')
         return _select_listed(qf, kf, num_neighbors, candidates, query_index, budget_bytes)
 
 
 @torch.jit.unused
-def _fused_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> bool:
-    """Whether an all-token selection runs the fused kernel (it takes these features, and the backend's say)."""
-    return triton_attention.use_fused(triton_attention.select_unsupported(qs, ks, num_neighbors) is None, qs.device)
+def _fused_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor],
+                     query_index: Optional[torch.Tensor]) -> bool:
+    """Whether this selection runs the fused kernel (it takes these features, and the backend's say)."""
+    bad = triton_attention.select_unsupported(qs, ks, num_neighbors, candidates, query_index)
+    return triton_attention.use_fused(bad is None, qs.device)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

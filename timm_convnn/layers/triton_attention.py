@@ -36,7 +36,8 @@ __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', '
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
 # The selection kernel holds a block of query features in registers: up to this many similarity channels (ConvNN2d's
-# 56 x 56 and 28 x 28 maps of a ResNet have 64 and 128, plus 2 with coordinates); wider ones select in PyTorch
+# 56 x 56 and 28 x 28 maps of a ResNet have 64 and 128; with appended coordinates 66 and 130, so the second selects
+# in PyTorch); wider ones select in PyTorch
 MAX_SELECT_DIM = 128
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
@@ -128,15 +129,15 @@ def triton_available(device: torch.device) -> bool:
     return triton_unavailable_reason(device) is None
 
 
-def use_fused(supported: bool, device: torch.device, auto: bool = True) -> bool:
+def use_fused(supported: bool, device: torch.device) -> bool:
     """The backend's decision (``timm_convnn.layers.backend``) for a call on ``device`` tensors that the fused kernels
-    can compute (``supported``): ``torch``, never; ``auto``, on CUDA when Triton can run there and ``auto`` (the
-    call's own extra condition) holds; ``triton``, always, and an error when Triton cannot run on ``device``."""
+    can compute (``supported``): ``torch``, never; ``auto``, on CUDA when Triton can run there; ``triton``, always,
+    and an error when Triton cannot run on ``device``."""
     backend = get_backend()
     if backend == 'torch' or not supported:
         return False
     if backend == 'auto':
-        return auto and device.type == 'cuda' and triton_available(device)
+        return device.type == 'cuda' and triton_available(device)
     reason = triton_unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but {reason}')
@@ -321,28 +322,38 @@ if triton is not None:
         return q, rows, row_ok, dq, b * stride_kb + h * stride_kh
 
     @triton.jit
+    def _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ: tl.constexpr):
+        """(BLOCK_M,) fp32 scores of the query block against the queries' own tokens (ids ``qid``)."""
+        kself = tl.load(Kf + kbase + qid[:, None] * stride_kn + dq[None, :],
+                        mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
+        return tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
+
+    @triton.jit
     def _stream_top_k(
-            q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L,
+            q, Kf, kbase, CAND, qid, row_ok, dq, stride_kn, M, L,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, CANDIDATES: tl.constexpr,
     ):
         """The K best keys of every query of the block, unordered: (BLOCK_M, BLOCK_K) scores (-inf from slot NUM_K
         on) and token ids. The L keys (all M tokens, or with CANDIDATES the L token ids in CAND plus each query itself,
-        whose token id is its row) stream in tiles of BLOCK_N through a running top-K buffer (score, id) per query; a
+        whose token id is ``qid``) stream in tiles of BLOCK_N through a running top-K buffer (score, id) per query; a
         tile is merged only while some query of the block has a tile score above its current K-th best (CTA-uniform
-        loop), so later tiles mostly cost one row max. Ties: the smallest id."""
+        loop), so later tiles mostly cost one row max. Ties: the smallest id (with CANDIDATES, whose ids come in list
+        order, an exact tie at the K-th place keeps one of the tied)."""
         kk = tl.arange(0, BLOCK_K)
         real = kk[None, :] < NUM_K
         # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
         # distinct negative ids so that "the largest id among the minima" is one slot)
         best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        if CANDIDATES:  # the query itself is always a candidate: it starts in slot 0
-            kself = tl.load(Kf + kbase + rows[:, None] * stride_kn + dq[None, :],
-                            mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
-            s_self = tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
-            best = tl.where(kk[None, :] == 0, s_self[:, None], best)
-            best_i = tl.where(kk[None, :] == 0, rows[:, None], best_i)
+        # the query itself is always a candidate. It starts in slot 0; with fp32 features of more than 64 channels it
+        # enters after the loop instead (replacing the worst kept entry if it beats it): compiled for sm_90, loading
+        # its row before the loop made ptxas keep 32 registers and spill 3 KB per thread there (triton 3.6 and 3.8),
+        # while after the loop costs half / bf16 features registers (on triton 3.6, 64 queries at K 16: a spill)
+        SELF_LAST: tl.constexpr = IEEE and DQ > 64
+        if CANDIDATES and not SELF_LAST:
+            best = tl.where(kk[None, :] == 0, _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ)[:, None], best)
+            best_i = tl.where(kk[None, :] == 0, qid[:, None], best_i)
         thr = tl.min(best, axis=1)
         for start in range(0, L, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
@@ -350,7 +361,7 @@ if triton is not None:
                 valid = pos < L
                 ids = tl.load(CAND + pos, mask=valid, other=0)
                 s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, IEEE)
-                s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query is in slot 0 already
+                s = tl.where(ids[None, :] == qid[:, None], float('-inf'), s)  # the query itself: not twice
             else:
                 ids = pos
                 s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, IEEE)
@@ -367,6 +378,12 @@ if triton is not None:
                 thr = tl.min(best, axis=1)
                 mx = tl.max(s, axis=1)
                 todo = (mx > thr) & row_ok
+        if CANDIDATES and SELF_LAST:
+            s_self = _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ)
+            evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
+            upd = (s_self > thr)[:, None] & (best_i == evict[:, None])
+            best = tl.where(upd, s_self[:, None], best)
+            best_i = tl.where(upd, qid[:, None], best_i)
         best = tl.where(real, best, float('-inf'))
         return best, best_i
 
@@ -414,19 +431,24 @@ if triton is not None:
 
     @triton.jit
     def _convnn_select_kernel(
-            Q, Kf, IDX, S, N, M, G,
+            Q, Kf, IDX, S, CAND, QIDX, N, M, L, G,
             stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, stride_kn,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, CANDIDATES: tl.constexpr,
     ):
         """Top-K selection alone, one program per (batch x group, block of queries): the N queries against all M
-        keys through ``_stream_top_k``, ranked best first (ties: the smallest id); stores the K token ids and their
-        fp32 scores per query. For the ConvNN layers whose weighting or aggregation the fused forward does not cover
-        (``ConvNN2d``, ``ones`` weights, standard aggregation): they aggregate in PyTorch."""
+        keys, or with CANDIDATES against the L token ids in CAND plus each query's own token (its id in QIDX), through
+        ``_stream_top_k``, ranked best first (ties: the smallest id); stores the K token ids and their fp32 scores per
+        query. For the ConvNN layers whose weighting or aggregation the fused forward does not cover (``ConvNN2d``,
+        ``ones`` weights, standard aggregation): they aggregate in PyTorch."""
         q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, DQ,
                                                   BLOCK_M, BLOCK_DQ)
-        best, best_i = _stream_top_k(q, Kf, kbase, IDX, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
-                                     BLOCK_N, BLOCK_K, IEEE, False)  # (no candidate list: IDX stands in for it)
+        if CANDIDATES:
+            best, best_i = _stream_top_k(q, Kf, kbase, CAND, tl.load(QIDX + rows, mask=row_ok, other=0), row_ok, dq,
+                                         stride_kn, M, L, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+        else:
+            best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
+                                         BLOCK_N, BLOCK_K, IEEE, False)
         sel_idx, score, _ = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False, False)
         bg = tl.program_id(2) * G + tl.program_id(1)
         _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, NUM_K, BLOCK_K)
@@ -657,39 +679,47 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
 
 
 @torch.library.custom_op('timm_convnn::convnn_select', mutates_args=())
-def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                   query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     B, G, N, DQ = qs.shape
     M = ks.shape[2]
-    K = min(num_neighbors, M)
+    K = _num_kept(num_neighbors, M, candidates)
     q, k = _in_place(qs), _in_place(ks)
     idx = torch.empty(B, G, N, K, device=q.device, dtype=torch.int32)
     scores = torch.empty(B, G, N, K, device=q.device, dtype=torch.float32)
+    listed = candidates is not None  # with query_index (select_unsupported)
+    placeholder = torch.empty(1, device=q.device, dtype=torch.int32)  # (never read)
+    cand = candidates.to(torch.int32).contiguous() if listed else placeholder
+    qidx = query_index.to(torch.int32).contiguous() if listed else placeholder
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, ieee, K)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
         _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
-            q[s:e], k[s:e], idx[s:e], scores[s:e], N, M, G, *_strides(q), *_strides(k), DQ=DQ, NUM_K=K,
-            BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N, BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), IEEE=ieee,
+            q[s:e], k[s:e], idx[s:e], scores[s:e], cand, qidx, N, M, cand.numel() if listed else M, G,
+            *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
+            BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), IEEE=ieee, CANDIDATES=listed,
             num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
     return idx, scores
 
 
 @_convnn_select.register_fake
-def _convnn_select_fake(qs, ks, num_neighbors):
+def _convnn_select_fake(qs, ks, num_neighbors, candidates=None, query_index=None):
     B, G, N, _ = qs.shape
-    K = min(num_neighbors, ks.shape[2])
+    K = _num_kept(num_neighbors, ks.shape[2], candidates)
     return qs.new_empty(B, G, N, K, dtype=torch.int32), qs.new_empty(B, G, N, K, dtype=torch.float32)
 
 
 _SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Optional[str]:
+def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int,
+                       candidates: Optional[torch.Tensor] = None,
+                       query_index: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why ``fused_select`` cannot take these features, or None when it can: (B, G, N, D) and (B, G, M, D) fp32 /
     half / bf16 features (the kernel computes in fp32: fp64 selects in PyTorch, in fp64) of at most
-    ``MAX_SELECT_DIM`` channels, 1 to ``MAX_TOKENS`` tokens, K (clamped to the token count) at most
-    ``MAX_NEIGHBORS``. The dispatch (``functional.select_scored_neighbors``) and ``fused_select``'s errors both
-    read this."""
+    ``MAX_SELECT_DIM`` channels, 1 to ``MAX_TOKENS`` tokens, K (clamped to the candidate count) at most
+    ``MAX_NEIGHBORS``; a candidate list comes as (r,) token ids with the (N,) token id of every query. The dispatch
+    (``functional.select_scored_neighbors``) and ``fused_select``'s errors both read this."""
     if qs.dim() != 4 or ks.dim() != 4 or qs.shape[-1] != ks.shape[-1] or qs.shape[:2] != ks.shape[:2]:
         return (f'fused_select expects (B, G, N, D) and (B, G, M, D) features; got {tuple(qs.shape)} and '
                 f'{tuple(ks.shape)}')
@@ -698,23 +728,38 @@ def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -
     tokens = ks.shape[2]
     if tokens > MAX_TOKENS:
         return f'fused_select takes at most {MAX_TOKENS} tokens; got {tokens}'
-    if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= min(num_neighbors, tokens) <= MAX_NEIGHBORS:
+    if candidates is not None:
+        if query_index is None or candidates.dim() != 1 or tuple(query_index.shape) != (qs.shape[2],):
+            return (f'fused_select takes a candidate list as (r,) token ids with the (N,) = ({qs.shape[2]},) token ids '
+                    f'of the queries; got candidates {tuple(candidates.shape)} and query_index '
+                    f'{None if query_index is None else tuple(query_index.shape)}')
+        if candidates.dtype not in (torch.int32, torch.int64) or query_index.dtype not in (torch.int32, torch.int64):
+            return f'fused_select takes integer token ids; got {candidates.dtype} and {query_index.dtype}'
+    kept = _num_kept(num_neighbors, tokens, candidates)
+    if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= kept <= MAX_NEIGHBORS:
+        what = 'token' if candidates is None else 'candidate'
+        count = tokens if candidates is None else candidates.shape[0]
         return (f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is clamped '
-                f'to the token count); got {qs.shape[-1]} channels, K {num_neighbors}, {tokens} tokens')
+                f'to the {what} count); got {qs.shape[-1]} channels, K {num_neighbors}, {count} {what}s')
     return None
 
 
-def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                 query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-K selection in one fused kernel: (B, G, N, D) query and (B, G, M, D) token similarity features -> the
     token ids (int64) and fp32 scores <qs_i, ks_j> of every query's K = min(num_neighbors, M) best tokens, best first
-    (ties: the smallest id). What ``functional.select_scored_neighbors`` returns for all-token candidates, without the
-    (N, M) score matrix or ``torch.topk``; no autograd graph (selection needs none). Inputs: ``select_unsupported``."""
-    bad = select_unsupported(qs, ks, num_neighbors)
+    (ties: the smallest id). With ``candidates`` ((r,) token ids shared by all queries) and ``query_index`` (the
+    (N,) token id of each query) only those tokens and the query's own are candidates, K = min(num_neighbors, r),
+    as in the PyTorch path (exact ties at the K-th place may keep another of the tied tokens). What
+    ``functional.select_scored_neighbors`` returns, without the (N, M) score matrix or ``torch.topk``; no autograd
+    graph (selection needs none). Inputs: ``select_unsupported``; token ids must lie in 0 .. M - 1 (not checked:
+    that would synchronise with the GPU)."""
+    bad = select_unsupported(qs, ks, num_neighbors, candidates, query_index)
     if bad is not None:
         raise ValueError(bad)
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
     with torch.no_grad():
-        idx, scores = _convnn_select(qs.detach(), ks.detach(), num_neighbors)
+        idx, scores = _convnn_select(qs.detach(), ks.detach(), num_neighbors, candidates, query_index)
     return idx.long(), scores
