@@ -106,6 +106,8 @@ def test_fused_select_rejects_bad_input():
         triton_attention.fused_select(x, x, 3, cand.float(), qid)
     with pytest.raises(ValueError, match=r'\(K is clamped to the candidate count\); got 4 channels, K 3, 0 candidates'):
         triton_attention.fused_select(x, x, 3, cand[:0], qid)
+    with pytest.raises(ValueError, match=r"takes token ids on the features' device \(cpu\); got meta and cpu"):
+        triton_attention.fused_select(x, x, 3, cand.to('meta'), qid)
     if not triton_attention.interpreting():  # well-formed: then whether Triton runs on these tensors
         with pytest.raises(RuntimeError, match=re.escape(triton_attention.triton_unavailable_reason(x.device))):
             triton_attention.fused_select(x, x, 3)
@@ -128,8 +130,9 @@ def test_fused_selection_covers_what_the_kernel_takes():
     assert not supported(feats(10), feats(0), 3)  # no candidates
     assert not supported(feats(10)[0], feats(10)[0], 3)  # not (B, G, N, D)
     # sampled candidates: a ResNet stage-1 layer with 64 random candidates on the padded map, K clamped to r
-    cand, qid = torch.arange(64), torch.arange(3136)
+    cand, qid = torch.arange(64, device='meta'), torch.arange(3136, device='meta')
     assert supported(feats(3136), feats(3364), 9, cand, qid)
+    assert not supported(feats(3136), feats(3364), 9, torch.arange(64), qid)  # ids on another device
     assert supported(feats(3136), feats(3364), 100, cand, qid)  # K 100 clamps to the 64 candidates
     assert not supported(feats(3136), feats(3364), 9, cand, None)  # the queries' own tokens are needed
     assert not supported(feats(3136), feats(3364), 9, cand[:0], qid)  # no candidates

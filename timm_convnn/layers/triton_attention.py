@@ -347,9 +347,10 @@ if triton is not None:
         best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
         # the query itself is always a candidate. It starts in slot 0; with fp32 features of more than 64 channels it
-        # enters after the loop instead (replacing the worst kept entry if it beats it): compiled for sm_90, loading
-        # its row before the loop made ptxas keep 32 registers and spill 3 KB per thread there (triton 3.6 and 3.8),
-        # while after the loop costs half / bf16 features registers (on triton 3.6, 64 queries at K 16: a spill)
+        # enters after the loop instead (replacing the worst kept entry if it beats it). Compiled for sm_90 (triton
+        # 3.6 and 3.8): loading its row before the loop made ptxas keep 32 registers and spill 3 KB per thread for such
+        # features, while for half / bf16 ones slot 0 takes fewer registers (triton 3.6, 64 queries at K 16: 253, where
+        # entering after the loop took 255 and spilled 136 bytes)
         SELF_LAST: tl.constexpr = IEEE and DQ > 64
         if CANDIDATES and not SELF_LAST:
             best = tl.where(kk[None, :] == 0, _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ)[:, None], best)
@@ -735,6 +736,9 @@ def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int,
                     f'{None if query_index is None else tuple(query_index.shape)}')
         if candidates.dtype not in (torch.int32, torch.int64) or query_index.dtype not in (torch.int32, torch.int64):
             return f'fused_select takes integer token ids; got {candidates.dtype} and {query_index.dtype}'
+        if candidates.device != qs.device or query_index.device != qs.device:
+            return (f'fused_select takes token ids on the features\' device ({qs.device}); got {candidates.device} and '
+                    f'{query_index.device}')
     kept = _num_kept(num_neighbors, tokens, candidates)
     if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= kept <= MAX_NEIGHBORS:
         what = 'token' if candidates is None else 'candidate'
