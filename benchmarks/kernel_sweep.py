@@ -6,7 +6,8 @@ next to SDPA forward / forward+backward on the same bf16 tensors. Prints one lin
 
 Shapes up to ``ROW_TOKENS`` tokens run the row kernel, larger ones the streaming kernel. ``--select`` times the
 selection kernel alone (what ``ConvNN2d`` runs on CUDA; BxNxMxD: batch, queries, candidates, channels; 64x3136x3364x64
-is a ResNet-50 stage-1 layer at batch 64) against the PyTorch selection (score slices, ``torch.topk``).
+is a ResNet-50 stage-1 layer at batch 64) against the PyTorch selection (score slices, ``torch.topk``), over all
+candidates and over 64 sampled ones.
 """
 import argparse
 import itertools
@@ -137,6 +138,20 @@ def _sweep_select(shape, neighbors, rows, save) -> None:
             print(f'  fused BM {bm or "default"} warps {nw or 4}: {t:.4f} ms  x{t / base:.3f} PyTorch'
                   + (f'  {err}' if err else ''), flush=True)
         ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
+        # a sampled candidate list (what ConvNN2d(candidates='random') selects from): r = 64 tokens shared by all
+        # queries, plus each query's own; built-in configuration only
+        cand = torch.randperm(M, device='cuda', generator=g)[:64]
+        qid = torch.arange(N, device='cuda')
+        times = {}
+        for impl in ('torch', 'fused'):
+            set_backend('torch' if impl == 'torch' else 'auto')
+            times[impl] = triton.testing.do_bench(lambda: select_scored_neighbors(qs, ks, K, cand, qid))
+            rows.append(dict(shape=shape, K=K, kernel='select', impl=impl, candidates=64, ms=times[impl],
+                             x_torch=times[impl] / times['torch']))
+            save()
+        set_backend('auto')
+        print(f'  64 sampled candidates: PyTorch {times["torch"]:.4f} ms, fused {times["fused"]:.4f} ms  '
+              f'x{times["fused"] / times["torch"]:.3f}', flush=True)
 
 
 if __name__ == '__main__':
