@@ -176,3 +176,39 @@ def test_readme_model_stats_are_current():
     for name in ('vit_base_patch16_224', 'vit_base_convnn_all_k16'):
         row = stats.markdown_row(stats.model_stats(name))
         assert row in block, (row, block)
+
+
+@pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),
+                                          ('vit_tiny_convnn_all', dict(coords='append', similarity='cosine'))])
+def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
+    # spatial candidates and coordinate channels need the 2-D patch layout; under dynamic_img_size the token count
+    # does not determine it (144 patches: 12 x 12, or 9 x 16 from a 144 x 256 image), so the patch embedding records
+    # it for the layers. Each layer must then compute what it computes when built for that grid.
+    import copy
+    torch.manual_seed(0)
+    model = timm.create_model(name, dynamic_img_size=True, depth=2, num_classes=3, **kwargs).eval()
+    seen = {}
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+             for i, blk in enumerate(model.blocks)]
+    for hw, grid in (((144, 256), (9, 16)), ((256, 144), (16, 9)), ((96, 96), (6, 6))):
+        with torch.no_grad():
+            model(torch.randn(2, 3, *hw))
+            for i, blk in enumerate(model.blocks):
+                assert blk.attn.token_grid.hw == grid
+                built = copy.deepcopy(blk.attn)
+                built.token_grid, built.grid_size = None, grid
+                assert torch.equal(blk.attn(seen[i]), built(seen[i])), (hw, i)
+                if grid == (9, 16):  # what a layer without the record assumes (a 12 x 12 map) differs
+                    built.grid_size = None
+                    assert not torch.allclose(blk.attn(seen[i]), built(seen[i]))
+    for h in hooks:
+        h.remove()
+    # a copy records its own grid; TorchScript runs (the hook records nothing there: a square map is assumed)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(torch.randn(1, 3, 160, 224))
+    assert twin.blocks[0].attn.token_grid.hw == (10, 14) and model.blocks[0].attn.token_grid.hw == (6, 6)
+    assert torch.jit.script(model)(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+    # fixed-size models take the grid at build time and record nothing
+    fixed = timm.create_model(name, img_size=(144, 256), depth=1, **kwargs)
+    assert fixed.blocks[0].attn.grid_size == (9, 16) and fixed.blocks[0].attn.token_grid is None

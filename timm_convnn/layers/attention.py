@@ -27,7 +27,33 @@ from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
     softmax_weights)
 
-__all__ = ['ConvNNAttention', 'ConvNNBranchAttention']
+__all__ = ['ConvNNAttention', 'ConvNNBranchAttention', 'TokenGrid', 'record_token_grid']
+
+
+class TokenGrid:
+    """The (rows, cols) patch grid of the forward in progress, shared by a ViT's patch embedding, whose forward hook
+    ``record_token_grid`` writes it, and the model's ConvNN layers, which read it (spatial candidates, coordinates).
+
+    For ``dynamic_img_size`` models: every input size gives another grid, and the token count alone does not tell
+    which (144 patches: 12 x 12, or 9 x 16 from a 144 x 256 image).
+    """
+
+    def __init__(self) -> None:
+        self.hw: Optional[Tuple[int, int]] = None
+
+
+def record_token_grid(module: nn.Module, args: Tuple[torch.Tensor], output: torch.Tensor) -> None:
+    """Forward hook of a patch embedding with NHWC output (timm's ViT under ``dynamic_img_size``): records its
+    (H, W) in the embedding's ``token_grid`` (a ``TokenGrid``). Under TorchScript nothing is recorded and the layers
+    fall back to their ``grid_size`` / a square map."""
+    if not torch.jit.is_scripting():
+        _record_grid(module, output)
+
+
+@torch.jit.unused
+def _record_grid(module: nn.Module, output: torch.Tensor) -> None:
+    if output.dim() == 4:
+        module.token_grid.hw = (int(output.shape[1]), int(output.shape[2]))
 
 
 @register_notrace_module
@@ -50,10 +76,12 @@ class ConvNNAttention(nn.Module):
         neighbor_order: slot order fed to the aggregation: ``'rank'`` (best first) or ``'position'`` (token order).
         num_prefix_tokens: leading non-patch tokens (class, registers); set by the model.
         grid_size: (rows, cols) of the patch map, used when it matches the token count; otherwise a square map is
-            assumed, or a single raster row when the count is not square.
+            assumed, or a single raster row when the count is not square. A ``token_grid`` (``TokenGrid``) attribute,
+            which ViT models with ``dynamic_img_size`` share with their patch embedding, takes precedence.
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
     grid_size: Optional[Tuple[int, int]]
+    __jit_ignored_attributes__ = ['token_grid']  # read only outside TorchScript (_recorded_grid)
 
     def __init__(
             self,
@@ -112,6 +140,7 @@ class ConvNNAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.sample_seed = sample_seed
         self.grid_size = (int(grid_size[0]), int(grid_size[1])) if grid_size is not None else None
+        self.token_grid: Optional[TokenGrid] = None  # the grid of the forward in progress, when a model records it
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
@@ -127,6 +156,10 @@ class ConvNNAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _patch_grid(self, num_patches: int) -> Tuple[int, int]:
+        if not torch.jit.is_scripting():
+            recorded = self._recorded_grid(num_patches)
+            if recorded is not None:
+                return recorded
         grid = self.grid_size
         if grid is not None and grid[0] * grid[1] == num_patches:
             return grid[0], grid[1]
@@ -134,6 +167,12 @@ class ConvNNAttention(nn.Module):
         if side * side == num_patches:
             return side, side
         return 1, num_patches  # unknown layout: a single raster row
+
+    @torch.jit.unused
+    def _recorded_grid(self, num_patches: int) -> Optional[Tuple[int, int]]:
+        """The grid the model's patch embedding recorded for this forward (``TokenGrid``), if it fits the count."""
+        hw = self.token_grid.hw if self.token_grid is not None else None
+        return hw if hw is not None and hw[0] * hw[1] == num_patches else None
 
     def _token_coords(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         num_prefix = min(self.num_prefix_tokens, num_tokens)

@@ -22,12 +22,13 @@ from typing import Any, Dict, Optional, Type
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import LayerNorm, Mlp, to_2tuple
+from timm.layers import LayerNorm, Mlp, PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers import ConvNNAttention, ConvNNBranchAttention
+from ..layers.attention import TokenGrid, record_token_grid
 from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
 __all__ = ['ConvNNBlock', 'checkpoint_filter_fn']
@@ -139,7 +140,7 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
         convnn_kwargs['grid_size'] = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     out_indices = kwargs.pop('out_indices', 3)
     with explain_load_errors(variant, pretrained, kwargs):
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             VisionTransformer,
             variant,
             pretrained,
@@ -148,6 +149,23 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
             block_fn=partial(ConvNNBlock, **convnn_kwargs),
             **kwargs,
         )
+    if kwargs.get('dynamic_img_size', False):
+        _share_token_grid(model)
+    return model
+
+
+def _share_token_grid(model: nn.Module) -> None:
+    """A ``dynamic_img_size`` model: its patch embedding records the patch grid of every forward and its ConvNN
+    layers read it (spatial candidates and coordinates need the 2-D layout, which the token count does not
+    determine; fixed-size models pass ``grid_size`` at build time instead)."""
+    grid = TokenGrid()
+    for m in model.modules():
+        if isinstance(m, PatchEmbed):
+            m.token_grid = grid
+            m.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
+            m.register_forward_hook(record_token_grid)
+        elif isinstance(m, ConvNNAttention):
+            m.token_grid = grid
 
 
 def _vit_convnn(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> VisionTransformer:
