@@ -178,6 +178,7 @@ def test_readme_model_stats_are_current():
         assert row in block, (row, block)
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')  # timm's tests still script
 @pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),
                                           ('vit_tiny_convnn_all', dict(coords='append', similarity='cosine'))])
 def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):

@@ -140,7 +140,7 @@ class ConvNNAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.sample_seed = sample_seed
         self.grid_size = (int(grid_size[0]), int(grid_size[1])) if grid_size is not None else None
-        self.token_grid: Optional[TokenGrid] = None  # the grid of the forward in progress, when a model records it
+        self.token_grid = None  # a TokenGrid: the grid of the forward in progress, when a model records it
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
