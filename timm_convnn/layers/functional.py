@@ -109,7 +109,7 @@ def select_scored_neighbors(
             return triton_attention.fused_select(qs, ks, num_neighbors, candidates, query_index)
     with torch.no_grad():
         qf, kf = _at_least_fp32(qs), _at_least_fp32(ks)
-        if candidates is None or query_index is None:
+        if candidates is None or query_index is None:  # (query_index is given with candidates: checked above)
             return _select_all(qf, kf, num_neighbors, budget_bytes)
         return _select_listed(qf, kf, num_neighbors, candidates, query_index, budget_bytes)
 

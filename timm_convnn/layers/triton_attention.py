@@ -329,6 +329,15 @@ if triton is not None:
         return tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
 
     @triton.jit
+    def _replace_worst(best, best_i, thr, take, score, idx, BLOCK_K: tl.constexpr):
+        """The running top-K buffer (``best`` scores, ``best_i`` ids; ``thr`` its row minima) with, in the rows where
+        ``take``, the worst kept entry (the minimum score, among equal minima the largest id) replaced by
+        (``score``, ``idx``)."""
+        evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
+        upd = take[:, None] & (best_i == evict[:, None])
+        return tl.where(upd, score[:, None], best), tl.where(upd, idx[:, None], best_i)
+
+    @triton.jit
     def _stream_top_k(
             q, Kf, kbase, CAND, qid, row_ok, dq, stride_kn, M, L,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -370,21 +379,14 @@ if triton is not None:
             todo = (mx > thr) & row_ok
             while tl.max(todo.to(tl.int32), axis=0) > 0:
                 j = tl.min(tl.where(s == mx[:, None], ids[None, :], M), axis=1)  # ties: the smallest id
-                # evict the worst kept entry: the minimum score, among equal minima the largest id
-                evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
-                upd = todo[:, None] & (best_i == evict[:, None])
-                best = tl.where(upd, mx[:, None], best)
-                best_i = tl.where(upd, j[:, None], best_i)
+                best, best_i = _replace_worst(best, best_i, thr, todo, mx, j, BLOCK_K)
                 s = tl.where(todo[:, None] & (ids[None, :] == j[:, None]), float('-inf'), s)
                 thr = tl.min(best, axis=1)
                 mx = tl.max(s, axis=1)
                 todo = (mx > thr) & row_ok
         if CANDIDATES and SELF_LAST:
             s_self = _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ)
-            evict = tl.max(tl.where(best == thr[:, None], best_i, -BLOCK_K - 1), axis=1)
-            upd = (s_self > thr)[:, None] & (best_i == evict[:, None])
-            best = tl.where(upd, s_self[:, None], best)
-            best_i = tl.where(upd, qid[:, None], best_i)
+            best, best_i = _replace_worst(best, best_i, thr, s_self > thr, s_self, qid, BLOCK_K)
         best = tl.where(real, best, float('-inf'))
         return best, best_i
 
@@ -444,6 +446,8 @@ if triton is not None:
         ``ones`` weights, standard aggregation): they aggregate in PyTorch."""
         q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, DQ,
                                                   BLOCK_M, BLOCK_DQ)
+        # two calls rather than one with (qid, key count) picked by CANDIDATES: all tokens pass M as the key count,
+        # which compiled for sm_90 (triton 3.8) keeps fp32 128-channel features free of a spill that a separate L had
         if CANDIDATES:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, tl.load(QIDX + rows, mask=row_ok, other=0), row_ok, dq,
                                          stride_kn, M, L, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
@@ -689,9 +693,10 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
     idx = torch.empty(B, G, N, K, device=q.device, dtype=torch.int32)
     scores = torch.empty(B, G, N, K, device=q.device, dtype=torch.float32)
     listed = candidates is not None  # with query_index (select_unsupported)
-    placeholder = torch.empty(1, device=q.device, dtype=torch.int32)  # (never read)
-    cand = candidates.to(torch.int32).contiguous() if listed else placeholder
-    qidx = query_index.to(torch.int32).contiguous() if listed else placeholder
+    if listed:
+        cand, qidx = candidates.to(torch.int32).contiguous(), query_index.to(torch.int32).contiguous()
+    else:
+        cand = qidx = torch.empty(1, device=q.device, dtype=torch.int32)  # placeholders, never read
     ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, ieee, K)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
