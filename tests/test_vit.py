@@ -213,3 +213,26 @@ def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
     # fixed-size models take the grid at build time and record nothing
     fixed = timm.create_model(name, img_size=(144, 256), depth=1, **kwargs)
     assert fixed.blocks[0].attn.grid_size == (9, 16) and fixed.blocks[0].attn.token_grid is None
+
+
+@pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),
+                                          ('vit_tiny_convnn_all', dict(coords='append', similarity='cosine'))])
+def test_set_input_size_moves_the_layers_to_the_new_patch_grid(name, kwargs):
+    # timm's VisionTransformer.set_input_size resizes the patch grid and the position embedding of a fixed-size model;
+    # its ConvNN layers must follow: afterwards the model equals one built for that size with the same weights.
+    torch.manual_seed(0)
+    resized = timm.create_model(name, depth=2, num_classes=3, **kwargs).eval()
+    resized.set_input_size(img_size=(160, 224))
+    assert [blk.attn.grid_size for blk in resized.blocks] == [(10, 14)] * 2
+    built = timm.create_model(name, img_size=(160, 224), depth=2, num_classes=3, **kwargs).eval()
+    built.load_state_dict(resized.state_dict())
+    x = torch.randn(2, 3, 160, 224)
+    with torch.no_grad():
+        assert torch.equal(resized(x), built(x))
+        for blk in built.blocks:  # what the layers computed with the grid they were built with (14 x 14) differs
+            blk.attn.grid_size = (14, 14)
+        assert not torch.allclose(resized(x), built(x))
+    # a new patch size too (the grid of a 160 x 224 image with 8 px patches)
+    resized.set_input_size(patch_size=8)
+    assert resized.blocks[0].attn.grid_size == (20, 28)
+    assert resized(torch.randn(1, 3, 160, 224)).shape == (1, 3)

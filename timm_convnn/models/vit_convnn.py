@@ -1,9 +1,9 @@
 """ Vision Transformer with ConvNN token mixing.
 
-timm's own ``VisionTransformer`` (not a fork) whose blocks mix tokens with ``ConvNNAttention``: for each token the
-top-K candidates by q/k similarity are weighted by a softmax over their scores and aggregated by a depthwise
-Conv1d(kernel K, stride K) initialised to ones. With K = n this is exactly the ViT's attention, so timm ViT weights
-give a faithful warm start (``checkpoint_filter_fn``).
+timm's own ``VisionTransformer`` (not a fork; ``VisionTransformerConvNN`` only extends ``set_input_size``) whose
+blocks mix tokens with ``ConvNNAttention``: for each token the top-K candidates by q/k similarity are weighted by a
+softmax over their scores and aggregated by a depthwise Conv1d(kernel K, stride K) initialised to ones. With K = n
+this is exactly the ViT's attention, so timm ViT weights give a faithful warm start (``checkpoint_filter_fn``).
 
 Paper: "Attention Via Convolutional Nearest Neighbors", Mingi Kang, Jeova Farias Sales Rocha Neto,
 https://arxiv.org/abs/2511.14137.
@@ -17,7 +17,7 @@ Every ConvNN option is also a model kwarg: ``num_neighbors``, ``candidates``, ``
 """
 import logging
 from functools import partial
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ from ..layers import ConvNNAttention, ConvNNBranchAttention
 from ..layers.attention import TokenGrid, record_token_grid
 from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
-__all__ = ['ConvNNBlock', 'checkpoint_filter_fn']
+__all__ = ['ConvNNBlock', 'VisionTransformerConvNN', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +110,23 @@ class ConvNNBlock(Block):
             self.attn = ConvNNBranchAttention(dim, branch_ratio=branch_ratio, **attn_kwargs)
 
 
+class VisionTransformerConvNN(VisionTransformer):
+    """timm's ``VisionTransformer`` built with ``ConvNNBlock``s. The one change: ``set_input_size`` also gives the
+    ConvNN layers the new patch grid (spatial candidates and coordinates follow the 2-D layout, which a fixed-size
+    model fixes at build time; ``dynamic_img_size`` models record it on every forward instead)."""
+
+    def set_input_size(
+            self,
+            img_size: Optional[Tuple[int, int]] = None,
+            patch_size: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        grid = self.patch_embed.grid_size
+        for m in self.modules():
+            if isinstance(m, ConvNNAttention) and m.grid_size is not None and grid is not None:
+                m.grid_size = (int(grid[0]), int(grid[1]))
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Load timm ViT checkpoints (any layout timm's ViT filter handles) or our own into a ConvNN ViT.
 
@@ -141,7 +158,7 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
     out_indices = kwargs.pop('out_indices', 3)
     with explain_load_errors(variant, pretrained, kwargs):
         model = build_model_with_cfg(
-            VisionTransformer,
+            VisionTransformerConvNN,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
