@@ -170,8 +170,8 @@ def test_query_block_kernels_match_definition(block, with_rho, monkeypatch):
 
 
 def test_query_blocks_stay_few_under_torch_compile(monkeypatch):
-    # torch.compile unrolls the block loop into the graph: there blocks are output-sized (about K of them), not
-    # cache-sized (here 18 eagerly)
+    # torch.compile unrolls the block loop into the graph: there blocks are about output-sized (about K of them, at
+    # least 64 queries), not cache-sized (here 18 eagerly), and split the queries only, whatever the batch
     monkeypatch.setattr(FN, '_BLOCK_BYTES', 1)
     v, idx = torch.randn(2, 3, 170, 4), _rand_idx(2, 3, 150, 170, 5)
 
@@ -180,7 +180,9 @@ def test_query_blocks_stay_few_under_torch_compile(monkeypatch):
 
     assert count(v).item() == 18
     torch._dynamo.reset()
-    assert torch.compile(count, backend='eager', fullgraph=True)(v).item() == 6
+    assert torch.compile(count, backend='eager', fullgraph=True)(v).item() == 3
+    monkeypatch.setattr(FN, '_capturing', lambda: True)
+    assert FN._block_setup(v, idx, 0)[2] == [(0, 6, 0, 50), (0, 6, 50, 100), (0, 6, 100, 150)]
 
 
 def test_query_blocks_on_accelerators_are_large():

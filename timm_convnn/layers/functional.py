@@ -146,6 +146,15 @@ def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
 
 
+def _capturing() -> bool:
+    """Whether a graph is being captured that will run at other batch sizes (``torch.jit.trace``, which timm's ONNX
+    export uses; ``torch.compile``; ``torch.export``). Loop counts and slice bounds must then not depend on the batch:
+    a trace bakes them in (traced at batch 2, a ViT-Ti failed at batch 32 and a ResNet-18 at every other batch) and
+    torch.compile / torch.export specialise the graph to one batch size. So the chunks and blocks below are sized
+    from the per-sample shape while capturing, and their memory budgets hold per sample rather than per call."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
     """The score-slice budget for ``x``'s device: on CUDA every slice costs several kernel launches, so slices are
     large (256 MiB: one or two per ViT-B layer at batch 256); on CPU they stay cache-sized."""
@@ -154,13 +163,21 @@ def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
     return budget_bytes
 
 
+def _query_chunk(budget_bytes: int, q: torch.Tensor, query_bytes: int) -> int:
+    """Queries per slice of a (B, G, N, *) query tensor ``q`` when each query costs ``query_bytes`` in each of the
+    B * G (batch, group) slices: the slice fits ``_score_budget``, or while capturing a graph ``budget_bytes`` per
+    sample (see ``_capturing``)."""
+    if _capturing():
+        return max(1, budget_bytes // max(1, q.shape[1] * query_bytes))
+    return max(1, _score_budget(budget_bytes, q) // max(1, q.shape[0] * q.shape[1] * query_bytes))
+
+
 def _select_all(
         qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
-    M = kf.shape[2]
+    N, M = qf.shape[2], kf.shape[2]
     k_eff = min(num_neighbors, M)
-    chunk = max(1, _score_budget(budget_bytes, qf) // max(1, B * G * M * 4))
+    chunk = _query_chunk(budget_bytes, qf, M * 4)
     kt = kf.transpose(-1, -2)
     ids: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
@@ -187,7 +204,7 @@ def _select_listed(
     k_eff = min(num_neighbors, r)
     kc = kf.index_select(2, candidates)
     kt = kc.transpose(-1, -2)
-    chunk = max(1, _score_budget(budget_bytes, qf) // max(1, B * G * (r + 1) * 4))
+    chunk = _query_chunk(budget_bytes, qf, (r + 1) * 4)
     out: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
     for start in range(0, N, chunk):
@@ -223,10 +240,12 @@ def _gather_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> tor
     return table.index_select(0, _flat_rows(idx, num_tokens)).view(shape)
 
 
-def _slot_chunk(rows: int, channels: int, num_slots: int, budget_bytes: int) -> int:
-    """How many neighbour slots to gather at once: all of them when the (rows, slots, channels) block fits the
-    budget, down to one slot at a time; the working set never depends on K beyond the budget."""
-    return max(1, min(num_slots, budget_bytes // max(1, rows * channels * 4)))
+def _slot_chunk(idx: torch.Tensor, channels: int, budget_bytes: int) -> int:
+    """How many of the K neighbour slots of ``idx`` (B, G, N, K) to gather at once: all of them when the (B * G * N,
+    slots, channels) block fits the budget, down to one slot at a time; the working set never depends on K beyond
+    the budget. While capturing a graph the budget holds per sample (see ``_capturing``)."""
+    rows = idx[0, :, :, 0].numel() if _capturing() else idx[..., 0].numel()
+    return max(1, min(idx.shape[-1], budget_bytes // max(1, rows * channels * 4)))
 
 
 # The slot-chunked kernels below keep at most ``budget_bytes`` (1 MiB) of gathered neighbour rows in flight.
@@ -238,7 +257,7 @@ def _gather_dot_eager(
     B, G, M, D = k.shape
     K = idx.shape[-1]
     table = k.reshape(B * G * M, D)
-    step = _slot_chunk(idx[..., 0].numel(), D, K, budget_bytes)
+    step = _slot_chunk(idx, D, budget_bytes)
     cols: List[torch.Tensor] = []
     for s in range(0, K, step):
         cols.append((q.unsqueeze(-2) * _gather_rows(table, idx[..., s:s + step], M)).sum(-1))
@@ -275,9 +294,10 @@ def _balanced(total: int, step: int) -> int:
 # gathered neighbour rows ((queries, K, C)) stay in cache through the few passes over them. 2 MiB on CPU: at ViT-S
 # size (b 8, 6 heads, n 197, K 16) ConvNN forward+backward went from 3.8x to 2.0-2.4x SDPA's time on the 2-core CPU
 # (1 MiB 2.7x, 4 MiB 2.9x: smaller blocks pay per-op overhead, larger ones leave the cache) against one
-# (B, G, N, C) block per neighbour slot. Other devices, and torch.compile, take blocks the size of the output (about K
-# of them, the working set of the former per-slot loop), at least 64 MiB on GPUs: every block costs kernel launches
-# (or graph nodes), and a small batch at large n would otherwise launch K blocks of a few MiB.
+# (B, G, N, C) block per neighbour slot. Other devices take blocks the size of the output (about K of them, the
+# working set of the former per-slot loop), at least 64 MiB: every block costs kernel launches, and a small batch at
+# large n would otherwise launch K blocks of a few MiB. A captured graph (torch.compile, export, trace) takes about K
+# blocks too, split along the queries only (see ``_capturing``).
 _BLOCK_BYTES = 2 * 1024 * 1024
 _DEVICE_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -286,13 +306,15 @@ def _block_setup(table: torch.Tensor, idx: torch.Tensor, out_bytes: int):
     """(B*G*M, C) row table, (B*G, N, K) row ids into it and the query blocks for gathering ``table`` at ``idx``."""
     B, G, M, C = table.shape
     N, K = idx.shape[2], idx.shape[3]
-    if table.device.type != 'cpu':
-        budget = max(_DEVICE_BLOCK_BYTES, out_bytes)
-    elif torch.compiler.is_compiling():  # the block loop unrolls into the graph: output-sized blocks, about K
-        budget = max(_BLOCK_BYTES, out_bytes)
+    if _capturing():
+        # the block loop unrolls into the graph, which serves every batch size: all slices at once, in ranges of
+        # (at least 64) queries that gather about the output's size (the working set of a per-slot loop)
+        step = _balanced(N, max(64, -(-N // K)))
+        blocks = [(0, B * G, n, min(N, n + step)) for n in range(0, N, step)]
+    elif table.device.type != 'cpu':
+        blocks = _query_blocks(B * G, N, K * C * table.element_size(), max(_DEVICE_BLOCK_BYTES, out_bytes))
     else:
-        budget = _BLOCK_BYTES
-    blocks = _query_blocks(B * G, N, K * C * table.element_size(), budget)
+        blocks = _query_blocks(B * G, N, K * C * table.element_size(), _BLOCK_BYTES)
     return table.reshape(B * G * M, C), _flat_rows(idx, M).view(B * G, N, K), blocks
 
 
@@ -346,7 +368,7 @@ def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budg
     M = k.shape[2]
     dq = torch.empty_like(q) if need_q else None
     dk = torch.zeros_like(k) if need_k else None
-    chunk = max(1, _score_budget(budget_bytes, q) // max(1, B * G * M * 4))
+    chunk = _query_chunk(budget_bytes, q, M * 4)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         ds = torch.zeros(B, G, e - s, M, dtype=grad.dtype, device=grad.device)
@@ -394,6 +416,7 @@ def gather_dot(
     """
     if torch.jit.is_scripting():
         return _gather_dot_eager(q, k, idx, budget_bytes)
+    _refuse_torchscript_onnx_export()
     return _GatherDot.apply(q, k, idx, budget_bytes, scores)
 
 
@@ -420,7 +443,7 @@ def _aggregate_eager(
     B, G, M, C = v.shape
     K = idx.shape[3]
     table = v.reshape(B * G * M, C)
-    step = _slot_chunk(idx[..., 0].numel(), C, K, budget_bytes)
+    step = _slot_chunk(idx, C, budget_bytes)
     out = torch.zeros(0, device=v.device, dtype=v.dtype)
     for s in range(0, K, step):
         e = min(K, s + step)
@@ -533,7 +556,7 @@ def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, gr
     dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
     drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
     dw = torch.zeros_like(weight) if need_w else None
-    step = _slot_chunk(idx[..., 0].numel(), max(C, grad.shape[-1]), K, budget_bytes)
+    step = _slot_chunk(idx, max(C, grad.shape[-1]), budget_bytes)
     for s in range(0, K, step):
         e = min(K, s + step)
         g = _gather_rows(table, idx[..., s:e], M)  # re-gathered, (B, G, N, ks, C)
@@ -586,7 +609,20 @@ def neighbor_aggregate(
         rho = rho.to(v.dtype)
     if torch.jit.is_scripting():
         return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
+    _refuse_torchscript_onnx_export()
     return _NeighborAggregate.apply(v, idx, rho, weight, depthwise, budget_bytes)
+
+
+@torch.jit.unused
+def _refuse_torchscript_onnx_export() -> None:
+    """ONNX: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, timm's ``onnx_export`` default)
+    converts the autograd Functions of this module wrongly (the depthwise aggregation exported, and onnxruntime then
+    computed a ViT-Ti's logits 0.27 off) or fails deep inside; the dynamo-based exporter is exact (tested)."""
+    if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+        raise RuntimeError(
+            'ConvNN layers export to ONNX with the dynamo-based exporter only: torch.onnx.export(..., dynamo=True), '
+            'or timm.utils.onnx.onnx_export(..., use_dynamo=True). The TorchScript-based exporter (dynamo=False) '
+            'converts them wrongly or fails.')
 
 
 def _autocast_operand(v: torch.Tensor, depthwise: bool) -> torch.Tensor:
@@ -617,7 +653,7 @@ def hashed_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & mask
     x = x ^ (x >> 16)
-    return torch.sort(x, stable=True).indices
+    return torch.sort(x).indices  # distinct keys: any sort is stable (and ONNX has no stable sort)
 
 
 def random_candidates(
