@@ -82,3 +82,44 @@ def test_onnx_export_with_timm(name, kwargs, size, tmp_path):
         for b in BATCHES:
             out = session.run(None, {session.get_inputs()[0].name: xs[b].numpy()})[0]
             torch.testing.assert_close(torch.from_numpy(out), model(xs[b]), rtol=1e-4, atol=1e-5)
+
+
+_FUSED_EXPORT = '''
+import json, torch, timm, timm_convnn
+from timm_convnn.layers import set_backend
+torch.manual_seed(0)
+result = {}
+for name, kw in [('vit_tiny_convnn_all_k16', {}), ('vit_tiny_convnn_random', dict(num_samples=20, weighting='ones'))]:
+    m = timm.create_model(name, img_size=48, patch_size=8, depth=1, num_classes=5, **kw).eval()
+    xs = {b: torch.randn(b, 3, 48, 48) for b in (1, 4, 6)}
+    with torch.no_grad():
+        set_backend('torch')
+        ref = {b: m(x) for b, x in xs.items()}
+        set_backend('triton')
+        ep = torch.export.export(m, (xs[4],), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=64)},))
+        ops = sorted({str(n.target) for n in ep.graph.nodes if 'timm_convnn' in str(n.target)})
+        result[name] = [ops, {b: (ep.module()(x) - ref[b]).abs().max().item() for b, x in xs.items()}]
+print('RESULT', json.dumps(result))
+'''
+
+
+def test_export_keeps_the_fused_kernels_with_a_dynamic_batch(tmp_path):
+    # on a GPU the layers run the fused Triton custom ops; their fake implementations let torch.export keep them in
+    # the graph with a symbolic batch. Checked on CPU under Triton's interpreter against the PyTorch path
+    import json
+    import os
+    import subprocess
+    import sys
+    from timm_convnn.layers import triton_attention
+    reason = triton_attention.triton_unavailable_reason(torch.device('cuda'))
+    if reason is not None:
+        pytest.skip(reason)
+    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='2')
+    out = subprocess.run([sys.executable, '-c', _FUSED_EXPORT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.split('RESULT ', 1)[1])
+    assert result['vit_tiny_convnn_all_k16'][0] == ['timm_convnn.convnn_attention.default']
+    assert result['vit_tiny_convnn_random'][0] == ['timm_convnn.convnn_select.default']
+    for name, (_, errors) in result.items():
+        assert max(errors.values()) < 1e-5, (name, errors)
