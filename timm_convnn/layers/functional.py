@@ -244,7 +244,7 @@ def _slot_chunk(idx: torch.Tensor, channels: int, budget_bytes: int) -> int:
     """How many of the K neighbour slots of ``idx`` (B, G, N, K) to gather at once: all of them when the (B * G * N,
     slots, channels) block fits the budget, down to one slot at a time; the working set never depends on K beyond
     the budget. While capturing a graph the budget holds per sample (see ``_capturing``)."""
-    rows = idx[0, :, :, 0].numel() if _capturing() else idx[..., 0].numel()
+    rows = idx.shape[1] * idx.shape[2] if _capturing() else idx[..., 0].numel()  # (per sample: G * N)
     return max(1, min(idx.shape[-1], budget_bytes // max(1, rows * channels * 4)))
 
 
