@@ -10,6 +10,7 @@ import torch
 import timm
 
 import timm_convnn  # noqa: F401
+from timm_convnn.layers import triton_attention
 
 CASES = [
     # the selection's query chunks (8 MiB score slices) depend on the batch from about 19 images on
@@ -29,10 +30,6 @@ pytestmark = [
     pytest.mark.filterwarnings('ignore:`torch.jit.trace:FutureWarning'),
     pytest.mark.filterwarnings('ignore::DeprecationWarning'),
 ]
-
-
-def _torch_version():
-    return tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2])
 
 
 def _model_and_inputs(name, kwargs, size):
@@ -74,7 +71,7 @@ def test_onnx_export_with_timm(name, kwargs, size, tmp_path):
     # dynamic batch, and onnxruntime computes what the model computes. The TorchScript-based exporter (timm's
     # default) mis-converted ConvNN (a ViT-Ti's logits 0.27 off): it gets a clear error instead
     pytest.importorskip('onnxscript', reason='the dynamo-based ONNX exporter needs onnxscript (test extra)')
-    if name.startswith('resnet') and _torch_version() < (2, 6):
+    if name.startswith('resnet') and triton_attention._version(torch.__version__) < (2, 6):
         pytest.skip("torch 2.5's dynamo-based ONNX exporter cannot convert batch norm (timm's own resnet18 fails too)")
     ort = pytest.importorskip('onnxruntime', reason='onnxruntime runs the exported model (test extra)')
     from timm.utils.onnx import onnx_export
@@ -112,19 +109,8 @@ print('RESULT', json.dumps(result))
 def test_export_keeps_the_fused_kernels_with_a_dynamic_batch(tmp_path):
     # on a GPU the layers run the fused Triton custom ops; their fake implementations let torch.export keep them in
     # the graph with a symbolic batch. Checked on CPU under Triton's interpreter against the PyTorch path
-    import json
-    import os
-    import subprocess
-    import sys
-    from timm_convnn.layers import triton_attention
-    reason = triton_attention.triton_unavailable_reason(torch.device('cuda'))
-    if reason is not None:
-        pytest.skip(reason)
-    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='2')
-    out = subprocess.run([sys.executable, '-c', _FUSED_EXPORT], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.split('RESULT ', 1)[1])
+    from tests.test_triton import run_interpreted
+    result = run_interpreted(_FUSED_EXPORT, tmp_path, 'exported')
     assert result['vit_tiny_convnn_all_k16'][0] == ['timm_convnn.convnn_attention.default']
     assert result['vit_tiny_convnn_random'][0] == ['timm_convnn.convnn_select.default']
     for name, (_, errors) in result.items():

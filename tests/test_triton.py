@@ -427,17 +427,23 @@ print('RESULT ' + json.dumps(results))
 _INTERPRETER_NUMPY_BUG = 'only 0-dimensional arrays can be converted to Python scalars'
 
 
-def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
-    _require_kernels('checked')
+def run_interpreted(code: str, tmp_path, what: str) -> dict:
+    """Run ``code`` in a subprocess under Triton's CPU interpreter and return the JSON it prints after 'RESULT '
+    (fail without triton, skip where the installed one cannot run the kernels there)."""
+    _require_kernels(what)
     env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='2')
-    out = subprocess.run([sys.executable, '-c', _INTERPRETED], env=env, capture_output=True, text=True, timeout=900,
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=900,
                          cwd=tmp_path)
     if out.returncode != 0 and _INTERPRETER_NUMPY_BUG in out.stderr and 'triton/runtime/interpreter.py' in out.stderr:
         pytest.skip(f'the CPU interpreter of triton {triton_attention.triton.__version__} cannot run a loop bound '
                     f'by a kernel argument with this numpy ({_INTERPRETER_NUMPY_BUG!r}; fixed in later Tritons, '
                     f'e.g. 3.8): the kernels are not what failed')
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    r = json.loads(out.stdout.split('RESULT ', 1)[1])
+    return json.loads(out.stdout.split('RESULT ', 1)[1])
+
+
+def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
+    r = run_interpreted(_INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
