@@ -15,7 +15,8 @@ Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvN
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
 (head dim / similarity channels), dtype (bf16 |
 fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
-bitonic selection), packed (1: the row kernel ranks packed int32 keys), aligned (1, the default: compile as
+bitonic selection), packed (1: the row kernel ranks packed int32 keys), dot (how fp32 features multiply:
+tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
 qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
 atomics; 0: no such assumption, far more registers).
@@ -37,7 +38,8 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fw
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
-                 'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32')
+                 'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32',
+                 'fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
@@ -47,12 +49,12 @@ def _parse(case: str):
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
     opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=4, stages=3, topk=0,
-                packed=0, aligned=1)
+                packed=0, aligned=1, dot=ta._dot_f32())
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
             raise ValueError(f'unknown case key {key!r} in {case!r}; keys: {", ".join(opts)}')
-        opts[key] = value if key == 'dtype' else int(value)
+        opts[key] = value if key in ('dtype', 'dot') else int(value)
     return kind, opts
 
 
@@ -65,15 +67,16 @@ def _signature(kind: str, o: dict):
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'])
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
-                     BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), IEEE=o['dtype'] == 'fp32',
-                     STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
+                     BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
+                     DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
                      PACKED=bool(o['packed']) and not stream)
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')
         const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K']),
                      BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
-                     IEEE=o['dtype'] == 'fp32', CANDIDATES=bool(o['cand']))
+                     F32=o['dtype'] == 'fp32', DOT_F32=o['dot'],
+                     CANDIDATES=bool(o['cand']))
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',

@@ -23,8 +23,10 @@ def main() -> None:
     p.add_argument('--shapes', nargs='*', default=['64x12x197', '1x6x3137'], help='BxHxN')
     p.add_argument('--select', nargs='*', default=[], help='BxNxMxD: the selection kernel alone')
     p.add_argument('--fp32', action='store_true',
-                   help='fp32 inputs (timm validate.py / benchmark.py without AMP): 4 vs 8 warps only (compiled for '
-                        'sm_90, the fp32 row kernel spills 408 bytes per thread on 4 warps, none on 8)')
+                   help='fp32 inputs (timm validate.py / benchmark.py without AMP): 4 vs 8 warps (compiled for sm_90 '
+                        'by triton 3.8, the fp32 row kernel with ieee products spills 456 bytes per thread on 4 warps, '
+                        'none on 8) and tf32x3 vs ieee products; with --select, fp32 cosine features (a cosine '
+                        'ConvNN2d under CUDA autocast)')
     p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16])
     args = p.parse_args()
     import triton
@@ -51,8 +53,8 @@ def main() -> None:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
             # (block_m, warps, selection, keys); the most informative first (a stage cut short keeps what it
             # timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197.
-            if args.fp32:
-                fwd_configs = [(16, 4, None, None), (16, 8, None, None)]
+            if args.fp32:  # and how fp32 features multiply (triton_attention.FP32_DOT)
+                fwd_configs = [(16, nw, None, None, dot) for nw in (4, 8) for dot in ('tf32x3', 'ieee')]
             elif N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
                 # (64 queries on 4 warps: Hopper's wgmma gives each warp 16 whole rows, so the ranking reductions
                 # stay inside a warp; exact-key rounds spill there, packed ones do not)
@@ -60,10 +62,11 @@ def main() -> None:
                                (64, 4, None, 'packed'), (64, 4, 'topk', 'packed'), (64, 8, 'topk', 'packed'),
                                (16, 4, 'topk', None), (32, 4, None, None), (16, 8, None, None),
                                (16, 8, None, 'packed'), (64, 8, None, None), (32, 4, None, 'packed')]
+                fwd_configs = [c + (None,) for c in fwd_configs]
             else:  # the streaming kernel
-                fwd_configs = [c + (None, None) for c in itertools.product((16, 32, 64), (4, 8))]
-            for bm, nw, select, keys in fwd_configs:
-                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select, fwd_keys=keys)
+                fwd_configs = [c + (None, None, None) for c in itertools.product((16, 32, 64), (4, 8))]
+            for bm, nw, select, keys, dot in fwd_configs:
+                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select, fwd_keys=keys, fp32_dot=dot)
                 try:
                     t = triton.testing.do_bench(lambda: op(qs, ks, v, w, K))
                 except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
@@ -71,12 +74,13 @@ def main() -> None:
                 else:
                     err = None
                 rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
-                                 keys=keys or 'exact', ms=t, x_sdpa=t / sdpa_f, error=err))
+                                 keys=keys or 'exact', dot=dot, ms=t, x_sdpa=t / sdpa_f, error=err))
                 save()
-                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {keys or "exact":6s}: '
+                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {keys or "exact":6s}'
+                      + (f' {dot:6s}' if dot else '') + ': '
                       f'{t:.4f} ms  x{t / sdpa_f:.2f} SDPA fwd'
                       + (f'  {err}' if err else ''), flush=True)
-            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None)
+            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, fp32_dot=None)
             out, idx, pr = op(qs, ks, v, w, K)
             bwd = torch.ops.timm_convnn.convnn_attention_backward
             # dw copies: 1 is one (H, K, DV) block updated by every program (the layout before DW_COPIES).
@@ -105,17 +109,20 @@ def main() -> None:
         rows.append(dict(shape=shape, dtype=str(dtype)[6:], kernel='sdpa', fwd_ms=sdpa_f, fwd_bwd_ms=sdpa_fb))
         save()
     for shape in args.select:
-        _sweep_select(shape, args.neighbors, rows, save)
+        _sweep_select(shape, args.neighbors, args.fp32, rows, save)
 
 
-def _sweep_select(shape, neighbors, rows, save) -> None:
-    """The selection kernel's launch configurations against the PyTorch selection, bf16 cosine features."""
+def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
+    """The selection kernel's launch configurations against the PyTorch selection, bf16 cosine features, or with
+    ``fp32`` fp32 ones (what ``F.normalize`` returns under CUDA autocast: a cosine ``ConvNN2d`` in bf16 training)
+    with either product precision (``triton_attention.FP32_DOT``)."""
     import triton
     from timm_convnn.layers import set_backend, triton_attention as ta
     from timm_convnn.layers.functional import select_scored_neighbors
     B, N, M, D = (int(x) for x in shape.split('x'))
     g = torch.Generator(device='cuda').manual_seed(0)
-    ks = F.normalize(torch.randn(B, 1, M, D, device='cuda', generator=g), dim=-1).bfloat16()
+    ks = F.normalize(torch.randn(B, 1, M, D, device='cuda', generator=g), dim=-1)
+    ks = ks if fp32 else ks.bfloat16()
     qs = ks[:, :, :N]
     for K in neighbors:
         set_backend('torch')
@@ -124,8 +131,12 @@ def _sweep_select(shape, neighbors, rows, save) -> None:
         rows.append(dict(shape=shape, K=K, kernel='select', impl='torch', ms=base))
         save()
         print(f'{shape} select K {K:2d} PyTorch (score slices, torch.topk): {base:.4f} ms', flush=True)
-        for bm, nw in ((None, None), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
-            ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw)
+        configs = [(bm, nw, None) for bm, nw in ((None, None), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
+        if fp32:
+            configs = [(None, None, 'tf32x3'), (None, None, 'ieee'), (64, 4, 'tf32x3'), (32, 4, 'tf32x3'),
+                       (64, 8, 'tf32x3')]
+        for bm, nw, dot in configs:
+            ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fp32_dot=dot)
             try:
                 t = triton.testing.do_bench(lambda: ta.fused_select(qs, ks, K))
             except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
@@ -133,11 +144,12 @@ def _sweep_select(shape, neighbors, rows, save) -> None:
             else:
                 err = None
             rows.append(dict(shape=shape, K=K, kernel='select', impl='fused', block_m=bm or 'default',
-                             warps=nw or 4, ms=t, x_torch=t / base, error=err))
+                             warps=nw or 4, dtype=str(ks.dtype)[6:], dot=dot, ms=t, x_torch=t / base, error=err))
             save()
-            print(f'  fused BM {bm or "default"} warps {nw or 4}: {t:.4f} ms  x{t / base:.3f} PyTorch'
+            print(f'  fused BM {bm or "default"} warps {nw or 4}' + (f' {dot}' if dot else '')
+                  + f': {t:.4f} ms  x{t / base:.3f} PyTorch'
                   + (f'  {err}' if err else ''), flush=True)
-        ta.CONFIG.update(fwd_block_m=None, fwd_warps=None)
+        ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fp32_dot=None)
         # a sampled candidate list (what ConvNN2d(candidates='random') selects from): r = 64 tokens shared by all
         # queries, plus each query's own; built-in configuration only
         cand = torch.randperm(M, device='cuda', generator=g)[:64]

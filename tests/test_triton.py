@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from timm_convnn.inspect import neighbors
 from timm_convnn.layers import ConvNN2d, ConvNNAttention, get_backend, set_backend
@@ -656,6 +657,28 @@ def test_fused_select_matches_torch_on_cuda(dtype, listed, backend, monkeypatch)
     assert (s0 - s1).abs().max() <= 1e-5
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_fp32_product_precisions_agree_on_cuda(monkeypatch):
+    # fp32 similarity features multiply as 3xTF32 by default (FP32_DOT) or on the CUDA cores ('ieee'): the selection
+    # kernel (fp32 cosine features, what a ResNet's ConvNN2d hands over under autocast) and the forward (fp32 q / k /
+    # v: timm validate.py without AMP) give the same neighbours up to near-ties and the same scores / outputs
+    assert triton_attention.FP32_DOT == 'tf32x3' and triton_attention.CONFIG['fp32_dot'] is None
+    g = torch.Generator(device='cuda').manual_seed(0)
+    x = F.normalize(torch.randn(2, 1, 58 * 58, 128, device='cuda', generator=g), dim=-1)
+    q, k, v = (torch.randn(8, 3, 197, 64, device='cuda', generator=g) for _ in range(3))
+    w = torch.randn(3 * 64, 1, 16, device='cuda', generator=g)
+    out = {}
+    for dot in ('ieee', 'tf32x3'):
+        monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', dot)
+        out[dot] = triton_attention.fused_select(x[:, :, :3136], x, 9), triton_attention.fused_attention(
+            q, k, v, w, 16)
+    (i0, s0), (o0, j0, _) = out['ieee']
+    (i1, s1), (o1, j1, _) = out['tf32x3']
+    assert (i0 == i1).all(-1).float().mean() >= 0.999 and (s0 - s1).abs().max() <= 1e-5
+    assert (j0 == j1).all(-1).float().mean() >= 0.999
+    assert (o0 - o1).abs().max() <= 1e-3 * o0.abs().max()
+
 def test_fused_forward_dispatch(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
@@ -733,6 +756,6 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
         assert r['stack_bytes'] == 0 or not no_spills, r
         # relaxed atomics: an acquire-release one brings a GPU-wide fence and an L1 invalidation along
         assert r['fences'] == 0, r
-        # multiply-adds contracted, as the kernels were tested and timed (bf16 selection alone has no fp32 products:
-        # its dot products run on the tensor cores)
-        assert r['ffma'] > 0 or case.startswith('sel:') and 'fp32' not in case, r
+        # multiply-adds contracted, as the kernels were tested and timed (the selection alone has no fp32 products:
+        # its dot products run on the tensor cores, 3xTF32 ones for fp32 features)
+        assert r['ffma'] > 0 or case.startswith('sel:'), r

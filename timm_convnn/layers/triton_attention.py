@@ -63,7 +63,14 @@ STREAM_BLOCK_QUERIES = 64
 # study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
 # cost of such int32 keys, and its best n 197 forwards used them.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
-              bwd_dw_copies=None)
+              bwd_dw_copies=None, fp32_dot=None)
+# How the score kernels multiply fp32 similarity features (what ``F.normalize`` returns under CUDA autocast, so every
+# cosine ConvNN2d of a ResNet in bf16 training, and every layer without AMP): 'tf32x3' splits each operand into two
+# TF32 halves and sums three tensor-core products, about fp32's accuracy (relative error near 2**-21 per product;
+# the CUDA tests hold the fused selection to the PyTorch path's fp32 matmul, scores within 1e-5). 'ieee' multiplies
+# on the CUDA cores: on the H200, resnet50_convnn_branch at batch 128 in bf16 autocast spent 117 of 156 ms of its
+# inference in the 7 selection kernels so (cosine features of 64 / 128 channels, about 6 TFLOP/s).
+FP32_DOT = 'tf32x3'
 # Compile options of every launch. FMA contraction (a * b + c with one rounding) is what the kernels were tested and
 # timed with, and it saves instructions (compiled for sm_90 by triton 3.9, the row kernel at K 16 has 432 fp32
 # multiply / add / FMA instructions with it, 560 without). It is Triton's default up to 3.9, which warns that the
@@ -151,16 +158,18 @@ def _pow2(x: int, minimum: int = 16) -> int:
 if triton is not None:
 
     @triton.jit
-    def _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ: tl.constexpr, IEEE: tl.constexpr):
+    def _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ: tl.constexpr, F32: tl.constexpr,
+                DOT_F32: tl.constexpr):
         """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key rows ``ids`` of the (batch, head) slice
         at offset ``kbase`` of ``Kf`` (-inf where not valid)."""
         kt = tl.load(Kf + kbase + ids[None, :] * stride_kn + dq[:, None],
                      mask=valid[None, :] & (dq[:, None] < DQ), other=0.)
         # half / bf16 inputs multiply exactly into the fp32 accumulator on the tensor cores (the same numbers as
-        # casting first, at a quarter of the registers); fp32 inputs use full-precision products, and so does
-        # Triton's CPU interpreter, whose half / bf16 tl.dot returns garbage (triton 3.8)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision='ieee')
+        # casting first, at a quarter of the registers). fp32 inputs (F32; also mixed dtypes, and everything under
+        # Triton's CPU interpreter, whose half / bf16 tl.dot returns garbage in triton 3.8) multiply as DOT_F32:
+        # 'tf32x3' by default (FP32_DOT), 'ieee' for CUDA-core fp32 products
+        if F32:
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=DOT_F32)
         else:
             s = tl.dot(q, kt, out_dtype=tl.float32)
         return tl.where(valid[None, :], s, float('-inf'))
@@ -341,7 +350,7 @@ if triton is not None:
     def _stream_top_k(
             q, Kf, kbase, CAND, qid, row_ok, dq, stride_kn, M, L,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, CANDIDATES: tl.constexpr,
+            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, CANDIDATES: tl.constexpr,
     ):
         """The K best keys of every query of the block, unordered: (BLOCK_M, BLOCK_K) scores (-inf from slot NUM_K
         on) and token ids. The L keys (all M tokens, or with CANDIDATES the L token ids in CAND plus each query itself,
@@ -360,7 +369,7 @@ if triton is not None:
         # 3.6 and 3.8): loading its row before the loop made ptxas keep 32 registers and spill 3 KB per thread for such
         # features, while for half / bf16 ones slot 0 takes fewer registers (triton 3.6, 64 queries at K 16: 253, where
         # entering after the loop took 255 and spilled 136 bytes)
-        SELF_LAST: tl.constexpr = IEEE and DQ > 64
+        SELF_LAST: tl.constexpr = F32 and DQ > 64
         if CANDIDATES and not SELF_LAST:
             best = tl.where(kk[None, :] == 0, _self_score(q, Kf, kbase, qid, row_ok, dq, stride_kn, DQ)[:, None], best)
             best_i = tl.where(kk[None, :] == 0, qid[:, None], best_i)
@@ -370,11 +379,11 @@ if triton is not None:
             if CANDIDATES:
                 valid = pos < L
                 ids = tl.load(CAND + pos, mask=valid, other=0)
-                s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, IEEE)
+                s = _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ, F32, DOT_F32)
                 s = tl.where(ids[None, :] == qid[:, None], float('-inf'), s)  # the query itself: not twice
             else:
                 ids = pos
-                s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, IEEE)
+                s = _scores(q, Kf, kbase, ids, pos < M, dq, stride_kn, DQ, F32, DOT_F32)
             mx = tl.max(s, axis=1)
             todo = (mx > thr) & row_ok
             while tl.max(todo.to(tl.int32), axis=0) > 0:
@@ -398,7 +407,7 @@ if triton is not None:
             stride_ob, stride_oh, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
+            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
             TOPK: tl.constexpr, PACKED: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
@@ -413,13 +422,13 @@ if triton is not None:
                                                   BLOCK_M, BLOCK_DQ)
         if STREAM:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, IEEE, CANDIDATES)
+                                         BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                     BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
         else:
             cols = tl.arange(0, BLOCK_N)
-            s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, IEEE)
+            s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, F32, DOT_F32)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             if TOPK:
                 _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
@@ -437,7 +446,7 @@ if triton is not None:
             Q, Kf, IDX, S, CAND, QIDX, N, M, L, G,
             stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, stride_kn,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, CANDIDATES: tl.constexpr,
+            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, CANDIDATES: tl.constexpr,
     ):
         """Top-K selection alone, one program per (batch x group, block of queries): the N queries against all M
         keys, or with CANDIDATES against the L token ids in CAND plus each query's own token (its id in QIDX), through
@@ -450,10 +459,11 @@ if triton is not None:
         # which compiled for sm_90 (triton 3.8) keeps fp32 128-channel features free of a spill that a separate L had
         if CANDIDATES:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, tl.load(QIDX + rows, mask=row_ok, other=0), row_ok, dq,
-                                         stride_kn, M, L, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, True)
+                                         stride_kn, M, L, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32,
+                                         True)
         else:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, IEEE, False)
+                                         BLOCK_N, BLOCK_K, F32, DOT_F32, False)
         sel_idx, score, _ = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False, False)
         bg = tl.program_id(2) * G + tl.program_id(1)
         _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, NUM_K, BLOCK_K)
@@ -571,9 +581,14 @@ def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
     return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
-def _fwd_block_m(stream: bool, ieee: bool, num_kept: int) -> int:
-    """The forward's built-in queries per program."""
-    return STREAM_BLOCK_QUERIES if stream and not ieee and num_kept <= 32 else BLOCK_QUERIES
+def _fwd_block_m(stream: bool, fp32: bool, num_kept: int) -> int:
+    """The forward's built-in queries per program (``fp32``: the scores multiply fp32 operands)."""
+    return STREAM_BLOCK_QUERIES if stream and not fp32 and num_kept <= 32 else BLOCK_QUERIES
+
+
+def _dot_f32() -> str:
+    """``tl.dot``'s input precision for fp32 similarity features (``CONFIG['fp32_dot']``, default ``FP32_DOT``)."""
+    return CONFIG['fp32_dot'] or FP32_DOT
 
 
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
@@ -600,13 +615,13 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     cand = (candidates.to(torch.int32).contiguous() if candidates is not None  # a placeholder without (never read)
             else torch.empty(1, device=v.device, dtype=torch.int32))
     num_keys = cand.numel() if candidates is not None else M
-    ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, ieee, K)
+    fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K)
     for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
         _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
             q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, *_strides(q),
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), IEEE=ieee, STREAM=stream,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None, TOPK=CONFIG['fwd_select'] == 'topk' and not stream,
             PACKED=CONFIG['fwd_keys'] == 'packed' and not stream, num_warps=CONFIG['fwd_warps'] or 4,
             **COMPILE_OPTIONS)
@@ -697,13 +712,13 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
         cand, qidx = candidates.to(torch.int32).contiguous(), query_index.to(torch.int32).contiguous()
     else:
         cand = qidx = torch.empty(1, device=q.device, dtype=torch.int32)  # placeholders, never read
-    ieee = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, ieee, K)
+    fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
         _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
             q[s:e], k[s:e], idx[s:e], scores[s:e], cand, qidx, N, M, cand.numel() if listed else M, G,
             *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
-            BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), IEEE=ieee, CANDIDATES=listed,
+            BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
             num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
     return idx, scores
 
