@@ -64,7 +64,7 @@ def _signature(kind: str, o: dict):
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
                    H='i32')
         stream = o['N'] > ta.ROW_TOKENS or bool(o['cand'])
-        block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'])
+        block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
@@ -73,7 +73,8 @@ def _signature(kind: str, o: dict):
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')
-        const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K']),
+        block_m = o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
+        const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
                      F32=o['dtype'] == 'fp32', DOT_F32=o['dot'],
                      CANDIDATES=bool(o['cand']))

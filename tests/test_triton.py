@@ -530,8 +530,8 @@ def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
                                                           'kernel logic on every machine)')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('side', [14, 28])  # 197 tokens: the row kernel; 785: the streaming kernel
-def test_fused_matches_torch_on_cuda(dtype, side, backend):
-    _fused_vs_torch_on_cuda(dtype, side, backend)
+def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
+    _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -543,10 +543,14 @@ def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, b
     # the row kernel's opt-in selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed': int32 keys)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', select)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_keys', keys)
-    _fused_vs_torch_on_cuda(dtype, 14, backend)
+    _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
 
 
-def _fused_vs_torch_on_cuda(dtype, side, backend):
+def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
+    # fp32 inputs with CUDA-core products: the fp32 tolerance allows no near-tie to flip, and the default 3xTF32
+    # products (scores ~1e-6 off) flipped one or two of the 9,456 (query, head) selections here on the H200, which
+    # moves a softmax output by ~8 % of its scale. test_fp32_product_precisions_agree_on_cuda holds the two apart.
+    monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', 'ieee')
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, num_prefix_tokens=1, grid_size=(side, side)).cuda()
     x = torch.randn(8, side * side + 1, 384, device='cuda', dtype=dtype, requires_grad=True)

@@ -46,8 +46,11 @@ STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # benchmarks/results/h200-kernel-sweep.json). Registers per thread compiled for sm_90 by triton 3.6 the way triton.jit
 # specialises the kernels at run time (aligned pointers, strides divisible by 16; benchmarks/kernel_resources.py),
 # 4 warps, bf16, K 16: row kernel 127, streaming kernel 250 (64 queries), backward 112; none spills. 64 streaming
-# queries spill with fp32 inputs (384 bytes) and, under triton 3.8, at K 64 (168 bytes): those keep 16. 64 x 256
-# score rows spill with exact keys (104 bytes) but not packed (228); kernel_sweep.py tries them.
+# queries spilled with fp32 inputs multiplied on the CUDA cores ('ieee', 384 bytes) and, under triton 3.8, at K 64
+# (168 bytes): those keep 16. With 3xTF32 products (FP32_DOT) fp32 inputs take 64 as well (no spill under triton 3.6 /
+# 3.8; the selection kernel on fp32 cosine features, a ResNet-50 stage-1 layer at B 64: 2.20 ms on 64 queries against
+# 5.85 ms on 16, H200), except fp32 features of more than 64 channels with a candidate list (176 bytes spilled: 16).
+# 64 x 256 score rows spill with exact keys (104 bytes) but not packed (228); kernel_sweep.py tries them.
 BLOCK_QUERIES = 16
 STREAM_BLOCK_QUERIES = 64
 
@@ -581,9 +584,14 @@ def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
     return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
-def _fwd_block_m(stream: bool, fp32: bool, num_kept: int) -> int:
-    """The forward's built-in queries per program (``fp32``: the scores multiply fp32 operands)."""
-    return STREAM_BLOCK_QUERIES if stream and not fp32 and num_kept <= 32 else BLOCK_QUERIES
+def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool) -> int:
+    """The built-in queries per program of the forward / selection kernels (``fp32``: the scores multiply fp32
+    operands; ``channels``: of the similarity features; ``listed``: a candidate list), see STREAM_BLOCK_QUERIES."""
+    if not stream or num_kept > 32:
+        return BLOCK_QUERIES
+    if fp32 and (_dot_f32() == 'ieee' or channels > 64 and listed):
+        return BLOCK_QUERIES
+    return STREAM_BLOCK_QUERIES
 
 
 def _dot_f32() -> str:
@@ -616,7 +624,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             else torch.empty(1, device=v.device, dtype=torch.int32))
     num_keys = cand.numel() if candidates is not None else M
     fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
     for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
         _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
             q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, *_strides(q),
@@ -713,7 +721,7 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
     else:
         cand = qidx = torch.empty(1, device=q.device, dtype=torch.int32)  # placeholders, never read
     fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
         _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
             q[s:e], k[s:e], idx[s:e], scores[s:e], cand, qidx, N, M, cand.numel() if listed else M, G,
