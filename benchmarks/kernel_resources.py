@@ -14,8 +14,9 @@ version the GPU machine has.
 Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
 (head dim / similarity channels), dtype (bf16 |
-fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps, stages, topk (1: the row kernel's
-bitonic selection), packed (1: the row kernel ranks packed int32 keys), dot (how fp32 features multiply:
+fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps (0: the built-in choice), stages, topk (1: the row kernel's
+bitonic selection), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in, packed
+for bf16 / fp16), dot (how fp32 features multiply:
 tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
 qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
@@ -34,7 +35,7 @@ from triton.compiler import ASTSource
 
 from timm_convnn.layers import triton_attention as ta
 
-DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
+DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
                  'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
@@ -48,8 +49,8 @@ def _parse(case: str):
     kind, _, rest = case.partition(':')
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
-    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=4, stages=3, topk=0,
-                packed=0, aligned=1, dot=ta._dot_f32())
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=0, stages=3, topk=0,
+                packed=-1, aligned=1, dot=ta._dot_f32())
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -69,7 +70,7 @@ def _signature(kind: str, o: dict):
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
                      DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
-                     PACKED=bool(o['packed']) and not stream)
+                     PACKED=(o['packed'] == 1 or o['packed'] < 0 and o['dtype'] != 'fp32') and not stream)
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')
@@ -82,7 +83,8 @@ def _signature(kind: str, o: dict):
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
                    DWo='*fp32', N='i32', M='i32', H='i32', DW_COPIES='i32')
-        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=o['block_m'] or ta.BLOCK_QUERIES,
+        block_m = o['block_m'] or _bwd_launch(o)[0]
+        const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
@@ -90,8 +92,14 @@ def _signature(kind: str, o: dict):
     return fn, sig, const
 
 
+def _bwd_launch(o: dict):
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[o['dtype']]
+    return ta._bwd_launch(dtype, o['N'], o['K'], o['D'], o['D'])
+
+
 def resources(case: str, arch: int = 90) -> dict:
     kind, o = _parse(case)
+    warps = o['warps'] or (_bwd_launch(o)[1] if kind == 'bwd' else 4)
     fn, sig, const = _signature(kind, o)
     attrs = {}
     if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16
@@ -99,7 +107,7 @@ def resources(case: str, arch: int = 90) -> dict:
                  if name not in const and (sig[name].startswith('*') or name.startswith('stride'))}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                               target=GPUTarget('cuda', arch, 32),
-                              options=dict(num_warps=o['warps'], num_stages=o['stages'], **ta.COMPILE_OPTIONS))
+                              options=dict(num_warps=warps, num_stages=o['stages'], **ta.COMPILE_OPTIONS))
     tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(compiled.asm['cubin'])

@@ -215,6 +215,10 @@ triton_attention.CONFIG['fwd_block_m'] = 64
 compare('stream_64', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1,
         grid_size=(17, 17)), torch.randn(1, 290, 32))
 triton_attention.CONFIG['fwd_block_m'] = None
+# the backward on 8 queries per program and one warp (built in for half / bf16 inputs at n <= ROW_TOKENS, K <= 16)
+triton_attention.CONFIG.update(bwd_block_m=8, bwd_warps=1)
+compare('bwd_8', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
+triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 
 # sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
@@ -447,7 +451,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     r = run_interpreted(_INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64', 'bwd_8',
                  'random', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk', 'euclidean_k_clamped_topk',
                  'dot_packed') + selects:
         c = r[case]
@@ -536,11 +540,13 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype,select,keys', [
-    (torch.float32, 'topk', None), (torch.bfloat16, 'topk', None),
-    # packed keys are meant for half inputs (2**-15 relative ranking precision; fp32 would flip near-ties)
+    (torch.float32, 'topk', None), (torch.bfloat16, 'topk', 'exact'), (torch.bfloat16, None, 'exact'),
+    # packed keys (built in for half / bf16 inputs) are meant for half inputs (2**-15 relative ranking precision; fp32
+    # would flip near-ties)
     (torch.bfloat16, None, 'packed'), (torch.bfloat16, 'topk', 'packed')])
 def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, backend, monkeypatch):
-    # the row kernel's opt-in selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed': int32 keys)
+    # the row kernel's selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32 keys or
+    # exact fp32 scores; None: packed for half / bf16)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', select)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_keys', keys)
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
@@ -753,7 +759,7 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
     no_spills = triton_attention._version(triton_attention.triton.__version__) >= (3, 8)
     for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
                  'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
-                 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64',
+                 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16', 'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64',
                  'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r

@@ -4,8 +4,8 @@ and the top-K selection alone (``timm_convnn::convnn_select``, ``fused_select``)
 aggregation the fused forward does not cover (``ConvNN2d``).
 
 Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
-* up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction (or one
-  bitonic top-K, ``CONFIG``);
+* up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction (over
+  packed int32 (score, column) keys for half / bf16 inputs; or one bitonic top-K, ``CONFIG``);
 * above, key tiles stream through a running top-K buffer (score, token id) per query, merged only while a tile
   holds a score above some query's current K-th best; then the same K ranking rounds over the buffer.
 Ties go to the smallest token id. The program stores the K indices and softmax weights per query, then (after a
@@ -17,7 +17,8 @@ dk / dv / dw accumulated with atomics (not bit-deterministic: the dispatcher use
 ``torch.use_deterministic_algorithms(True)``).
 
 Limits (otherwise ``ConvNNAttention`` uses the PyTorch path): token count <= ``MAX_TOKENS``, K <= ``MAX_NEIGHBORS``.
-Inputs may be fp32 / fp16 / bf16; scores, softmax and accumulation are fp32.
+Inputs may be fp32 / fp16 / bf16; scores, softmax and accumulation are fp32 (half / bf16 products are exact on the
+tensor cores; fp32 ones are 3xTF32 there, ``FP32_DOT``).
 
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how the CPU test
 suite checks them against the PyTorch path.
@@ -58,11 +59,13 @@ STREAM_BLOCK_QUERIES = 64
 # ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
 # fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), or 'topk', one
 # bitonic tl.topk (untimed on a GPU so far; kernel_sweep.py compares them).
-# fwd_keys: what the row kernel ranks: None, exact fp32 scores (rounds: a max and a smallest-id-at-the-max reduction
-# per round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the
-# column (rounds: one max per round; topk: a bitonic sort of half the width). Packed ranking is exact up to scores
-# within 2**-15 relative of each other (a bf16 score, as the PyTorch path under autocast ranks, keeps 7 bits), and the
-# softmax weights come from the packed scores. Untimed on a GPU so far (kernel_sweep.py compares them); a throwaway
+# fwd_keys: what the row kernel ranks: 'exact' fp32 scores (rounds: a max and a smallest-id-at-the-max reduction per
+# round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the column
+# (rounds: one max per round; topk: a bitonic sort of half the width); None: packed for half / bf16 inputs, exact for
+# fp32 ones. Packed ranking is exact up to scores within 2**-15 relative of each other, far below what half / bf16
+# inputs resolve (a bf16 q or k element keeps 8 significant bits), and the softmax weights come from the packed scores.
+# On the H200 (B 64, 12 heads, n 197, K 16, bf16) packed rounds took 0.30 ms against 0.44 ms exact
+# (benchmarks/results/h200-kernel-sweep.json), and matched the PyTorch path in the CUDA tests; a throwaway
 # study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
 # cost of such int32 keys, and its best n 197 forwards used them.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
@@ -594,6 +597,23 @@ def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed:
     return STREAM_BLOCK_QUERIES
 
 
+def _use_packed_keys(fp32: bool) -> bool:
+    """Whether the row kernel ranks packed int32 keys (``CONFIG['fwd_keys']``; built in: for half / bf16 inputs)."""
+    return (CONFIG['fwd_keys'] or ('exact' if fp32 else 'packed')) == 'packed'
+
+
+def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv: int) -> Tuple[int, int]:
+    """The backward's queries per program and warps: ``CONFIG['bwd_block_m']`` / ``['bwd_warps']``, else 8 queries on
+    one warp for half / bf16 inputs at up to ROW_TOKENS tokens, K <= 16 and head dims <= 64 (no barrier, about half the
+    instructions per query; on the H200 at B 64, 12 heads, n 197, K 16, bf16: 0.51 ms against 0.78 ms for 16 queries
+    on 4 warps, benchmarks/results/h200-kernel-sweep.json; at n 3137 the two tie, 0.38 / 0.37 ms), else 16 on 4 warps.
+    Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16."""
+    small = (dtype in (torch.float16, torch.bfloat16) and num_tokens <= ROW_TOKENS and num_kept <= 16
+             and max(dq, dv) <= 64)
+    block_m, warps = (8, 1) if small else (BLOCK_QUERIES, 4)
+    return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps
+
+
 def _dot_f32() -> str:
     """``tl.dot``'s input precision for fp32 similarity features (``CONFIG['fp32_dot']``, default ``FP32_DOT``)."""
     return CONFIG['fp32_dot'] or FP32_DOT
@@ -631,7 +651,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None, TOPK=CONFIG['fwd_select'] == 'topk' and not stream,
-            PACKED=CONFIG['fwd_keys'] == 'packed' and not stream, num_warps=CONFIG['fwd_warps'] or 4,
+            PACKED=_use_packed_keys(fp32) and not stream, num_warps=CONFIG['fwd_warps'] or 4,
             **COMPILE_OPTIONS)
     return out, idx, p
 
@@ -656,7 +676,7 @@ def _convnn_attention_backward(
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
     dk = torch.zeros(B, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
     dv = torch.zeros(B, H, M, DV, device=v.device, dtype=torch.float32)
-    block_m = CONFIG['bwd_block_m'] or BLOCK_QUERIES
+    block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, B * triton.cdiv(N, block_m)))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
@@ -664,7 +684,7 @@ def _convnn_attention_backward(
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
             go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=CONFIG['bwd_warps'] or 4,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=warps,
             **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
