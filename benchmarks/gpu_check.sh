@@ -6,8 +6,9 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=595)  (2026-11-28: 179 s, before
-# the sweep and the CUDA tests grew: stage limits now add up to 555 s)
+# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=595)  (2026-11-29: stages
+# "tests ops models select" took 227 s of wall time and the machine's start about 30 s; "fp32 sweep" about 100 s;
+# stage limits add up to 630 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 # GPU_CHECK_STAGES picks stages (default all: "tests ops models select fp32 sweep"), so that a 15-minute device budget
 # can be split into a correctness + timing call and a later call (a re-run after a fix, or the sweeps).
@@ -26,7 +27,8 @@ tests="cuda and not compile"
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
 
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
-#    the selection kernel, model train steps; 18 tests, each new kernel variant compiled on first use)
+#    the selection kernel, model train steps, the two fp32 product precisions; 19 tests, about 100 s with each new
+#    kernel variant compiled on first use)
 want tests && timeout 130 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8
 
 # 2. operator level (n up to 16385, bf16), PyTorch path and fused kernels
@@ -42,6 +44,9 @@ if want models && [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
 fi
 # 4. the selection kernel alone (ConvNN2d on CUDA) against the PyTorch selection, a ResNet-50 stage-1 layer at batch 64
 want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out "$out/select.json" 2>&1
+#    and on fp32 features, what a cosine ConvNN2d hands over under autocast (F.normalize returns fp32): 3xTF32 vs ieee
+want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --fp32 \
+    --out "$out/select-fp32.json" 2>&1
 # 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
 want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1
 # 6. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
