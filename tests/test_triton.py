@@ -689,6 +689,33 @@ def test_fp32_product_precisions_agree_on_cuda(monkeypatch):
     assert (j0 == j1).all(-1).float().mean() >= 0.999
     assert (o0 - o1).abs().max() <= 1e-3 * o0.abs().max()
 
+def test_built_in_launch_choices(monkeypatch):
+    # what the H200 sweep of 2026-11-29 chose, and where compiled kernels spill (kernel_resources.py): checked as rules
+    # here, since CI has no GPU; CONFIG overrides each
+    ta, bf16, fp32 = triton_attention, torch.bfloat16, torch.float32
+    # backward: 8 queries on one warp for half / bf16 at row-kernel sizes, K <= 16, head dims <= 64; else 16 on 4
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64) == (8, 1) == ta._bwd_launch(torch.float16, 256, 9, 32, 64)
+    for args in ((fp32, 197, 16, 64, 64), (bf16, 257, 16, 64, 64), (bf16, 197, 32, 64, 64), (bf16, 197, 16, 128, 64),
+                 (bf16, 197, 16, 64, 128)):
+        assert ta._bwd_launch(*args) == (ta.BLOCK_QUERIES, 4), args
+    monkeypatch.setitem(ta.CONFIG, 'bwd_block_m', 32)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64) == (32, 1)
+    # row-kernel keys: packed for half / bf16, exact for fp32 features
+    assert ta._use_packed_keys(False) and not ta._use_packed_keys(True)
+    monkeypatch.setitem(ta.CONFIG, 'fwd_keys', 'exact')
+    assert not ta._use_packed_keys(False)
+    # queries per program: 64 in the streaming kernels at K <= 32, fp32 features too with 3xTF32 products, except wide
+    # fp32 features with a candidate list; 16 in the row kernel, at K > 32 and with CUDA-core fp32 products
+    assert ta._fwd_block_m(True, False, 16, 64, False) == ta.STREAM_BLOCK_QUERIES == 64
+    assert ta._fwd_block_m(True, True, 9, 128, False) == 64 == ta._fwd_block_m(True, True, 9, 64, True)
+    assert ta._fwd_block_m(True, True, 9, 128, True) == ta.BLOCK_QUERIES == 16
+    assert ta._fwd_block_m(False, False, 16, 64, False) == 16 == ta._fwd_block_m(True, False, 64, 64, False)
+    assert ta._dot_f32() == 'tf32x3'
+    monkeypatch.setitem(ta.CONFIG, 'fp32_dot', 'ieee')
+    assert ta._dot_f32() == 'ieee' and ta._fwd_block_m(True, True, 9, 64, False) == 16
+    assert ta._fwd_block_m(True, False, 9, 64, False) == 64  # half / bf16 products do not depend on it
+
+
 def test_fused_forward_dispatch(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
