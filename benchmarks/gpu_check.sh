@@ -8,7 +8,7 @@
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
 # Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=595)  (2026-11-29: stages
 # "tests ops models select" took 227 s of wall time and the machine's start about 30 s; "fp32 sweep" about 100 s;
-# stage limits add up to 630 s)
+# stage limits add up to 670 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 # GPU_CHECK_STAGES picks stages (default all: "tests ops models select fp32 sweep"), so that a 15-minute device budget
 # can be split into a correctness + timing call and a later call (a re-run after a fix, or the sweeps).
@@ -52,4 +52,9 @@ want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --n
 # 6. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
 #    16 / 32 / 64 queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
 want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
+# 7. atomic contention in the backward with sampled candidates (every query's K neighbours among the same 128 tokens)
+#    against neighbours spread over all tokens: at n 16385 (B 1, 6 heads) the random-candidate backward took 1.24 ms
+#    against 0.81 ms with all candidates on 2026-11-29
+want sweep && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
+    --out "$out/contention.json" 2>&1
 ls -R "$out"

@@ -28,6 +28,10 @@ def main() -> None:
                         'none on 8) and tf32x3 vs ieee products; with --select, fp32 cosine features (a cosine '
                         'ConvNN2d under CUDA autocast)')
     p.add_argument('--neighbors', type=int, nargs='+', default=[9, 16])
+    p.add_argument('--contention', nargs='*', default=[], metavar='BxHxN',
+                   help='the backward on a sampled-candidate selection (every query\'s K neighbours among the same 128 '
+                        'tokens, as with candidates=random, r 128) against the same op on neighbours spread over all '
+                        'N tokens: whether the dk / dv atomics on the shared rows serialise')
     args = p.parse_args()
     import triton
     from timm_convnn.layers import triton_attention as ta
@@ -110,6 +114,32 @@ def main() -> None:
         save()
     for shape in args.select:
         _sweep_select(shape, args.neighbors, args.fp32, rows, save)
+    for shape in args.contention:
+        _sweep_contention(shape, args.neighbors, rows, save)
+
+
+def _sweep_contention(shape, neighbors, rows, save) -> None:
+    """The fused backward (built-in launch) on K neighbours drawn from 128 listed tokens vs from all N, bf16."""
+    import triton
+    B, H, N = (int(x) for x in shape.split('x'))
+    g = torch.Generator(device='cuda').manual_seed(0)
+    qs, ks, v, go = (torch.randn(B, H, N, 64, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(4))
+    bwd = torch.ops.timm_convnn.convnn_attention_backward
+    listed = torch.randperm(N, device='cuda', generator=g)[:128]
+    for K in neighbors:
+        w = torch.randn(H * 64, 1, K, device='cuda')
+        p = torch.rand(B, H, N, K, device='cuda', generator=g).softmax(-1)
+        # K distinct list positions per query (the first K of a random order of the 128)
+        pos = torch.rand(B, H, N, 128, device='cuda', generator=g).argsort(-1)[..., :K]
+        idx = {'listed (128 tokens)': listed[pos].int(),
+               'spread (all tokens)': torch.randint(0, N, (B, H, N, K), device='cuda', generator=g, dtype=torch.int32)}
+        times = {}
+        for name, ids in idx.items():
+            times[name] = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p))
+            rows.append(dict(shape=shape, K=K, kernel='bwd', selection=name, ms=times[name]))
+            save()
+        a, b = times.values()
+        print(f'{shape} bwd K {K:2d}: listed {a:.4f} ms, spread {b:.4f} ms  x{a / b:.2f}', flush=True)
 
 
 def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
