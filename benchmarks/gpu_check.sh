@@ -11,7 +11,9 @@
 # stage limits add up to 670 s)
 # GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
 # GPU_CHECK_STAGES picks stages (default all: "tests ops models select fp32 sweep"), so that a 15-minute device budget
-# can be split into a correctness + timing call and a later call (a re-run after a fix, or the sweeps).
+# can be split into a correctness + timing call and a later call (a re-run after a fix, or the sweeps). The device
+# tool returns at most 8 files from $OUT and all stages write 11, so run it as two calls:
+#   GPU_CHECK_STAGES="tests ops models select" (8 files), then GPU_CHECK_STAGES="fp32 sweep" (3 files).
 set -uo pipefail
 stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 sweep} "
 want() { [[ "$stages" == *" $1 "* ]]; }
