@@ -84,8 +84,9 @@ def _signature(kind: str, o: dict):
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
                    DWo='*fp32', N='i32', M='i32', H='i32', DW_COPIES='i32')
         block_m = o['block_m'] or _bwd_launch(o)[0]
+        # ROW_COPIES is 1 unless asked for, which triton.jit specialises as a constant
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
-                     BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2))
+                     BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1)
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})

@@ -121,6 +121,7 @@ def main() -> None:
 def _sweep_contention(shape, neighbors, rows, save) -> None:
     """The fused backward (built-in launch) on K neighbours drawn from 128 listed tokens vs from all N, bf16."""
     import triton
+    from timm_convnn.layers import triton_attention as ta
     B, H, N = (int(x) for x in shape.split('x'))
     g = torch.Generator(device='cuda').manual_seed(0)
     qs, ks, v, go = (torch.randn(B, H, N, 64, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(4))
@@ -140,6 +141,15 @@ def _sweep_contention(shape, neighbors, rows, save) -> None:
             save()
         a, b = times.values()
         print(f'{shape} bwd K {K:2d}: listed {a:.4f} ms, spread {b:.4f} ms  x{a / b:.2f}', flush=True)
+        # what the backward does for a forward that took a candidate list: dk / dv over CONFIG bwd_row_copies copies
+        ids = idx['listed (128 tokens)']
+        for copies in (4, 16):
+            ta.CONFIG['bwd_row_copies'] = copies
+            t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, True))
+            rows.append(dict(shape=shape, K=K, kernel='bwd', selection='listed (128 tokens)', row_copies=copies, ms=t))
+            save()
+            print(f'  listed, dk / dv over {copies:2d} copies: {t:.4f} ms  x{t / a:.2f} one copy', flush=True)
+        ta.CONFIG['bwd_row_copies'] = None
 
 
 def _sweep_select(shape, neighbors, fp32, rows, save) -> None:

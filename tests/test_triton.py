@@ -223,6 +223,11 @@ triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 # sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# the backward's dk / dv spread over copies for sampled candidates (CONFIG bwd_row_copies), summed after the kernel
+triton_attention.CONFIG['bwd_row_copies'] = 4
+compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
+        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+triton_attention.CONFIG['bwd_row_copies'] = None
 compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial', num_samples=16,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
@@ -452,7 +457,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64', 'bwd_8',
-                 'random', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk', 'euclidean_k_clamped_topk',
+                 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'euclidean_k_clamped_topk',
                  'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
@@ -574,8 +580,12 @@ def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('candidates', ['random', 'spatial'])
-def test_fused_candidates_match_torch_on_cuda(candidates, backend):
+@pytest.mark.parametrize('candidates,row_copies', [('random', None), ('spatial', None), ('random', 4)])
+def test_fused_candidates_match_torch_on_cuda(candidates, row_copies, backend, monkeypatch):
+    # fp32 with CUDA-core products, as in _fused_vs_torch_on_cuda (a no-flip tolerance); row_copies: the backward's
+    # dk / dv spread over copies (CONFIG bwd_row_copies)
+    monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', 'ieee')
+    monkeypatch.setitem(triton_attention.CONFIG, 'bwd_row_copies', row_copies)
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, candidates=candidates, num_samples=128,
                             num_prefix_tokens=1, grid_size=(28, 28)).cuda().eval()  # eval: the same candidates

@@ -69,7 +69,7 @@ STREAM_BLOCK_QUERIES = 64
 # study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
 # cost of such int32 keys, and its best n 197 forwards used them.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
-              bwd_dw_copies=None, fp32_dot=None)
+              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None)
 # How the score kernels multiply fp32 similarity features (what ``F.normalize`` returns under CUDA autocast, so every
 # cosine ConvNN2d of a ResNet in bf16 training, and every layer without AMP): 'tf32x3' splits each operand into two
 # TF32 halves and sums three tensor-core products, about fp32's accuracy (relative error near 2**-21 per product;
@@ -87,6 +87,10 @@ COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 # after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning; on the H200 one copy
 # (bwd_dw_copies=1) timed the same at 16 queries on 4 warps (0.780 against 0.784 ms), untimed at 8 queries on 1 warp.
 DW_COPIES = 64
+# CONFIG['bwd_row_copies'] (None: 1): copies of dk / dv that the backward's programs spread over when the forward took
+# a candidate list (random / spatial): every query's K slots then land on the same r + 1 rows, and on the H200 the
+# random-candidate backward (r 128, K 16, n 16385) took 1.24 ms against 0.81 ms with every token a candidate. Off until
+# timed (kernel_sweep.py --contention); the copies cost B x copies x H x n x head dim fp32 twice.
 
 try:
     import triton
@@ -477,7 +481,7 @@ if triton is not None:
     @triton.jit
     def _convnn_bwd_kernel(
             GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
-            N, M, H, DW_COPIES,
+            N, M, H, DW_COPIES, ROW_COPIES,
             stride_gb, stride_gh, stride_gn, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
@@ -488,8 +492,10 @@ if triton is not None:
         acquire-release, compiled for sm_90 to a GPU-wide fence and an L1 invalidation around each of the 272 atomic
         instructions per thread at K 16, so every later gathered row missed L1). dw goes to one of DW_COPIES copies
         (programs of one head spread over them by batch and query block; the caller sums them), not to one
-        (H, K, DV) block that every program of the head would update. Strided inputs as in the forward; dq (in q's
-        dtype), dk and dv (fp32) are contiguous (B * H, tokens, channels)."""
+        (H, K, DV) block that every program of the head would update. Likewise dk and dv go to one of ROW_COPIES
+        copies (1 unless asked for: with a candidate list every query's K slots land on the same r rows). Strided
+        inputs as in the forward; dq (in q's dtype) is contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous
+        (B, ROW_COPIES, H, M, channels)."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -501,8 +507,9 @@ if triton is not None:
         IDX += bh * N * NUM_K
         P += bh * N * NUM_K
         DQo += bh * N * DQ
-        DKo += bh * M * DQ
-        DVo += bh * M * DV
+        bch = (b * ROW_COPIES + (pid_m + b * tl.num_programs(0)) % ROW_COPIES) * H + h
+        DKo += bch * M * DQ
+        DVo += bch * M * DV
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dq_r = tl.arange(0, BLOCK_DQ)
         dv_r = tl.arange(0, BLOCK_DV)
@@ -667,32 +674,36 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
 @torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
 def _convnn_attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-        idx: torch.Tensor, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx: torch.Tensor, p: torch.Tensor, listed: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
     K = idx.shape[-1]
     q, k, vv, go = _in_place(qs), _in_place(ks), _in_place(v), _in_place(grad_out)
     w = _slot_major(weight, H, DV, K)
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
-    dk = torch.zeros(B, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
-    dv = torch.zeros(B, H, M, DV, device=v.device, dtype=torch.float32)
     block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
+    # ``listed``: the forward took a candidate list (``CONFIG['bwd_row_copies']`` copies of dk / dv, summed after)
+    rc = max(1, min(CONFIG['bwd_row_copies'] or 1, B * triton.cdiv(N, block_m))) if listed else 1
+    dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
+    dv = torch.zeros(B, rc, H, M, DV, device=v.device, dtype=torch.float32)
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, B * triton.cdiv(N, block_m)))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
     for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies, rc,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=warps,
             **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
+    dk, dv = (t.squeeze(1) if rc == 1 else t.sum(1) for t in (dk, dv))
     return dq, dk.to(ks.dtype), dv.to(v.dtype), full_dw.to(weight.dtype)
 
 
 @_convnn_attention_backward.register_fake
-def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, listed=False):
     # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
     return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
@@ -701,12 +712,13 @@ def _setup_context(ctx, inputs, output):
     qs, ks, v, weight = inputs[:4]
     _, idx, p = output
     ctx.save_for_backward(qs, ks, v, weight, idx, p)
+    ctx.listed = len(inputs) > 5 and inputs[5] is not None
     ctx.mark_non_differentiable(idx, p)
 
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
     qs, ks, v, weight, idx, p = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p)
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, ctx.listed)
     return dq, dk, dv, dw, None, None
 
 
