@@ -29,7 +29,7 @@ tests="cuda and not compile"
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
 
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
-#    the selection kernel, model train steps, the two fp32 product precisions; 19 tests, about 100 s with each new
+#    the selection kernel, model train steps, the two fp32 product precisions; 20 tests, about 100 s with each new
 #    kernel variant compiled on first use)
 want tests && timeout 130 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8
 
