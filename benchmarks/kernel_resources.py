@@ -13,11 +13,10 @@ version the GPU machine has.
 
 Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
-(head dim / similarity channels), dtype (bf16 |
-fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in choice), warps (0: the built-in choice), stages, topk (1: the row kernel's
-bitonic selection), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in, packed
-for bf16 / fp16), dot (how fp32 features multiply:
-tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
+(head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in
+choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
+kernel ranks packed int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
+multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
 qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
 atomics; 0: no such assumption, far more registers).
@@ -35,8 +34,8 @@ from triton.compiler import ASTSource
 
 from timm_convnn.layers import triton_attention as ta
 
-DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1',
-                 'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
+DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', 'fwd:N=197,K=16,topk=1',
+                 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
                  'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32',
@@ -70,7 +69,8 @@ def _signature(kind: str, o: dict):
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
                      DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
-                     PACKED=(o['packed'] == 1 or o['packed'] < 0 and o['dtype'] != 'fp32') and not stream)
+                     PACKED=(bool(o['packed']) if o['packed'] >= 0 else ta._use_packed_keys(o['dtype'] == 'fp32'))
+                     and not stream)
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')

@@ -77,8 +77,10 @@ def main() -> None:
                     t, err = float('nan'), repr(e)[:200]
                 else:
                     err = None
-                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='fwd', block_m=bm, warps=nw, select=select or 'rounds',
-                                 keys=keys or ('exact' if args.fp32 or N > ta.ROW_TOKENS else 'packed'), dot=dot, ms=t, x_sdpa=t / sdpa_f, error=err))
+                packed = ta._use_packed_keys(args.fp32) and N <= ta.ROW_TOKENS  # what the kernel ranked
+                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='fwd', block_m=bm, warps=nw,
+                                 select=select or 'rounds', keys='packed' if packed else 'exact', dot=dot, ms=t,
+                                 x_sdpa=t / sdpa_f, error=err))
                 save()
                 print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {rows[-1]["keys"]:6s}'
                       + (f' {dot:6s}' if dot else '') + ': '

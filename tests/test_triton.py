@@ -456,10 +456,9 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     r = run_interpreted(_INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64', 'bwd_8',
-                 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
-                 'euclidean_k_clamped_topk',
-                 'dot_packed') + selects:
+    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
+                 'bwd_8', 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
@@ -677,7 +676,6 @@ def test_fused_select_matches_torch_on_cuda(dtype, listed, backend, monkeypatch)
     assert (s0 - s1).abs().max() <= 1e-5
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_fp32_product_precisions_agree_on_cuda(monkeypatch):
     # fp32 similarity features multiply as 3xTF32 by default (FP32_DOT) or on the CUDA cores ('ieee'): the selection
@@ -698,6 +696,7 @@ def test_fp32_product_precisions_agree_on_cuda(monkeypatch):
     assert (i0 == i1).all(-1).float().mean() >= 0.999 and (s0 - s1).abs().max() <= 1e-5
     assert (j0 == j1).all(-1).float().mean() >= 0.999
     assert (o0 - o1).abs().max() <= 1e-3 * o0.abs().max()
+
 
 def test_built_in_launch_choices(monkeypatch):
     # what the H200 sweep of 2026-11-29 chose, and where compiled kernels spill (kernel_resources.py): checked as rules
@@ -794,10 +793,12 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
     # The no-spill bar is CI's Triton (3.8, 3.9); older ones keep some stack in a few kernels, slower but not wrong
     # (3.4: the fp32-input forwards, up to 2.4 KB; 3.5 / 3.6: 16-32 bytes at K 64), see MIN_TRITON.
     no_spills = triton_attention._version(triton_attention.triton.__version__) >= (3, 8)
-    for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1', 'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1',
-                 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64', 'fwd:N=3137,K=16,cand=1,dtype=fp32',
-                 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16', 'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64',
-                 'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32'):
+    # (bf16 row-kernel cases: packed keys built in, packed=0 the exact ones)
+    for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,topk=1,packed=0', 'fwd:N=197,K=16,packed=0',
+                 'fwd:N=197,K=16,topk=1', 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64',
+                 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16',
+                 'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32',
+                 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

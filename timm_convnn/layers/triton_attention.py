@@ -417,8 +417,8 @@ if triton is not None:
             stride_ob, stride_oh, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr, CANDIDATES: tl.constexpr,
-            TOPK: tl.constexpr, PACKED: tl.constexpr,
+            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr,
+            CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place. STREAM=True: the keys stream through a running top-K
@@ -456,7 +456,8 @@ if triton is not None:
             Q, Kf, IDX, S, CAND, QIDX, N, M, L, G,
             stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, stride_kn,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, CANDIDATES: tl.constexpr,
+            BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr,
+            CANDIDATES: tl.constexpr,
     ):
         """Top-K selection alone, one program per (batch x group, block of queries): the N queries against all M
         keys, or with CANDIDATES against the L token ids in CAND plus each query's own token (its id in QIDX), through
@@ -621,6 +622,12 @@ def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv:
     return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps
 
 
+def _fp32_products(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the score kernels multiply q and k as fp32 (``F32``): fp32 or mixed inputs, and everything under Triton's
+    CPU interpreter (whose half / bf16 ``tl.dot`` is wrong)."""
+    return q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+
+
 def _dot_f32() -> str:
     """``tl.dot``'s input precision for fp32 similarity features (``CONFIG['fp32_dot']``, default ``FP32_DOT``)."""
     return CONFIG['fp32_dot'] or FP32_DOT
@@ -650,7 +657,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     cand = (candidates.to(torch.int32).contiguous() if candidates is not None  # a placeholder without (never read)
             else torch.empty(1, device=v.device, dtype=torch.int32))
     num_keys = cand.numel() if candidates is not None else M
-    fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
     for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
         _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
@@ -683,16 +690,18 @@ def _convnn_attention_backward(
     w = _slot_major(weight, H, DV, K)
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
     block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
+    programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
     # ``listed``: the forward took a candidate list (``CONFIG['bwd_row_copies']`` copies of dk / dv, summed after)
-    rc = max(1, min(CONFIG['bwd_row_copies'] or 1, B * triton.cdiv(N, block_m))) if listed else 1
+    rc = max(1, min(CONFIG['bwd_row_copies'] or 1, programs)) if listed else 1
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
     dv = torch.zeros(B, rc, H, M, DV, device=v.device, dtype=torch.float32)
-    copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, B * triton.cdiv(N, block_m)))
+    copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
     for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies, rc,
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
+            rc,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=warps,
             **COMPILE_OPTIONS)
@@ -752,7 +761,7 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
         cand, qidx = candidates.to(torch.int32).contiguous(), query_index.to(torch.int32).contiguous()
     else:
         cand = qidx = torch.empty(1, device=q.device, dtype=torch.int32)  # placeholders, never read
-    fp32 = q.dtype == torch.float32 or k.dtype != q.dtype or interpreting()
+    fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
         _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
