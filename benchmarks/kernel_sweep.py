@@ -32,6 +32,10 @@ def main() -> None:
                    help='the backward on a sampled-candidate selection (every query\'s K neighbours among the same 128 '
                         'tokens, as with candidates=random, r 128) against the same op on neighbours spread over all '
                         'N tokens: whether the dk / dv atomics on the shared rows serialise')
+    p.add_argument('--short', action='store_true',
+                   help='only the launches that competed on 2026-11-29 / 30 (row kernel: packed rounds on 16 / 32 / 64 '
+                        'queries, 16 on 8 warps, packed topk on 64 x 8, exact on 16; backward: 16 x 4, 8 x 1, 16 x 2, '
+                        '32 x 4), e.g. at a GPU-bound batch')
     args = p.parse_args()
     import triton
     from timm_convnn.layers import triton_attention as ta
@@ -66,6 +70,9 @@ def main() -> None:
                                (64, 4, None, 'packed'), (64, 4, 'topk', 'packed'), (64, 8, 'topk', 'packed'),
                                (16, 4, 'topk', 'exact'), (32, 4, None, 'exact'), (16, 8, None, 'exact'),
                                (16, 8, None, 'packed'), (64, 8, None, 'exact'), (32, 4, None, 'packed')]
+                if args.short:
+                    fwd_configs = [(16, 4, None, 'packed'), (32, 4, None, 'packed'), (64, 4, None, 'packed'),
+                                   (16, 8, None, 'packed'), (64, 8, 'topk', 'packed'), (16, 4, None, 'exact')]
                 fwd_configs = [c + (None,) for c in fwd_configs]
             else:  # the streaming kernel
                 fwd_configs = [c + (None, None, None) for c in itertools.product((16, 32, 64), (4, 8))]
@@ -96,6 +103,8 @@ def main() -> None:
                            (32, 4, None), (32, 8, None)]
             if args.fp32:
                 bwd_configs = [(16, 4, None), (16, 8, None)]
+            elif args.short:
+                bwd_configs = [(16, 4, None), (8, 1, None), (16, 2, None), (32, 4, None)]
             for bm, nw, copies in bwd_configs:
                 ta.CONFIG.update(bwd_block_m=bm, bwd_warps=nw, bwd_dw_copies=copies)
                 try:
@@ -143,14 +152,16 @@ def _sweep_contention(shape, neighbors, rows, save) -> None:
             save()
         a, b = times.values()
         print(f'{shape} bwd K {K:2d}: listed {a:.4f} ms, spread {b:.4f} ms  x{a / b:.2f}', flush=True)
-        # what the backward does for a forward that took a candidate list: dk / dv over CONFIG bwd_row_copies copies
-        ids = idx['listed (128 tokens)']
-        for copies in (4, 16):
-            ta.CONFIG['bwd_row_copies'] = copies
-            t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, True))
-            rows.append(dict(shape=shape, K=K, kernel='bwd', selection='listed (128 tokens)', row_copies=copies, ms=t))
-            save()
-            print(f'  listed, dk / dv over {copies:2d} copies: {t:.4f} ms  x{t / a:.2f} one copy', flush=True)
+        # dk / dv over CONFIG bwd_row_copies copies (built in: LISTED_ROW_COPIES for candidate lists at n <= 256),
+        # on either selection
+        for name, ids in idx.items():
+            for copies in (2, 4, 16):
+                ta.CONFIG['bwd_row_copies'] = copies
+                t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, True))
+                rows.append(dict(shape=shape, K=K, kernel='bwd', selection=name, row_copies=copies, ms=t))
+                save()
+                print(f'  {name[:6]}, dk / dv over {copies:2d} copies: {t:.4f} ms  x{t / times[name]:.2f} one copy',
+                      flush=True)
         ta.CONFIG['bwd_row_copies'] = None
 
 

@@ -8,6 +8,7 @@ import torch
 from timm_convnn.bench import _LiveTensorBytes, measure, paper_convnn_attention
 from timm_convnn.cli import main as cli_main
 from timm_convnn.layers import ConvNNAttention
+from timm_convnn.layers import triton_attention
 
 
 @pytest.mark.parametrize('mode', ['all', 'random', 'spatial'])
@@ -101,8 +102,11 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
                      '--modes', 'all', 'random', '--heads', '2', '--head-dim', '16', '--num-samples', '16',
                      '--warmup', '0', '--iters', '1', '--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224',
                      '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=2', '--batch-size', '2',
-                     '--backends', 'auto', 'torch', '--op-batches', '65:3', '--out', str(out)]) == 0
+                     '--backends', 'auto', 'torch', '--op-batches', '65:3', '--kernel-config', 'bwd_row_copies=2',
+                     '--out', str(out)]) == 0
     result = json.loads((out / 'results.json').read_text())
+    # the kernel launch settings hold for the run only, and are recorded with its results
+    assert result['kernel_config'] == {'bwd_row_copies': 2} and triton_attention.CONFIG['bwd_row_copies'] is None
     assert result['environment']['device'] == 'cpu' and result['environment']['torch'] == torch.__version__
     ops = result['ops']
     assert sorted({(r['impl'], r['mode']) for r in ops}) == [
@@ -120,6 +124,7 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert convnn['train_vs_baseline'] == pytest.approx(
         convnn['train_img_s'] / models['vit_tiny_patch16_224']['train_img_s'])
     md = (out / 'results.md').read_text()
+    assert md.splitlines()[0].endswith(', fp32, bwd_row_copies=2.')
     assert ops[0]['batch'] == 3
     assert '| convnn (torch) | 65 | 3 | 9 | random (r 16) | fwd+bwd |' in md
     assert '| vit_tiny_convnn_random (torch) | 2 | 32 |' in md and '| vit_tiny_patch16_224 | 2 | 32 |' in md
@@ -137,6 +142,8 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     (['--neighbors', '0'], '--neighbors must be >= 1; got 0'),
     (['--iters', '0'], '--iters must be >= 1; got 0'),
     (['--modes', 'grid'], "--modes takes all, random, spatial; got 'grid'"),
+    (['--kernel-config', 'fwd_blockm=32'], "--kernel-config takes KEY=VALUE with KEY one of fwd_block_m, fwd_warps"),
+    (['--kernel-config', 'fwd_block_m'], "got 'fwd_block_m'"),
     (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
     pytest.param(['--device', 'cuda'], '--device cuda: torch sees no CUDA device here; use --device cpu',
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA device')),

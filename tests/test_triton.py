@@ -220,14 +220,10 @@ triton_attention.CONFIG.update(bwd_block_m=8, bwd_warps=1)
 compare('bwd_8', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
 triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 
-# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
+# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate; the backward
+# spreads dk / dv over LISTED_ROW_COPIES copies here (a candidate list at n <= ROW_TOKENS), summed after the kernel
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
-# the backward's dk / dv spread over copies for sampled candidates (CONFIG bwd_row_copies), summed after the kernel
-triton_attention.CONFIG['bwd_row_copies'] = 4
-compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
-        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
-triton_attention.CONFIG['bwd_row_copies'] = None
 compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial', num_samples=16,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
@@ -457,7 +453,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'bwd_8', 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'bwd_8', 'random', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
                  'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
@@ -544,16 +540,18 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('dtype,select,keys', [
-    (torch.float32, 'topk', None), (torch.bfloat16, 'topk', 'exact'), (torch.bfloat16, None, 'exact'),
+@pytest.mark.parametrize('dtype,select,keys,block_m', [
+    (torch.float32, 'topk', None, None), (torch.bfloat16, 'topk', 'exact', None), (torch.bfloat16, None, 'exact', None),
     # packed keys (built in for half / bf16 inputs) are meant for half inputs (2**-15 relative ranking precision; fp32
-    # would flip near-ties)
-    (torch.bfloat16, None, 'packed'), (torch.bfloat16, 'topk', 'packed')])
-def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, backend, monkeypatch):
+    # would flip near-ties); 32 and 64 queries per program: the launches kernel_sweep.py times against 16
+    (torch.bfloat16, None, 'packed', None), (torch.bfloat16, 'topk', 'packed', None),
+    (torch.bfloat16, None, None, 32), (torch.bfloat16, None, None, 64)])
+def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, block_m, backend, monkeypatch):
     # the row kernel's selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32 keys or
     # exact fp32 scores; None: packed for half / bf16)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', select)
     monkeypatch.setitem(triton_attention.CONFIG, 'fwd_keys', keys)
+    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_block_m', block_m)
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
 
 
@@ -723,6 +721,12 @@ def test_built_in_launch_choices(monkeypatch):
     monkeypatch.setitem(ta.CONFIG, 'fp32_dot', 'ieee')
     assert ta._dot_f32() == 'ieee' and ta._fwd_block_m(True, True, 9, 64, False) == 16
     assert ta._fwd_block_m(True, False, 9, 64, False) == 64  # half / bf16 products do not depend on it
+    # dk / dv copies in the backward: LISTED_ROW_COPIES for candidate lists at n <= ROW_TOKENS, at most one per
+    # program; one otherwise
+    assert ta._row_copies(True, 197, 100) == ta.LISTED_ROW_COPIES == 4 and ta._row_copies(True, 197, 2) == 2
+    assert ta._row_copies(True, 785, 100) == ta._row_copies(False, 197, 100) == 1
+    monkeypatch.setitem(ta.CONFIG, 'bwd_row_copies', 8)
+    assert ta._row_copies(False, 16385, 100) == 8 == ta._row_copies(True, 197, 100)
 
 
 def test_fused_forward_dispatch(backend, monkeypatch):

@@ -453,7 +453,8 @@ def markdown(result: Dict[str, Any]) -> str:
              f'torch {env["torch"]}, timm {env["timm"]}, timm-convnn {env["timm_convnn"]}'
              + (f', triton {env["triton"]}' if env.get('triton') else '')
              + (f', commit {env["commit"]}' if env.get('commit') else '')
-             + (', bf16 autocast' if result.get('amp') else ', fp32') + '.', '']
+             + (', bf16 autocast' if result.get('amp') else ', fp32')
+             + ''.join(f', {k}={v}' for k, v in (result.get('kernel_config') or {}).items()) + '.', '']
     ops = result.get('ops') or []
     if ops:
         lines += ['| impl | n | batch | K | candidates | pass | ms | x SDPA time | peak MiB | x SDPA memory |',
@@ -554,6 +555,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--backends', nargs='+', default=['auto'], choices=('auto', 'torch', 'triton'),
                    help='ConvNN backends to time, e.g. "torch triton" for the PyTorch path and the fused kernels '
                         'side by side (default: auto)')
+    p.add_argument('--kernel-config', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='launch settings of the fused kernels for this run (timm_convnn.layers.triton_attention.CONFIG, '
+                        'e.g. fwd_block_m=32 bwd_row_copies=4), recorded with the results')
     p.add_argument('--out', default='bench-out', help='folder for results.json, results.md, ops.png')
 
 
@@ -578,6 +582,7 @@ def _check_args(args: argparse.Namespace) -> None:
     bad_modes = [m for m in args.modes if m not in CANDIDATE_MODES]
     if bad_modes:
         raise ValueError(f'--modes takes {", ".join(CANDIDATE_MODES)}; got {bad_modes[0]!r}')
+    _kernel_config(args.kernel_config)
     for pair in args.pairs or []:
         names = pair.split(':')
         if len(names) != 2:
@@ -586,15 +591,48 @@ def _check_args(args: argparse.Namespace) -> None:
             check_model_name(name)
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def _literal(value: str) -> Any:
     import ast
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _kernel_config(items: Sequence[str]) -> Dict[str, Any]:
+    """``--kernel-config KEY=VALUE`` items -> CONFIG updates; unknown keys fail with the valid ones."""
+    from .layers.triton_attention import CONFIG
+    config = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or key not in CONFIG:
+            raise ValueError(f'--kernel-config takes KEY=VALUE with KEY one of {", ".join(CONFIG)}; got {item!r}')
+        config[key] = _literal(value)
+    return config
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    from .layers.triton_attention import CONFIG
     _check_args(args)
+    config = _kernel_config(args.kernel_config)
+    saved = dict(CONFIG)
+    CONFIG.update(config)
+    try:
+        return _run(args, config, log)
+    finally:
+        CONFIG.clear()
+        CONFIG.update(saved)
+
+
+def _run(args: argparse.Namespace, kernel_config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any]:
     device = torch.device(args.device)
     both = not args.ops and not args.models
     cuda = device.type == 'cuda'
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     iters = args.iters if args.iters is not None else (20 if cuda else 3)
     result: Dict[str, Any] = dict(environment=environment(device), amp=args.amp, compile=args.compile)
+    if kernel_config:
+        result['kernel_config'] = kernel_config
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -622,13 +660,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[st
                      backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
-        kwargs = {}
-        for item in args.model_kwargs:
-            key, _, value = item.partition('=')
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kwargs[key] = value
+        kwargs = {key: _literal(value) for key, _, value in (item.partition('=') for item in args.model_kwargs)}
         log('model level (inference, train step):')
         result['models'] = []
         model_benchmark(device, pairs, args.batch_size or (256 if cuda else 4), args.img_size, args.amp,

@@ -87,10 +87,14 @@ COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 # after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning; on the H200 one copy
 # (bwd_dw_copies=1) timed the same at 16 queries on 4 warps (0.780 against 0.784 ms), untimed at 8 queries on 1 warp.
 DW_COPIES = 64
-# CONFIG['bwd_row_copies'] (None: 1): copies of dk / dv that the backward's programs spread over when the forward took
-# a candidate list (random / spatial): every query's K slots then land on the same r + 1 rows, and on the H200 the
-# random-candidate backward (r 128, K 16, n 16385) took 1.24 ms against 0.81 ms with every token a candidate. Off until
-# timed (kernel_sweep.py --contention); the copies cost B x copies x H x n x head dim fp32 twice.
+# Copies of dk / dv that the backward's programs spread over (``_row_copies``; CONFIG['bwd_row_copies'] sets it for
+# every backward): with a candidate list (random / spatial) every query's K slots land on the same r + 1 rows. On the
+# H200 (kernel_sweep.py --contention, bf16, K 16, 2026-11-30) the backward on neighbours listed among 128 tokens took
+# 0.52 ms against 0.35 ms spread over all tokens at B 64, 3 heads, n 197, and 4 copies brought it to 0.26 ms; at B 1,
+# 6 heads, n 16385 the two differed by 9 % (0.56 / 0.51 ms) and copies made it slower (4: x1.12, 16: x1.57). So the
+# built-in is LISTED_ROW_COPIES for candidate lists at up to ROW_TOKENS tokens, one copy otherwise; the copies cost
+# B x copies x H x n x head dim fp32 twice (ViT-Ti at batch 256: 155 MiB).
+LISTED_ROW_COPIES = 4
 
 try:
     import triton
@@ -494,7 +498,7 @@ if triton is not None:
         instructions per thread at K 16, so every later gathered row missed L1). dw goes to one of DW_COPIES copies
         (programs of one head spread over them by batch and query block; the caller sums them), not to one
         (H, K, DV) block that every program of the head would update. Likewise dk and dv go to one of ROW_COPIES
-        copies (1 unless asked for: with a candidate list every query's K slots land on the same r rows). Strided
+        copies (``_row_copies``: with a candidate list every query's K slots land on the same r + 1 rows). Strided
         inputs as in the forward; dq (in q's dtype) is contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous
         (B, ROW_COPIES, H, M, channels)."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
@@ -622,6 +626,14 @@ def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv:
     return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps
 
 
+def _row_copies(listed: bool, num_tokens: int, programs: int) -> int:
+    """Copies of dk / dv in the backward (``listed``: the forward took a candidate list; ``programs``: per head, the
+    most copies that programs can spread over): ``CONFIG['bwd_row_copies']``, else LISTED_ROW_COPIES for candidate lists at up
+    to ROW_TOKENS tokens, else 1."""
+    copies = CONFIG['bwd_row_copies'] or (LISTED_ROW_COPIES if listed and num_tokens <= ROW_TOKENS else 1)
+    return max(1, min(copies, programs))
+
+
 def _fp32_products(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the score kernels multiply q and k as fp32 (``F32``): fp32 or mixed inputs, and everything under Triton's
     CPU interpreter (whose half / bf16 ``tl.dot`` is wrong)."""
@@ -691,8 +703,7 @@ def _convnn_attention_backward(
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
     block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
     programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
-    # ``listed``: the forward took a candidate list (``CONFIG['bwd_row_copies']`` copies of dk / dv, summed after)
-    rc = max(1, min(CONFIG['bwd_row_copies'] or 1, programs)) if listed else 1
+    rc = _row_copies(listed, M, programs)  # copies of dk / dv, summed after the kernel
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
     dv = torch.zeros(B, rc, H, M, DV, device=v.device, dtype=torch.float32)
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
