@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The prepared GPU run (one device call, about 4-6 minutes on an H200): CUDA correctness of the fused Triton kernels,
-# then the harness with bf16 autocast (PyTorch path and fused kernels side by side, operator and model level), then a
-# launch-configuration sweep of the kernels. Results land in $OUT (or ./gpu-out). Each stage has its own time limit
-# and the harness writes its JSON / markdown after every measured row, so a stage cut short keeps what it measured.
+# The prepared GPU run (two device calls, about 8 minutes on an H200 in all): CUDA correctness of the fused Triton
+# kernels, then the harness with bf16 autocast (PyTorch path and fused kernels side by side, operator and model level),
+# then a launch-configuration sweep of the kernels. Results land in $OUT (or ./gpu-out). Each stage has its own time
+# limit and the harness writes its JSON / markdown after every measured row, so a stage cut short keeps what it
+# measured.
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device call:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=595)  (2026-11-29: stages
-# "tests ops models select" took 227 s of wall time and the machine's start about 30 s; "fp32 sweep" about 100 s;
-# stage limits add up to 670 s)
-# GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile (about 3 more minutes).
-# GPU_CHECK_STAGES picks stages (default all: "tests ops models select fp32 sweep"), so that a 15-minute device budget
-# can be split into a correctness + timing call and a later call (a re-run after a fix, or the sweeps). The device
-# tool returns at most 8 files from $OUT and all stages write 11, so run it as two calls:
-#   GPU_CHECK_STAGES="tests ops models select" (8 files), then GPU_CHECK_STAGES="fp32 sweep" (3 files).
+# Device calls (the device tool returns at most 8 files from $OUT and all stages write 12, so two calls):
+#   run(command='GPU_CHECK_STAGES="tests ops models select" bash benchmarks/gpu_check.sh', carry=[".whl"],
+#       timeout_s=420)   # 8 files; 2026-11-30: 241 s of wall time, and about 30 s for the machine's start
+#   run(command='GPU_CHECK_STAGES="fp32 sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
+#       timeout_s=300)   # 4 files; make it right after the first, while the machine is warm (it goes back after
+#                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30
+# Stage limits add up to 720 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
+# split as above, or spent on a re-run after a fix. GPU_CHECK_COMPILE=1 adds the torch.compile test and the model
+# level under torch.compile (about 3 more minutes).
 set -uo pipefail
-stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 sweep} "
+stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 sweep variants} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
@@ -29,7 +31,7 @@ tests="cuda and not compile"
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
 
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
-#    the selection kernel, model train steps, the two fp32 product precisions; 20 tests, about 100 s with each new
+#    the selection kernel, model train steps, the two fp32 product precisions; 23 tests, about 110 s with each new
 #    kernel variant compiled on first use)
 want tests && timeout 130 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8
 
@@ -51,12 +53,14 @@ want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64
     --out "$out/select-fp32.json" 2>&1
 # 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
 want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1
-# 6. launch configurations of the kernels (K 16; row kernel at n 197: rounds / bitonic selection, exact / packed keys,
-#    16 / 32 / 64 queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
-want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 64x12x197 1x6x3137 --neighbors 16 --out "$out/sweep.json" 2>&1
-# 7. atomic contention in the backward with sampled candidates (every query's K neighbours among the same 128 tokens)
-#    against neighbours spread over all tokens: at n 16385 (B 1, 6 heads) the random-candidate backward took 1.24 ms
-#    against 0.81 ms with all candidates on 2026-11-29
-want sweep && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
-    --out "$out/contention.json" 2>&1
+# 6. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
+#    the same launch timed 0.30 and 0.36 ms in two runs; rounds / bitonic selection, exact / packed keys, 16 / 32 / 64
+#    queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
+want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 256x12x197 4x6x3137 --neighbors 16 \
+    --out "$out/sweep.json" 2>&1
+# 7. ViT-B with the row kernel's bitonic selection on 64 queries and 8 warps, the fastest launch at batch 256 on
+#    2026-11-30 (0.94 ms against 1.21 for the built-in 16 queries on 4 warps), against the built-in in the same run
+want variants && timeout 90 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
+    --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
+    --kernel-config fwd_block_m=64 fwd_warps=8 fwd_select=topk --out "$out/variant-topk64" 2>&1
 ls -R "$out"

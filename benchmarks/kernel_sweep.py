@@ -152,12 +152,11 @@ def _sweep_contention(shape, neighbors, rows, save) -> None:
             save()
         a, b = times.values()
         print(f'{shape} bwd K {K:2d}: listed {a:.4f} ms, spread {b:.4f} ms  x{a / b:.2f}', flush=True)
-        # dk / dv over CONFIG bwd_row_copies copies (built in: LISTED_ROW_COPIES for candidate lists at n <= 256),
-        # on either selection
+        # dk / dv over CONFIG bwd_row_copies copies (built in: one), on either selection
         for name, ids in idx.items():
             for copies in (2, 4, 16):
                 ta.CONFIG['bwd_row_copies'] = copies
-                t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, True))
+                t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p))
                 rows.append(dict(shape=shape, K=K, kernel='bwd', selection=name, row_copies=copies, ms=t))
                 save()
                 print(f'  {name[:6]}, dk / dv over {copies:2d} copies: {t:.4f} ms  x{t / times[name]:.2f} one copy',

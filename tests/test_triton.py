@@ -220,10 +220,14 @@ triton_attention.CONFIG.update(bwd_block_m=8, bwd_warps=1)
 compare('bwd_8', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
 triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 
-# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate; the backward
-# spreads dk / dv over LISTED_ROW_COPIES copies here (a candidate list at n <= ROW_TOKENS), summed after the kernel
+# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# the backward's dk / dv spread over copies (CONFIG bwd_row_copies), summed after the kernel
+triton_attention.CONFIG['bwd_row_copies'] = 4
+compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
+        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+triton_attention.CONFIG['bwd_row_copies'] = None
 compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial', num_samples=16,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
@@ -309,6 +313,10 @@ for seed in range(100):
 compare('dot_packed', make_packed, x_packed)
 triton_attention.CONFIG['fwd_select'] = 'topk'
 results['packed_row_topk'] = packed_case(40, 6)
+# 64 queries per program (two blocks, the second partial): the bitonic packed launch timed fastest at B 256 on the H200
+triton_attention.CONFIG['fwd_block_m'] = 64
+results['packed_row_topk_64'] = packed_case(100, 6)
+triton_attention.CONFIG['fwd_block_m'] = None
 results['ties_row_topk_packed'] = tie_case(40, 5)
 triton_attention.CONFIG.update(fwd_select=None, fwd_keys=None)
 
@@ -453,7 +461,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'bwd_8', 'random', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'bwd_8', 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
                  'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
@@ -468,7 +476,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
-    for case in ('packed_row', 'packed_row_topk'):
+    for case in ('packed_row', 'packed_row_topk', 'packed_row_topk_64'):
         c = r[case]
         assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model_margin'] > 2e-6 and r['model'] < 1e-5  # one fused call per block
@@ -540,18 +548,22 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('dtype,select,keys,block_m', [
-    (torch.float32, 'topk', None, None), (torch.bfloat16, 'topk', 'exact', None), (torch.bfloat16, None, 'exact', None),
+@pytest.mark.parametrize('dtype,launch', [
+    (torch.float32, dict(fwd_select='topk')), (torch.bfloat16, dict(fwd_select='topk', fwd_keys='exact')),
+    (torch.bfloat16, dict(fwd_keys='exact')),
     # packed keys (built in for half / bf16 inputs) are meant for half inputs (2**-15 relative ranking precision; fp32
-    # would flip near-ties); 32 and 64 queries per program: the launches kernel_sweep.py times against 16
-    (torch.bfloat16, None, 'packed', None), (torch.bfloat16, 'topk', 'packed', None),
-    (torch.bfloat16, None, None, 32), (torch.bfloat16, None, None, 64)])
-def test_fused_row_selection_variants_match_torch_on_cuda(dtype, select, keys, block_m, backend, monkeypatch):
-    # the row kernel's selections (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32 keys or
-    # exact fp32 scores; None: packed for half / bf16)
-    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_select', select)
-    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_keys', keys)
-    monkeypatch.setitem(triton_attention.CONFIG, 'fwd_block_m', block_m)
+    # would flip near-ties)
+    (torch.bfloat16, dict(fwd_keys='packed')), (torch.bfloat16, dict(fwd_select='topk', fwd_keys='packed')),
+    # the launches kernel_sweep.py times against the built-in 16 queries on 4 warps (64 on 8 warps with the bitonic
+    # selection: the fastest at B 256, 12 heads, n 197 on the H200, 2026-11-30)
+    (torch.bfloat16, dict(fwd_block_m=32)), (torch.bfloat16, dict(fwd_block_m=64)),
+    (torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8, fwd_select='topk'))],
+    ids=lambda a: str(a)[6:] if isinstance(a, torch.dtype) else '-'.join(map(str, a.values())))
+def test_fused_row_selection_variants_match_torch_on_cuda(dtype, launch, backend, monkeypatch):
+    # the row kernel's selections and launches (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32
+    # keys or exact fp32 scores; None: packed for half / bf16; fwd_block_m / fwd_warps)
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_attention.CONFIG, key, value)
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
 
 
@@ -721,12 +733,10 @@ def test_built_in_launch_choices(monkeypatch):
     monkeypatch.setitem(ta.CONFIG, 'fp32_dot', 'ieee')
     assert ta._dot_f32() == 'ieee' and ta._fwd_block_m(True, True, 9, 64, False) == 16
     assert ta._fwd_block_m(True, False, 9, 64, False) == 64  # half / bf16 products do not depend on it
-    # dk / dv copies in the backward: LISTED_ROW_COPIES for candidate lists at n <= ROW_TOKENS, at most one per
-    # program; one otherwise
-    assert ta._row_copies(True, 197, 100) == ta.LISTED_ROW_COPIES == 4 and ta._row_copies(True, 197, 2) == 2
-    assert ta._row_copies(True, 785, 100) == ta._row_copies(False, 197, 100) == 1
+    # dk / dv copies in the backward: one unless CONFIG asks, and at most one per program
+    assert ta._row_copies(100) == 1
     monkeypatch.setitem(ta.CONFIG, 'bwd_row_copies', 8)
-    assert ta._row_copies(False, 16385, 100) == 8 == ta._row_copies(True, 197, 100)
+    assert ta._row_copies(100) == 8 and ta._row_copies(2) == 2
 
 
 def test_fused_forward_dispatch(backend, monkeypatch):

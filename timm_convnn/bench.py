@@ -556,8 +556,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='ConvNN backends to time, e.g. "torch triton" for the PyTorch path and the fused kernels '
                         'side by side (default: auto)')
     p.add_argument('--kernel-config', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='launch settings of the fused kernels for this run (timm_convnn.layers.triton_attention.CONFIG, '
-                        'e.g. fwd_block_m=32 bwd_row_copies=4), recorded with the results')
+                   help='launch settings of the fused kernels for this run (timm_convnn.layers.triton_attention'
+                        '.CONFIG, e.g. fwd_block_m=32 bwd_row_copies=4), recorded with the results')
     p.add_argument('--out', default='bench-out', help='folder for results.json, results.md, ops.png')
 
 

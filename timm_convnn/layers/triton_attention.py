@@ -87,14 +87,15 @@ COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 # after the kernel (64 x 12 heads x 16 x 64 fp32 = 3 MiB). Chosen by reasoning; on the H200 one copy
 # (bwd_dw_copies=1) timed the same at 16 queries on 4 warps (0.780 against 0.784 ms), untimed at 8 queries on 1 warp.
 DW_COPIES = 64
-# Copies of dk / dv that the backward's programs spread over (``_row_copies``; CONFIG['bwd_row_copies'] sets it for
-# every backward): with a candidate list (random / spatial) every query's K slots land on the same r + 1 rows. On the
-# H200 (kernel_sweep.py --contention, bf16, K 16, 2026-11-30) the backward on neighbours listed among 128 tokens took
-# 0.52 ms against 0.35 ms spread over all tokens at B 64, 3 heads, n 197, and 4 copies brought it to 0.26 ms; at B 1,
-# 6 heads, n 16385 the two differed by 9 % (0.56 / 0.51 ms) and copies made it slower (4: x1.12, 16: x1.57). So the
-# built-in is LISTED_ROW_COPIES for candidate lists at up to ROW_TOKENS tokens, one copy otherwise; the copies cost
-# B x copies x H x n x head dim fp32 twice (ViT-Ti at batch 256: 155 MiB).
-LISTED_ROW_COPIES = 4
+# CONFIG['bwd_row_copies'] (None: 1): copies of dk / dv that the backward's programs spread over, summed after the
+# kernel (B x copies x H x n x head dim fp32, twice). Built for candidate lists (random / spatial), where every query's
+# K slots land on the same r + 1 rows, on the guess that the atomics there serialise; measured on the H200
+# (kernel_sweep.py --contention, bf16, K 16, 2026-11-30) they do not: neighbours listed among 128 tokens and spread
+# over all tokens took the same time (B 64, 3 / 12 heads, n 197: 0.37 / 0.38 and 0.51 / 0.50 ms; B 1, 6 heads,
+# n 16385: 0.56 / 0.51 ms); 4 copies made the listed cases slower (x1.25, x1.38, x1.12; only spread neighbours at
+# 3 heads gained, 0.29 ms), and vit_tiny_convnn_random trained at 5,227 img/s with 4 copies against 6,888 with one.
+# (An earlier call the same day had timed 0.52 ms listed, 0.35 spread and 0.26 with 4 copies at B 64, 3 heads: the
+# backward there is ~0.1 ms of GPU work, so such small cases mostly time launch overhead.) One copy unless asked for.
 
 try:
     import triton
@@ -498,9 +499,8 @@ if triton is not None:
         instructions per thread at K 16, so every later gathered row missed L1). dw goes to one of DW_COPIES copies
         (programs of one head spread over them by batch and query block; the caller sums them), not to one
         (H, K, DV) block that every program of the head would update. Likewise dk and dv go to one of ROW_COPIES
-        copies (``_row_copies``: with a candidate list every query's K slots land on the same r + 1 rows). Strided
-        inputs as in the forward; dq (in q's dtype) is contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous
-        (B, ROW_COPIES, H, M, channels)."""
+        copies (``_row_copies``, 1 unless asked for). Strided inputs as in the forward; dq (in q's dtype) is
+        contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous (B, ROW_COPIES, H, M, channels)."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -626,12 +626,10 @@ def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv:
     return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps
 
 
-def _row_copies(listed: bool, num_tokens: int, programs: int) -> int:
-    """Copies of dk / dv in the backward (``listed``: the forward took a candidate list; ``programs``: per head, the
-    most copies that programs can spread over): ``CONFIG['bwd_row_copies']``, else LISTED_ROW_COPIES for candidate lists at up
-    to ROW_TOKENS tokens, else 1."""
-    copies = CONFIG['bwd_row_copies'] or (LISTED_ROW_COPIES if listed and num_tokens <= ROW_TOKENS else 1)
-    return max(1, min(copies, programs))
+def _row_copies(programs: int) -> int:
+    """Copies of dk / dv in the backward: ``CONFIG['bwd_row_copies']`` (default 1), at most ``programs`` (per head,
+    the most copies that programs can spread over)."""
+    return max(1, min(CONFIG['bwd_row_copies'] or 1, programs))
 
 
 def _fp32_products(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -693,7 +691,7 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
 @torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
 def _convnn_attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-        idx: torch.Tensor, p: torch.Tensor, listed: bool = False,
+        idx: torch.Tensor, p: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
@@ -703,7 +701,7 @@ def _convnn_attention_backward(
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
     block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
     programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
-    rc = _row_copies(listed, M, programs)  # copies of dk / dv, summed after the kernel
+    rc = _row_copies(programs)  # copies of dk / dv, summed after the kernel
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
     dv = torch.zeros(B, rc, H, M, DV, device=v.device, dtype=torch.float32)
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
@@ -723,7 +721,7 @@ def _convnn_attention_backward(
 
 
 @_convnn_attention_backward.register_fake
-def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, listed=False):
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
     # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
     return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
@@ -732,13 +730,12 @@ def _setup_context(ctx, inputs, output):
     qs, ks, v, weight = inputs[:4]
     _, idx, p = output
     ctx.save_for_backward(qs, ks, v, weight, idx, p)
-    ctx.listed = len(inputs) > 5 and inputs[5] is not None
     ctx.mark_non_differentiable(idx, p)
 
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
     qs, ks, v, weight, idx, p = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, ctx.listed)
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p)
     return dq, dk, dv, dw, None, None
 
 
