@@ -13,7 +13,8 @@ version the GPU machine has.
 
 Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
-(head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list), block_m (0: the built-in
+(head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list of r tokens, default 128;
+streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'), block_m (0: the built-in
 choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
 kernel ranks packed int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
 multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
@@ -39,7 +40,8 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', '
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
                  'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32',
-                 'fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32')
+                 'fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
+                 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
@@ -48,7 +50,7 @@ def _parse(case: str):
     kind, _, rest = case.partition(':')
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
-    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, block_m=0, warps=0, stages=3, topk=0,
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0,
                 packed=-1, aligned=1, dot=ta._dot_f32())
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
@@ -63,12 +65,14 @@ def _signature(kind: str, o: dict):
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
                    H='i32')
-        stream = o['N'] > ta.ROW_TOKENS or bool(o['cand'])
+        stream = not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
-                     BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['N']), BLOCK_DQ=ta._pow2(o['D']),
+                     BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['r'] + 1 if o['cand'] else o['N']),
+                     BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
-                     DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']), TOPK=bool(o['topk']) and not stream,
+                     DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']),
+                     TOPK=bool(o['topk']) and not stream and not o['cand'],
                      PACKED=(bool(o['packed']) if o['packed'] >= 0 else ta._use_packed_keys(o['dtype'] == 'fp32'))
                      and not stream)
         fn = ta._convnn_fwd_kernel

@@ -223,6 +223,15 @@ triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 # sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
 compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# the list ranked as one score row (CONFIG fwd_listed='row': the r listed tokens and each query's own token)
+triton_attention.CONFIG['fwd_listed'] = 'row'
+compare('random_row', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
+        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('spatial_row', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial',
+        num_samples=16, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('random_row_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
+        num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+triton_attention.CONFIG['fwd_listed'] = None
 # the backward's dk / dv spread over copies (CONFIG bwd_row_copies), summed after the kernel
 triton_attention.CONFIG['bwd_row_copies'] = 4
 compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
@@ -461,7 +470,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'bwd_8', 'random', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'random_row_copies',
+                 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
                  'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
@@ -589,12 +599,15 @@ def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('candidates,row_copies', [('random', None), ('spatial', None), ('random', 4)])
-def test_fused_candidates_match_torch_on_cuda(candidates, row_copies, backend, monkeypatch):
-    # fp32 with CUDA-core products, as in _fused_vs_torch_on_cuda (a no-flip tolerance); row_copies: the backward's
-    # dk / dv spread over copies (CONFIG bwd_row_copies)
+@pytest.mark.parametrize('candidates,launch', [
+    ('random', {}), ('spatial', {}), ('random', dict(bwd_row_copies=4)), ('random', dict(fwd_listed='row')),
+    ('spatial', dict(fwd_listed='row'))], ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
+def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monkeypatch):
+    # fp32 with CUDA-core products, as in _fused_vs_torch_on_cuda (a no-flip tolerance); launch: the backward's dk / dv
+    # spread over copies (CONFIG bwd_row_copies), the list ranked as one score row (fwd_listed)
     monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', 'ieee')
-    monkeypatch.setitem(triton_attention.CONFIG, 'bwd_row_copies', row_copies)
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_attention.CONFIG, key, value)
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, candidates=candidates, num_samples=128,
                             num_prefix_tokens=1, grid_size=(28, 28)).cuda().eval()  # eval: the same candidates
@@ -611,11 +624,16 @@ def test_fused_candidates_match_torch_on_cuda(candidates, row_copies, backend, m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('name, kernel', [('vit_tiny_convnn_all_k16', 'fused_attention'),
-                                          ('vit_tiny_convnn_random', 'fused_attention'),
-                                          ('resnet50_convnn_branch', 'fused_select')])
-def test_fused_model_train_step_on_cuda(name, kernel, backend, monkeypatch):
+@pytest.mark.parametrize('name, kernel, launch', [
+    ('vit_tiny_convnn_all_k16', 'fused_attention', {}), ('vit_tiny_convnn_random', 'fused_attention', {}),
+    # the sampled candidates ranked as one score row (CONFIG fwd_listed='row'), packed keys in bf16
+    ('vit_tiny_convnn_random', 'fused_attention', dict(fwd_listed='row')),
+    ('resnet50_convnn_branch', 'fused_select', {})],
+    ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
+def test_fused_model_train_step_on_cuda(name, kernel, launch, backend, monkeypatch):
     import timm
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_attention.CONFIG, key, value)
     calls = []
     real = getattr(triton_attention, kernel)
     monkeypatch.setattr(triton_attention, kernel, lambda *a: calls.append(1) or real(*a))
@@ -733,6 +751,10 @@ def test_built_in_launch_choices(monkeypatch):
     monkeypatch.setitem(ta.CONFIG, 'fp32_dot', 'ieee')
     assert ta._dot_f32() == 'ieee' and ta._fwd_block_m(True, True, 9, 64, False) == 16
     assert ta._fwd_block_m(True, False, 9, 64, False) == 64  # half / bf16 products do not depend on it
+    # the forward streams above ROW_TOKENS tokens and, unless CONFIG fwd_listed='row', for every candidate list
+    assert not ta._streams(256, None) and ta._streams(257, None) and ta._streams(197, 128)
+    monkeypatch.setitem(ta.CONFIG, 'fwd_listed', 'row')
+    assert not ta._streams(16385, 128) and not ta._streams(16385, 255) and ta._streams(16385, 256)
     # dk / dv copies in the backward: one unless CONFIG asks, and at most one per program
     assert ta._row_copies(100) == 1
     monkeypatch.setitem(ta.CONFIG, 'bwd_row_copies', 8)
@@ -812,7 +834,8 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'fwd:N=197,K=16,topk=1', 'fwd:N=3137,K=16', 'fwd:N=3137,K=9,cand=1', 'fwd:N=3137,K=64',
                  'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16',
                  'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32',
-                 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32'):
+                 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
+                 'fwd:N=197,K=16,block_m=64,warps=8,topk=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

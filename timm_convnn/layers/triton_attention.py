@@ -68,8 +68,13 @@ STREAM_BLOCK_QUERIES = 64
 # (benchmarks/results/h200-kernel-sweep.json), and matched the PyTorch path in the CUDA tests; a throwaway
 # study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
 # cost of such int32 keys, and its best n 197 forwards used them.
+# fwd_listed: how the forward ranks a candidate list (random / spatial): None, through the streaming kernel's running
+# top-K buffer (tiles of STREAM_BLOCK_N; the built-in choice), or 'row', as one score row in registers like the row
+# kernel (the r listed tokens and the query's own token, r + 1 <= ROW_TOKENS), ranked in K rounds (packed keys for
+# half / bf16 as above). Opt-in until timed on a GPU: the streaming listed forward at n 16385 (B 1, 6 heads, r 128,
+# K 16) took 0.85 ms on the H200, where the row kernel ranks ViT-B's 605k query rows (batch 256) in 1.2 ms.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
-              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None)
+              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None)
 # How the score kernels multiply fp32 similarity features (what ``F.normalize`` returns under CUDA autocast, so every
 # cosine ConvNN2d of a ResNet in bf16 training, and every layer without AMP): 'tf32x3' splits each operand into two
 # TF32 halves and sums three tensor-core products, about fp32's accuracy (relative error near 2**-21 per product;
@@ -426,8 +431,9 @@ if triton is not None:
             CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
-        whole score row block in registers, ranked in place. STREAM=True: the keys stream through a running top-K
-        buffer (``_stream_top_k``), which is then ranked.
+        whole score row block in registers, ranked in place; with CANDIDATES the row holds the L listed tokens in
+        columns 0 .. L - 1 and each query's own token in column L (L + 1 <= BLOCK_N). STREAM=True: the keys stream
+        through a running top-K buffer (``_stream_top_k``), which is then ranked.
 
         Grid: (query blocks, heads, batch). q, k, v and the output are read and written in place through their
         (batch, head, token) strides (timm's attention hands over permuted views of one qkv buffer: no copies); offsets
@@ -441,6 +447,23 @@ if triton is not None:
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                     BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
+        elif CANDIDATES:
+            cols = tl.arange(0, BLOCK_N)
+            listed = cols < L
+            ids = tl.load(CAND + cols, mask=listed, other=0)
+            s = _scores(q, Kf, kbase, ids, listed, dq, stride_kn, DQ, F32, DOT_F32)
+            s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query itself: not twice
+            s_self = _self_score(q, Kf, kbase, rows, row_ok, dq, stride_kn, DQ)
+            s = tl.where(cols[None, :] == L, s_self[:, None], s)
+            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
+            if PACKED:
+                s = _packed_keys(s, cols, BLOCK_N)
+            sel_col, sel_e, denom = _rank(s, cols[None, :], BLOCK_N, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
+            # columns -> token ids: the list's, or the query's own
+            sel_idx = tl.where(sel_col == L, rows[:, None], tl.load(CAND + sel_col, mask=sel_col < L, other=0))
+            denom = tl.where(row_ok, denom, 1.)
+            _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+            _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, F32, DOT_F32)
@@ -609,6 +632,15 @@ def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed:
     return STREAM_BLOCK_QUERIES
 
 
+def _streams(num_tokens: int, num_listed: Optional[int]) -> bool:
+    """Whether the forward streams the keys (``num_listed``: the length of a candidate list, None for all tokens):
+    above ROW_TOKENS tokens, and for candidate lists unless ``CONFIG['fwd_listed'] == 'row'`` and the list plus the
+    query's own token fit a row (at most ROW_TOKENS)."""
+    if num_listed is None:
+        return num_tokens > ROW_TOKENS
+    return not (CONFIG['fwd_listed'] == 'row' and num_listed + 1 <= ROW_TOKENS)
+
+
 def _use_packed_keys(fp32: bool) -> bool:
     """Whether the row kernel ranks packed int32 keys (``CONFIG['fwd_keys']``; built in: for half / bf16 inputs)."""
     return (CONFIG['fwd_keys'] or ('exact' if fp32 else 'packed')) == 'packed'
@@ -662,11 +694,11 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     out = _in_place(torch.empty(B, N, H, DV, device=v.device, dtype=v.dtype).transpose(1, 2))
     idx = torch.empty(B, H, N, K, device=v.device, dtype=torch.int32)
     p = torch.empty(B, H, N, K, device=v.device, dtype=torch.float32)
-    stream = M > ROW_TOKENS or candidates is not None
-    block_n = STREAM_BLOCK_N if stream else _pow2(M)
     cand = (candidates.to(torch.int32).contiguous() if candidates is not None  # a placeholder without (never read)
             else torch.empty(1, device=v.device, dtype=torch.int32))
     num_keys = cand.numel() if candidates is not None else M
+    stream = _streams(M, num_keys if candidates is not None else None)
+    block_n = STREAM_BLOCK_N if stream else _pow2(num_keys + 1 if candidates is not None else M)
     fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
     for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
@@ -674,7 +706,8 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, *_strides(q),
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
-            CANDIDATES=candidates is not None, TOPK=CONFIG['fwd_select'] == 'topk' and not stream,
+            CANDIDATES=candidates is not None,
+            TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
             PACKED=_use_packed_keys(fp32) and not stream, num_warps=CONFIG['fwd_warps'] or 4,
             **COMPILE_OPTIONS)
     return out, idx, p
