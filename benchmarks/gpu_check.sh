@@ -7,13 +7,13 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device calls (the device tool returns at most 8 files from $OUT and all stages write 15, so two calls):
+# Device calls (the device tool returns at most 8 files from $OUT and all stages write 16, so two calls):
 #   run(command='GPU_CHECK_STAGES="tests ops models select" bash benchmarks/gpu_check.sh', carry=[".whl"],
 #       timeout_s=420)   # 8 files; 2026-11-30: 241 s of wall time, and about 30 s for the machine's start
 #   run(command='GPU_CHECK_STAGES="fp32 sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=420)   # 7 files; make it right after the first, while the machine is warm (it goes back after
+#       timeout_s=460)   # 8 files; make it right after the first, while the machine is warm (it goes back after
 #                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30
-# Stage limits add up to 840 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
+# Stage limits add up to 880 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
 # split as above, or spent on a re-run after a fix. GPU_CHECK_COMPILE=1 adds the torch.compile test and the model
 # level under torch.compile (about 3 more minutes).
 set -uo pipefail
@@ -63,10 +63,14 @@ want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 256x12x197 
 want variants && timeout 90 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
     --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
     --kernel-config fwd_block_m=64 fwd_warps=8 fwd_select=topk --out "$out/variant-topk64" 2>&1
-#    and sampled candidates ranked as one score row (CONFIG fwd_listed='row') instead of streamed: the attention core at
-#    n 197 / 16385 and vit_tiny_convnn_random (the streamed list took 0.85 ms forward at n 16385, K 16 on 2026-11-30)
+#    and sampled candidates ranked as one score row (CONFIG fwd_listed='row') instead of streamed, with the backward's
+#    dense per-token sums (bwd_listed='dense'): the attention core at n 197 / 16385 and vit_tiny_convnn_random (the
+#    streamed list took 0.85 ms forward at n 16385, K 16, and the backward ~1.0 ms, on 2026-11-30), and the backward
+#    alone, per-pair atomics vs dense sums
 want variants && timeout 120 python benchmarks/bench.py --ops --models --device cuda --amp --backends triton \
     --tokens 197 16385 --modes random spatial --op-batches 197:64 16385:1 --warmup 2 --iters 5 \
-    --pairs vit_tiny_convnn_random:vit_tiny_patch16_224 --kernel-config fwd_listed=row \
-    --out "$out/variant-listed-row" 2>&1
+    --pairs vit_tiny_convnn_random:vit_tiny_patch16_224 --kernel-config fwd_listed=row bwd_listed=dense \
+    --out "$out/variant-listed" 2>&1
+want variants && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
+    --out "$out/contention.json" 2>&1
 ls -R "$out"

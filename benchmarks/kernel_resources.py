@@ -14,7 +14,8 @@ version the GPU machine has.
 Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
 (head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list of r tokens, default 128;
-streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'), block_m (0: the built-in
+streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'; bwd: the dense per-token sums of CONFIG
+bwd_listed='dense'), block_m (0: the built-in
 choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
 kernel ranks packed int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
 multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
@@ -41,7 +42,8 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', '
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
                  'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32',
                  'fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
-                 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32')
+                 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32', 'bwd:N=16385,K=16,cand=1',
+                 'bwd:N=16385,K=16,cand=1,dtype=fp32')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
@@ -86,11 +88,14 @@ def _signature(kind: str, o: dict):
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
-                   DWo='*fp32', N='i32', M='i32', H='i32', DW_COPIES='i32')
+                   DWo='*fp32', CAND='*i32', INV='*i32', N='i32', M='i32', L='i32', H='i32', DW_COPIES='i32')
         block_m = o['block_m'] or _bwd_launch(o)[0]
+        dense = bool(o['cand'])  # a candidate list's backward: the dense per-token sums (CONFIG bwd_listed='dense')
         # ROW_COPIES is 1 unless asked for, which triton.jit specialises as a constant
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
-                     BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1)
+                     BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1,
+                     DENSE=dense, BLOCK_C=ta.LISTED_BLOCK_C, F32=dense and o['dtype'] == 'fp32',
+                     DOT_F32=o['dot'] if dense else 'ieee')
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})
@@ -99,7 +104,7 @@ def _signature(kind: str, o: dict):
 
 def _bwd_launch(o: dict):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[o['dtype']]
-    return ta._bwd_launch(dtype, o['N'], o['K'], o['D'], o['D'])
+    return ta._bwd_launch(dtype, o['N'], o['K'], o['D'], o['D'], bool(o['cand']))
 
 
 def resources(case: str, arch: int = 90) -> dict:

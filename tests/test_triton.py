@@ -231,7 +231,33 @@ compare('spatial_row', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6,
         num_samples=16, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 compare('random_row_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
         num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# and the backward's dk / dv summed per listed token first (CONFIG bwd_listed='dense'), with either forward
+triton_attention.CONFIG['bwd_listed'] = 'dense'
+compare('spatial_row_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial',
+        num_samples=16, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
 triton_attention.CONFIG['fwd_listed'] = None
+compare('random_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
+        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+
+
+def dense_op_case():
+    # the op itself: the dense sums equal the per-pair atomics, and they do read the list (a shorter list drops the
+    # terms of the tokens it leaves out), with 29 % of the queries keeping their own token
+    g = torch.Generator().manual_seed(0)
+    qs, ks, v, go = (torch.randn(2, 2, 50, 16, generator=g) for _ in range(4))
+    w = torch.randn(32, 1, 6, generator=g)
+    cand = torch.randperm(50, generator=g)[:20]
+    _, idx, p = triton_attention._convnn_attention(qs, ks, v, w, 6, cand)
+    grads = {}
+    for name, dense, listed in (('atomic', None, cand), ('dense', 'dense', cand), ('short', 'dense', cand[:10])):
+        triton_attention.CONFIG['bwd_listed'] = dense
+        grads[name] = triton_attention._convnn_attention_backward(go, qs, ks, v, w, idx, p, listed)
+    own = (idx == torch.arange(50).view(1, 1, 50, 1)).any(-1).float().mean().item()
+    return dict(diff=max((a - b).abs().max().item() for a, b in zip(grads['atomic'], grads['dense'])),
+                short=min((grads['atomic'][i] - grads['short'][i]).abs().max().item() for i in (1, 2)), own=own)
+
+results['dense_op'] = dense_op_case()
+triton_attention.CONFIG['bwd_listed'] = None
 # the backward's dk / dv spread over copies (CONFIG bwd_row_copies), summed after the kernel
 triton_attention.CONFIG['bwd_row_copies'] = 4
 compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
@@ -470,8 +496,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
     for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'random_row_copies',
-                 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
+                 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
+                 'random_dense', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
                  'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
@@ -486,6 +512,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
+    c = r['dense_op']
+    assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
     for case in ('packed_row', 'packed_row_topk', 'packed_row_topk_64'):
         c = r[case]
         assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
@@ -601,7 +629,9 @@ def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('candidates,launch', [
     ('random', {}), ('spatial', {}), ('random', dict(bwd_row_copies=4)), ('random', dict(fwd_listed='row')),
-    ('spatial', dict(fwd_listed='row'))], ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
+    ('spatial', dict(fwd_listed='row')), ('random', dict(bwd_listed='dense')),
+    ('spatial', dict(fwd_listed='row', bwd_listed='dense'))],
+    ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
 def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monkeypatch):
     # fp32 with CUDA-core products, as in _fused_vs_torch_on_cuda (a no-flip tolerance); launch: the backward's dk / dv
     # spread over copies (CONFIG bwd_row_copies), the list ranked as one score row (fwd_listed)
@@ -626,8 +656,9 @@ def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('name, kernel, launch', [
     ('vit_tiny_convnn_all_k16', 'fused_attention', {}), ('vit_tiny_convnn_random', 'fused_attention', {}),
-    # the sampled candidates ranked as one score row (CONFIG fwd_listed='row'), packed keys in bf16
-    ('vit_tiny_convnn_random', 'fused_attention', dict(fwd_listed='row')),
+    # the sampled candidates ranked as one score row (CONFIG fwd_listed='row'), packed keys in bf16, and the backward's
+    # dense per-token sums (bwd_listed='dense')
+    ('vit_tiny_convnn_random', 'fused_attention', dict(fwd_listed='row', bwd_listed='dense')),
     ('resnet50_convnn_branch', 'fused_select', {})],
     ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
 def test_fused_model_train_step_on_cuda(name, kernel, launch, backend, monkeypatch):
@@ -735,6 +766,8 @@ def test_built_in_launch_choices(monkeypatch):
     for args in ((fp32, 197, 16, 64, 64), (bf16, 257, 16, 64, 64), (bf16, 197, 32, 64, 64), (bf16, 197, 16, 128, 64),
                  (bf16, 197, 16, 64, 128)):
         assert ta._bwd_launch(*args) == (ta.BLOCK_QUERIES, 4), args
+    # the dense candidate-list backward (CONFIG bwd_listed): 32 queries on 8 warps (no spill for bf16 at K 16)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64, True) == (32, 8) == ta._bwd_launch(fp32, 16385, 9, 64, 64, True)
     monkeypatch.setitem(ta.CONFIG, 'bwd_block_m', 32)
     assert ta._bwd_launch(bf16, 197, 16, 64, 64) == (32, 1)
     # row-kernel keys: packed for half / bf16, exact for fp32 features
@@ -835,6 +868,7 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16',
                  'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32',
                  'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
+                 'bwd:N=16385,K=16,cand=1',
                  'fwd:N=197,K=16,block_m=64,warps=8,topk=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r

@@ -74,7 +74,7 @@ STREAM_BLOCK_QUERIES = 64
 # half / bf16 as above). Opt-in until timed on a GPU: the streaming listed forward at n 16385 (B 1, 6 heads, r 128,
 # K 16) took 0.85 ms on the H200, where the row kernel ranks ViT-B's 605k query rows (batch 256) in 1.2 ms.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
-              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None)
+              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None, bwd_listed=None)
 # How the score kernels multiply fp32 similarity features (what ``F.normalize`` returns under CUDA autocast, so every
 # cosine ConvNN2d of a ResNet in bf16 training, and every layer without AMP): 'tf32x3' splits each operand into two
 # TF32 halves and sums three tensor-core products, about fp32's accuracy (relative error near 2**-21 per product;
@@ -101,6 +101,17 @@ DW_COPIES = 64
 # 3 heads gained, 0.29 ms), and vit_tiny_convnn_random trained at 5,227 img/s with 4 copies against 6,888 with one.
 # (An earlier call the same day had timed 0.52 ms listed, 0.35 spread and 0.26 with 4 copies at B 64, 3 heads: the
 # backward there is ~0.1 ms of GPU work, so such small cases mostly time launch overhead.) One copy unless asked for.
+# What the atomics do cost is their number: the backward adds K x (dq + dv channels) values per query (201 M fp32
+# values, as 4-wide vector atomics, at B 1, 6 heads, n 16385, K 16: 0.56 ms on the H200, where its gathers move about
+# 0.4 GB from L2). CONFIG['bwd_listed'] = 'dense' (opt-in until timed on a GPU) sums them per listed token first for a
+# forward that took a candidate list: over LISTED_BLOCK_M queries per program, LISTED_BLOCK_C list positions at a time
+# (one-hot tiles times the per-query terms on the tensor cores), then one atomic per listed token and channel, about
+# LISTED_BLOCK_M x K / r = 4x fewer at r 128, K 16. Compiled for sm_90 (bf16, K 16) it spills on 4 warps (48 bytes
+# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps; fp32 features spill
+# 376 bytes there.
+LISTED_BLOCK_M = 32
+LISTED_WARPS = 8
+LISTED_BLOCK_C = 64
 
 try:
     import triton
@@ -509,12 +520,13 @@ if triton is not None:
 
     @triton.jit
     def _convnn_bwd_kernel(
-            GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo,
-            N, M, H, DW_COPIES, ROW_COPIES,
+            GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo, CAND, INV,
+            N, M, L, H, DW_COPIES, ROW_COPIES,
             stride_gb, stride_gh, stride_gn, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+            DENSE: tl.constexpr, BLOCK_C: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         """Backward, one program per (batch x head, block of queries), through the K kept (query, token) pairs only:
         dq in registers; dk, dv and dw by relaxed atomics (only the sums after the kernel matter; Triton's default,
@@ -523,7 +535,14 @@ if triton is not None:
         (programs of one head spread over them by batch and query block; the caller sums them), not to one
         (H, K, DV) block that every program of the head would update. Likewise dk and dv go to one of ROW_COPIES
         copies (``_row_copies``, 1 unless asked for). Strided inputs as in the forward; dq (in q's dtype) is
-        contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous (B, ROW_COPIES, H, M, channels)."""
+        contiguous (B, H, N, DQ), dk and dv (fp32) are contiguous (B, ROW_COPIES, H, M, channels).
+
+        DENSE (a forward that took a candidate list: every kept token is one of the L listed in CAND, whose list
+        positions INV maps token ids to, or the query itself): dk and dv of the listed tokens are summed over the
+        program's queries first, as (BLOCK_C, channels) tiles of BLOCK_C list positions (one-hot matrices times the
+        per-query terms on the tensor cores, in q's precision, or DOT_F32 for fp32 features), then added with one
+        atomic per listed token and channel instead of one per query, slot and channel; each query's own token gets
+        its terms directly."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -564,8 +583,9 @@ if triton is not None:
             dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
             tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV,
                           sem='relaxed')
-            tl.atomic_add(DVo + jr[:, None] * DV + dv_r[None, :],
-                          (pr[:, None] * wr[None, :]) * go, mask=mv, sem='relaxed')
+            if not DENSE:
+                tl.atomic_add(DVo + jr[:, None] * DV + dv_r[None, :],
+                              (pr[:, None] * wr[None, :]) * go, mask=mv, sem='relaxed')
         # through the softmax over the K kept scores, then the selected dot products
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
@@ -574,8 +594,73 @@ if triton is not None:
             dsr = tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)
             krow = tl.load(Kf + jr[:, None] * stride_kn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
             dq += dsr[:, None] * krow
-            tl.atomic_add(DKo + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq, sem='relaxed')
+            if not DENSE:
+                tl.atomic_add(DKo + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq, sem='relaxed')
         tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], dq.to(DQo.dtype.element_ty), mask=mq)
+        if DENSE:
+            _dense_listed_grads(go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
+                                DQ, DV, NUM_K, BLOCK_M, BLOCK_DQ, BLOCK_DV, BLOCK_K, BLOCK_C, F32, DOT_F32)
+
+    @triton.jit
+    def _dense_listed_grads(
+            go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
+            DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+            F32: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """dk += ds * q and dv += p * w * go of the program's (query, slot) pairs (``_convnn_bwd_kernel``, DENSE):
+        summed per listed token over the program's queries, BLOCK_C list positions at a time, then one atomic per
+        token and channel; the queries' own tokens directly."""
+        kk = tl.arange(0, BLOCK_K)
+        dq_r = tl.arange(0, BLOCK_DQ)
+        dv_r = tl.arange(0, BLOCK_DV)
+        mq = row_ok[:, None] & (dq_r[None, :] < DQ)
+        mv = row_ok[:, None] & (dv_r[None, :] < DV)
+        # each kept token's list position (-1: the query itself, which the forward ranks apart from the list)
+        pos = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32) - 1
+        has_self = tl.zeros([BLOCK_M], dtype=tl.int32)
+        self_ds = tl.zeros([BLOCK_M], dtype=tl.float32)
+        self_v = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for r in tl.static_range(NUM_K):
+            jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
+            own = (jr == rows) & row_ok
+            pos_r = tl.where(own, -1, tl.load(INV + jr, mask=row_ok, other=-1))
+            pos = tl.where(kk[None, :] == r, pos_r[:, None], pos)
+            wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.)
+            pr = tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)
+            has_self += own.to(tl.int32)
+            self_ds += tl.sum(tl.where((kk[None, :] == r) & own[:, None], ds, 0.), axis=1)
+            self_v += tl.where(own, pr, 0.)[:, None] * wr[None, :]
+        mine = (has_self > 0)[:, None]
+        tl.atomic_add(DKo + rows[:, None] * DQ + dq_r[None, :], self_ds[:, None] * q, mask=mq & mine, sem='relaxed')
+        tl.atomic_add(DVo + rows[:, None] * DV + dv_r[None, :], self_v * go, mask=mv & mine, sem='relaxed')
+        for c0 in range(0, L, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            dv_acc = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
+            for r in tl.static_range(NUM_K):
+                pos_r = tl.sum(tl.where(kk[None, :] == r, pos, 0), axis=1)
+                hit = pos_r[:, None] == cols[None, :]
+                g += tl.where(hit, tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)[:, None], 0.)
+                a = tl.where(hit, tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)[:, None], 0.)
+                wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.)
+                u = go * wr[None, :]
+                # fp32 operands: DOT_F32 for fp32 features, one TF32 pass for half / bf16 ones (10 mantissa bits,
+                # more than the gradients keep)
+                if F32:
+                    dv_acc += tl.dot(tl.trans(a), u, input_precision=DOT_F32)
+                else:
+                    dv_acc += tl.dot(tl.trans(a), u, input_precision='tf32')
+            if F32:
+                dk_c = tl.dot(tl.trans(g), q, input_precision=DOT_F32)
+            else:
+                dk_c = tl.dot(tl.trans(g), q, input_precision='tf32')
+            listed = cols < L
+            tok = tl.load(CAND + cols, mask=listed, other=0)
+            tl.atomic_add(DKo + tok[:, None] * DQ + dq_r[None, :], dk_c,
+                          mask=listed[:, None] & (dq_r[None, :] < DQ), sem='relaxed')
+            tl.atomic_add(DVo + tok[:, None] * DV + dv_r[None, :], dv_acc,
+                          mask=listed[:, None] & (dv_r[None, :] < DV), sem='relaxed')
 
 
 _INT32_MAX = 2 ** 31 - 1
@@ -646,12 +731,16 @@ def _use_packed_keys(fp32: bool) -> bool:
     return (CONFIG['fwd_keys'] or ('exact' if fp32 else 'packed')) == 'packed'
 
 
-def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv: int) -> Tuple[int, int]:
+def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv: int,
+                dense: bool = False) -> Tuple[int, int]:
     """The backward's queries per program and warps: ``CONFIG['bwd_block_m']`` / ``['bwd_warps']``, else 8 queries on
     one warp for half / bf16 inputs at up to ROW_TOKENS tokens, K <= 16 and head dims <= 64 (no barrier, about half the
     instructions per query; on the H200 at B 64, 12 heads, n 197, K 16, bf16: 0.51 ms against 0.78 ms for 16 queries
     on 4 warps, benchmarks/results/h200-kernel-sweep.json; at n 3137 the two tie, 0.38 / 0.37 ms), else 16 on 4 warps.
-    Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16."""
+    Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16.
+    ``dense`` (CONFIG bwd_listed): LISTED_BLOCK_M queries on LISTED_WARPS warps."""
+    if dense:  # the dense candidate-list sums (CONFIG bwd_listed): tensor-core tiles of at least 16 queries
+        return CONFIG['bwd_block_m'] or LISTED_BLOCK_M, CONFIG['bwd_warps'] or LISTED_WARPS
     small = (dtype in (torch.float16, torch.bfloat16) and num_tokens <= ROW_TOKENS and num_kept <= 16
              and max(dq, dv) <= 64)
     block_m, warps = (8, 1) if small else (BLOCK_QUERIES, 4)
@@ -724,7 +813,7 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
 @torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
 def _convnn_attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-        idx: torch.Tensor, p: torch.Tensor,
+        idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
@@ -732,7 +821,15 @@ def _convnn_attention_backward(
     q, k, vv, go = _in_place(qs), _in_place(ks), _in_place(v), _in_place(grad_out)
     w = _slot_major(weight, H, DV, K)
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
-    block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV)
+    # ``candidates``: the forward's list; CONFIG['bwd_listed'] = 'dense' sums dk / dv per listed token first
+    dense = candidates is not None and CONFIG['bwd_listed'] == 'dense'
+    if dense:
+        cand = candidates.to(torch.int32).contiguous()
+        inv = torch.full((M,), -1, device=v.device, dtype=torch.int32)  # token id -> list position
+        inv[cand.long()] = torch.arange(cand.numel(), device=v.device, dtype=torch.int32)
+    else:
+        cand = inv = torch.empty(1, device=v.device, dtype=torch.int32)  # placeholders (never read)
+    block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV, dense)
     programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
     rc = _row_copies(programs)  # copies of dk / dv, summed after the kernel
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
@@ -742,10 +839,11 @@ def _convnn_attention_backward(
     idx, p = idx.contiguous(), p.contiguous()
     for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, N, M, H, copies,
-            rc,
+            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, cand, inv, N, M,
+            cand.numel(), H, copies, rc,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), num_warps=warps,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=LISTED_BLOCK_C,
+            F32=dense and _fp32_products(qs, ks), DOT_F32=_dot_f32() if dense else 'ieee', num_warps=warps,
             **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
@@ -754,7 +852,7 @@ def _convnn_attention_backward(
 
 
 @_convnn_attention_backward.register_fake
-def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, candidates=None):
     # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
     return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
@@ -762,13 +860,14 @@ def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p):
 def _setup_context(ctx, inputs, output):
     qs, ks, v, weight = inputs[:4]
     _, idx, p = output
-    ctx.save_for_backward(qs, ks, v, weight, idx, p)
+    candidates = inputs[5] if len(inputs) > 5 else None
+    ctx.save_for_backward(qs, ks, v, weight, idx, p, candidates)
     ctx.mark_non_differentiable(idx, p)
 
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
-    qs, ks, v, weight, idx, p = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p)
+    qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates)
     return dq, dk, dv, dw, None, None
 
 
