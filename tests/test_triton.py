@@ -432,6 +432,13 @@ qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
 torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5),
                       test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+# with a candidate list, which the autograd context keeps for the backward (CONFIG bwd_listed='dense' reads it)
+for dense in (None, 'dense'):
+    triton_attention.CONFIG['bwd_listed'] = dense
+    torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default,
+                          (qs, ks, v, w, 5, torch.tensor([3, 0, 9, 4, 12, 7])),
+                          test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+triton_attention.CONFIG['bwd_listed'] = None
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(), ks.detach(), 5),
                       test_utils=('test_schema', 'test_faketensor'))
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default,
