@@ -592,6 +592,19 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
     _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch)
 
 
+def _launch_id(value):
+    """Test ids of launch parametrisations: dtypes by name, CONFIG dicts by their values."""
+    if isinstance(value, torch.dtype):
+        return str(value)[6:]
+    return '-'.join(map(str, value.values())) if isinstance(value, dict) else value
+
+
+def _set_launch(monkeypatch, launch):
+    """``triton_attention.CONFIG`` launch settings for one test."""
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_attention.CONFIG, key, value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype,launch', [
     (torch.float32, dict(fwd_select='topk')), (torch.bfloat16, dict(fwd_select='topk', fwd_keys='exact')),
@@ -603,12 +616,11 @@ def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
     # selection: the fastest at B 256, 12 heads, n 197 on the H200, 2026-11-30)
     (torch.bfloat16, dict(fwd_block_m=32)), (torch.bfloat16, dict(fwd_block_m=64)),
     (torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8, fwd_select='topk'))],
-    ids=lambda a: str(a)[6:] if isinstance(a, torch.dtype) else '-'.join(map(str, a.values())))
+    ids=_launch_id)
 def test_fused_row_selection_variants_match_torch_on_cuda(dtype, launch, backend, monkeypatch):
     # the row kernel's selections and launches (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32
     # keys or exact fp32 scores; None: packed for half / bf16; fwd_block_m / fwd_warps)
-    for key, value in launch.items():
-        monkeypatch.setitem(triton_attention.CONFIG, key, value)
+    _set_launch(monkeypatch, launch)
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
 
 
@@ -638,13 +650,12 @@ def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
     ('random', {}), ('spatial', {}), ('random', dict(bwd_row_copies=4)), ('random', dict(fwd_listed='row')),
     ('spatial', dict(fwd_listed='row')), ('random', dict(bwd_listed='dense')),
     ('spatial', dict(fwd_listed='row', bwd_listed='dense'))],
-    ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
+    ids=_launch_id)
 def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monkeypatch):
     # fp32 with CUDA-core products, as in _fused_vs_torch_on_cuda (a no-flip tolerance); launch: the backward's dk / dv
     # spread over copies (CONFIG bwd_row_copies), the list ranked as one score row (fwd_listed)
     monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', 'ieee')
-    for key, value in launch.items():
-        monkeypatch.setitem(triton_attention.CONFIG, key, value)
+    _set_launch(monkeypatch, launch)
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, candidates=candidates, num_samples=128,
                             num_prefix_tokens=1, grid_size=(28, 28)).cuda().eval()  # eval: the same candidates
@@ -667,11 +678,10 @@ def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monke
     # dense per-token sums (bwd_listed='dense')
     ('vit_tiny_convnn_random', 'fused_attention', dict(fwd_listed='row', bwd_listed='dense')),
     ('resnet50_convnn_branch', 'fused_select', {})],
-    ids=lambda a: '-'.join(map(str, a.values())) if isinstance(a, dict) else a)
+    ids=_launch_id)
 def test_fused_model_train_step_on_cuda(name, kernel, launch, backend, monkeypatch):
     import timm
-    for key, value in launch.items():
-        monkeypatch.setitem(triton_attention.CONFIG, key, value)
+    _set_launch(monkeypatch, launch)
     calls = []
     real = getattr(triton_attention, kernel)
     monkeypatch.setattr(triton_attention, kernel, lambda *a: calls.append(1) or real(*a))
