@@ -94,8 +94,8 @@ def _signature(kind: str, o: dict):
         # ROW_COPIES is 1 unless asked for, which triton.jit specialises as a constant
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1,
-                     DENSE=dense, BLOCK_C=ta.LISTED_BLOCK_C, F32=dense and o['dtype'] == 'fp32',
-                     DOT_F32=o['dot'] if dense else 'ieee')
+                     DENSE=dense, BLOCK_C=ta.LISTED_BLOCK_C,
+                     DENSE_DOT=(o['dot'] if o['dtype'] == 'fp32' else 'tf32') if dense else 'ieee')
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})

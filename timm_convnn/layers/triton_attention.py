@@ -269,6 +269,17 @@ if triton is not None:
     ):
         """``_rank`` with softmax; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
         sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
+        _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
+                                 NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+
+    @triton.jit
+    def _softmax_store_aggregate(
+            sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+            BLOCK_K: tl.constexpr,
+    ):
+        """The K kept ids and softmax numerators ``sel_e`` (denominators ``denom``) of a block of queries: stores ids
+        and weights, then out = sum_r w[:, r] * p_r * v[id_r]."""
         denom = tl.where(row_ok, denom, 1.)
         _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
         _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
@@ -311,9 +322,8 @@ if triton is not None:
         keep = kk[None, :] < NUM_K
         m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
         e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
-        denom = tl.where(row_ok, tl.sum(e, axis=1), 1.)
-        _store_selection(sel_idx, e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+        _softmax_store_aggregate(sel_idx, e, tl.sum(e, axis=1), V, W, O, IDX, P, h, rows, row_ok, stride_vn,
+                                 stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _aggregate_stored(
@@ -472,9 +482,8 @@ if triton is not None:
             sel_col, sel_e, denom = _rank(s, cols[None, :], BLOCK_N, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
             # columns -> token ids: the list's, or the query's own
             sel_idx = tl.where(sel_col == L, rows[:, None], tl.load(CAND + sel_col, mask=sel_col < L, other=0))
-            denom = tl.where(row_ok, denom, 1.)
-            _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
-            _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+            _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+                                     DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, F32, DOT_F32)
@@ -526,7 +535,7 @@ if triton is not None:
             stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
-            DENSE: tl.constexpr, BLOCK_C: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr,
+            DENSE: tl.constexpr, BLOCK_C: tl.constexpr, DENSE_DOT: tl.constexpr,
     ):
         """Backward, one program per (batch x head, block of queries), through the K kept (query, token) pairs only:
         dq in registers; dk, dv and dw by relaxed atomics (only the sums after the kernel matter; Triton's default,
@@ -540,7 +549,7 @@ if triton is not None:
         DENSE (a forward that took a candidate list: every kept token is one of the L listed in CAND, whose list
         positions INV maps token ids to, or the query itself): dk and dv of the listed tokens are summed over the
         program's queries first, as (BLOCK_C, channels) tiles of BLOCK_C list positions (one-hot matrices times the
-        per-query terms on the tensor cores, in q's precision, or DOT_F32 for fp32 features), then added with one
+        per-query terms on the tensor cores, fp32 operands multiplied as DENSE_DOT), then added with one
         atomic per listed token and channel instead of one per query, slot and channel; each query's own token gets
         its terms directly."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
@@ -599,14 +608,14 @@ if triton is not None:
         tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], dq.to(DQo.dtype.element_ty), mask=mq)
         if DENSE:
             _dense_listed_grads(go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
-                                DQ, DV, NUM_K, BLOCK_M, BLOCK_DQ, BLOCK_DV, BLOCK_K, BLOCK_C, F32, DOT_F32)
+                                DQ, DV, NUM_K, BLOCK_M, BLOCK_DQ, BLOCK_DV, BLOCK_K, BLOCK_C, DENSE_DOT)
 
     @triton.jit
     def _dense_listed_grads(
             go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-            F32: tl.constexpr, DOT_F32: tl.constexpr,
+            DENSE_DOT: tl.constexpr,
     ):
         """dk += ds * q and dv += p * w * go of the program's (query, slot) pairs (``_convnn_bwd_kernel``, DENSE):
         summed per listed token over the program's queries, BLOCK_C list positions at a time, then one atomic per
@@ -644,17 +653,8 @@ if triton is not None:
                 g += tl.where(hit, tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)[:, None], 0.)
                 a = tl.where(hit, tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)[:, None], 0.)
                 wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.)
-                u = go * wr[None, :]
-                # fp32 operands: DOT_F32 for fp32 features, one TF32 pass for half / bf16 ones (10 mantissa bits,
-                # more than the gradients keep)
-                if F32:
-                    dv_acc += tl.dot(tl.trans(a), u, input_precision=DOT_F32)
-                else:
-                    dv_acc += tl.dot(tl.trans(a), u, input_precision='tf32')
-            if F32:
-                dk_c = tl.dot(tl.trans(g), q, input_precision=DOT_F32)
-            else:
-                dk_c = tl.dot(tl.trans(g), q, input_precision='tf32')
+                dv_acc += tl.dot(tl.trans(a), go * wr[None, :], input_precision=DENSE_DOT)
+            dk_c = tl.dot(tl.trans(g), q, input_precision=DENSE_DOT)
             listed = cols < L
             tok = tl.load(CAND + cols, mask=listed, other=0)
             tl.atomic_add(DKo + tok[:, None] * DQ + dq_r[None, :], dk_c,
@@ -764,6 +764,21 @@ def _dot_f32() -> str:
     return CONFIG['fp32_dot'] or FP32_DOT
 
 
+def _dense_dot(q: torch.Tensor, k: torch.Tensor) -> str:
+    """How the dense candidate-list backward (CONFIG bwd_listed) multiplies its fp32 operands: as the score kernels
+    do for fp32 features (``_dot_f32``), one TF32 pass for half / bf16 ones (10 mantissa bits, more than their
+    gradients keep)."""
+    return _dot_f32() if _fp32_products(q, k) else 'tf32'
+
+
+def _int32_ids(ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Token ids (a candidate list, query ids) as the kernels read them, int32 and contiguous; without: a one-element
+    placeholder that the kernels never read."""
+    if ids is None:
+        return torch.empty(1, device=device, dtype=torch.int32)
+    return ids.to(torch.int32).contiguous()
+
+
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
     """K after clamping: to the token count, or with a candidate list to its length (as the PyTorch path does)."""
     return min(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
@@ -783,8 +798,7 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     out = _in_place(torch.empty(B, N, H, DV, device=v.device, dtype=v.dtype).transpose(1, 2))
     idx = torch.empty(B, H, N, K, device=v.device, dtype=torch.int32)
     p = torch.empty(B, H, N, K, device=v.device, dtype=torch.float32)
-    cand = (candidates.to(torch.int32).contiguous() if candidates is not None  # a placeholder without (never read)
-            else torch.empty(1, device=v.device, dtype=torch.int32))
+    cand = _int32_ids(candidates, v.device)
     num_keys = cand.numel() if candidates is not None else M
     stream = _streams(M, num_keys if candidates is not None else None)
     block_n = STREAM_BLOCK_N if stream else _pow2(num_keys + 1 if candidates is not None else M)
@@ -823,12 +837,10 @@ def _convnn_attention_backward(
     dq = torch.empty(B, H, N, DQ, device=v.device, dtype=qs.dtype)  # stored once per element, in q's dtype
     # ``candidates``: the forward's list; CONFIG['bwd_listed'] = 'dense' sums dk / dv per listed token first
     dense = candidates is not None and CONFIG['bwd_listed'] == 'dense'
+    cand = inv = _int32_ids(candidates if dense else None, v.device)
     if dense:
-        cand = candidates.to(torch.int32).contiguous()
         inv = torch.full((M,), -1, device=v.device, dtype=torch.int32)  # token id -> list position
         inv[cand.long()] = torch.arange(cand.numel(), device=v.device, dtype=torch.int32)
-    else:
-        cand = inv = torch.empty(1, device=v.device, dtype=torch.int32)  # placeholders (never read)
     block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV, dense)
     programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
     rc = _row_copies(programs)  # copies of dk / dv, summed after the kernel
@@ -843,8 +855,7 @@ def _convnn_attention_backward(
             cand.numel(), H, copies, rc,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=LISTED_BLOCK_C,
-            F32=dense and _fp32_products(qs, ks), DOT_F32=_dot_f32() if dense else 'ieee', num_warps=warps,
-            **COMPILE_OPTIONS)
+            DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', num_warps=warps, **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     dk, dv = (t.squeeze(1) if rc == 1 else t.sum(1) for t in (dk, dv))
@@ -897,10 +908,7 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
     idx = torch.empty(B, G, N, K, device=q.device, dtype=torch.int32)
     scores = torch.empty(B, G, N, K, device=q.device, dtype=torch.float32)
     listed = candidates is not None  # with query_index (select_unsupported)
-    if listed:
-        cand, qidx = candidates.to(torch.int32).contiguous(), query_index.to(torch.int32).contiguous()
-    else:
-        cand = qidx = torch.empty(1, device=q.device, dtype=torch.int32)  # placeholders, never read
+    cand, qidx = _int32_ids(candidates, q.device), _int32_ids(query_index if listed else None, q.device)
     fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed)
     for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
