@@ -6,8 +6,9 @@
 Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget``) and ``cuobjdump -res-usage`` (it
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
 (spills), SHARED static shared memory; ``-sass`` gives the count of GPU-wide memory fences and L1 invalidations
-(MEMBAR .GPU, CCTL: what an acquire-release atomic brings along) and of fused multiply-adds (FFMA: none when the
-compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``). A kernel that spills runs many times
+(MEMBAR .GPU, CCTL: what an acquire-release atomic brings along), of fused multiply-adds (FFMA: none when the
+compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``) and of all instructions (static
+code size, a rough guide to the work per program where loops are unrolled; not a timing). A kernel that spills runs many times
 slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton
 version the GPU machine has.
 
@@ -15,8 +16,7 @@ Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvN
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
 (head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list of r tokens, default 128;
 streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'; bwd: the dense per-token sums of CONFIG
-bwd_listed='dense'), block_m (0: the built-in
-choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
+bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), block_m (0: the built-in choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
 kernel ranks packed int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
 multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
@@ -53,7 +53,7 @@ def _parse(case: str):
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
     opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0,
-                packed=-1, aligned=1, dot=ta._dot_f32())
+                packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -66,7 +66,7 @@ def _signature(kind: str, o: dict):
     p = '*' + o['dtype']
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
-                   H='i32')
+                   H='i32', q_scale='fp32')
         stream = not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
@@ -88,13 +88,14 @@ def _signature(kind: str, o: dict):
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
-                   DWo='*fp32', CAND='*i32', INV='*i32', N='i32', M='i32', L='i32', H='i32', DW_COPIES='i32')
+                   DWo='*fp32', CAND='*i32', INV='*i32', N='i32', M='i32', L='i32', H='i32', DW_COPIES='i32',
+                   q_scale='fp32')
         block_m = o['block_m'] or _bwd_launch(o)[0]
         dense = bool(o['cand'])  # a candidate list's backward: the dense per-token sums (CONFIG bwd_listed='dense')
         # ROW_COPIES is 1 unless asked for, which triton.jit specialises as a constant
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1,
-                     DENSE=dense, BLOCK_C=ta.LISTED_BLOCK_C,
+                     DENSE=dense, BLOCK_C=o['block_c'] or _bwd_launch(o)[2],
                      DENSE_DOT=(o['dot'] if o['dtype'] == 'fp32' else 'tf32') if dense else 'ieee')
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
@@ -109,7 +110,13 @@ def _bwd_launch(o: dict):
 
 def resources(case: str, arch: int = 90) -> dict:
     kind, o = _parse(case)
-    warps = o['warps'] or (_bwd_launch(o)[1] if kind == 'bwd' else 4)
+    if o['warps']:
+        warps = o['warps']
+    elif kind == 'bwd':
+        warps = _bwd_launch(o)[1]
+    else:
+        stream = kind == 'sel' or (not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS)
+        warps = ta._fwd_warps(stream, o['dtype'] == 'fp32', bool(o['cand']))
     fn, sig, const = _signature(kind, o)
     attrs = {}
     if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16
@@ -129,7 +136,8 @@ def resources(case: str, arch: int = 90) -> dict:
         raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
     return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)),
                 fences=len(re.findall(_FENCE, sass)), fence_ops=sorted(set(re.findall(_FENCE, sass))),
-                ffma=len(re.findall(r'\bFFMA\b', sass)))
+                ffma=len(re.findall(r'\bFFMA\b', sass)),
+                instructions=len(re.findall(r'^\s+/\*[0-9a-f]{4,}\*/', sass, re.M)))
 
 
 def main() -> None:
@@ -145,7 +153,8 @@ def main() -> None:
         r = resources(case, args.arch)
         flag = '  SPILLS' if r['stack_bytes'] else ''
         print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
-              f'  FFMA {r["ffma"]}  fences {r["fences"]} {" ".join(r["fence_ops"])}{flag}', flush=True)
+              f'  FFMA {r["ffma"]}  instructions {r["instructions"]}  fences {r["fences"]} {" ".join(r["fence_ops"])}'
+              f'{flag}', flush=True)
 
 
 if __name__ == '__main__':

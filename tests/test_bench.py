@@ -152,3 +152,33 @@ def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
     argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')] + (args if '--models' in args else ['--ops'] + args)
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
+    # benchmarks/fused_memory.py: the fused path forced on CPU with kernels that do nothing (what autograd keeps is
+    # real); the ConvNN model must have gone through the fused op, and its peak is reported against timm's
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'fused_memory.py')
+    code = ('import runpy, sys, torch\n'
+            'calls = []\n'
+            'ops = torch.ops.timm_convnn\n'
+            'sys.argv = [sys.argv[0], "--models", "vit_tiny_convnn_all_k16", "vit_tiny_patch16_224",'
+            ' "--batch-size", "2", "--img-size", "64"]\n'
+            'from torch.utils._python_dispatch import TorchDispatchMode\n'
+            'class Seen(TorchDispatchMode):\n'
+            '    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n'
+            '        if "convnn_attention" in str(func): calls.append(str(func))\n'
+            '        return func(*args, **(kwargs or {}))\n'
+            'with Seen():\n'
+            f'    runpy.run_path({script!r}, run_name="__main__")\n'
+            'print("CALLS", len(calls))\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    convnn, = [line for line in lines if line.startswith('vit_tiny_convnn_all_k16')]
+    timm_line, = [line for line in lines if line.startswith('vit_tiny_patch16_224')]
+    assert timm_line.endswith('x1.000') and 'MiB' in convnn
+    # 12 blocks, two train steps (warm-up and measured): a forward and a backward op per block and step
+    assert lines[-1] == 'CALLS 48', lines[-1]

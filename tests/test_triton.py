@@ -201,6 +201,23 @@ def compare(name, make, x):
 
 x = torch.randn(2, 50, 32)
 compare('dot', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
+# head dim 24: a dot scale (24 ** -0.5) that is not a power of two, applied inside the kernels
+compare('dot_d24', lambda: ConvNNAttention(48, num_heads=2, num_neighbors=6),
+        torch.randn(2, 50, 48, generator=torch.Generator().manual_seed(2)))
+
+
+def saved_qkv_storages():
+    # the dot similarity's scale is applied inside the kernels: autograd keeps q, k and v as the views of timm's
+    # qkv buffer that they are, no scaled copy of q
+    set_backend('triton')
+    layer = ConvNNAttention(32, num_heads=2, num_neighbors=6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(2, 50, 32, requires_grad=True))
+    feats = [t for t in saved if t.shape == (2, 2, 50, 16)]
+    return dict(features=len(feats), storages=len({t.untyped_storage().data_ptr() for t in feats}))
+
+results['saved_qkv'] = saved_qkv_storages()
 compare('cosine_coords_qknorm', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, similarity='cosine',
         coords='append', qk_norm=True, norm_layer=torch.nn.LayerNorm, num_prefix_tokens=1, grid_size=(7, 7)), x)
 compare('euclidean_k_clamped', lambda: ConvNNAttention(32, num_heads=4, num_neighbors=64, similarity='euclidean'),
@@ -238,6 +255,10 @@ compare('spatial_row_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighb
 triton_attention.CONFIG['fwd_listed'] = None
 compare('random_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+# bf16 inputs: the half / bf16 launch (32 queries, 64 list positions at a time; fp32 ones take 16 and 16)
+compare('random_dense_bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
+        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval().to(torch.bfloat16),
+        torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
 
 
 def dense_op_case():
@@ -432,6 +453,8 @@ qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
 torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5),
                       test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5, None, 0.25),
+                      test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 # with a candidate list, which the autograd context keeps for the backward (CONFIG bwd_listed='dense' reads it)
 for dense in (None, 'dense'):
     triton_attention.CONFIG['bwd_listed'] = dense
@@ -502,15 +525,16 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     r = run_interpreted(_INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
-    for case in ('dot', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream', 'stream_64',
-                 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
-                 'random_dense', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide', 'dot_topk',
-                 'euclidean_k_clamped_topk', 'dot_packed') + selects:
+    for case in ('dot', 'dot_d24', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream',
+                 'stream_64', 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
+                 'random_dense', 'random_dense_bf16', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide',
+                 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
         # packed keys: softmax weights from scores with 2**-15 relative precision
-        tol = {'bf16': (3e-2, 3e-2), 'dot_packed': (1e-3, 1e-3)}.get(case, (1e-5, 1e-4))
+        tol = {'bf16': (3e-2, 3e-2), 'random_dense_bf16': (3e-2, 3e-2), 'dot_packed': (1e-3, 1e-3)}.get(
+            case, (1e-5, 1e-4))
         # the comparison is defined: no query's ranking hangs on rounding (2e-6: about 30 fp32 roundings of the row's
         # largest score), nor, with packed keys, on a shared bucket
         assert c['margin'] > (2 ** -15 if case == 'dot_packed' else 2e-6), (case, c)
@@ -519,6 +543,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
+    assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
     for case in ('packed_row', 'packed_row_topk', 'packed_row_topk_64'):
@@ -779,14 +804,20 @@ def test_built_in_launch_choices(monkeypatch):
     # here, since CI has no GPU; CONFIG overrides each
     ta, bf16, fp32 = triton_attention, torch.bfloat16, torch.float32
     # backward: 8 queries on one warp for half / bf16 at row-kernel sizes, K <= 16, head dims <= 64; else 16 on 4
-    assert ta._bwd_launch(bf16, 197, 16, 64, 64) == (8, 1) == ta._bwd_launch(torch.float16, 256, 9, 32, 64)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64)[:2] == (8, 1) == ta._bwd_launch(torch.float16, 256, 9, 32, 64)[:2]
     for args in ((fp32, 197, 16, 64, 64), (bf16, 257, 16, 64, 64), (bf16, 197, 32, 64, 64), (bf16, 197, 16, 128, 64),
                  (bf16, 197, 16, 64, 128)):
-        assert ta._bwd_launch(*args) == (ta.BLOCK_QUERIES, 4), args
-    # the dense candidate-list backward (CONFIG bwd_listed): 32 queries on 8 warps (no spill for bf16 at K 16)
-    assert ta._bwd_launch(bf16, 197, 16, 64, 64, True) == (32, 8) == ta._bwd_launch(fp32, 16385, 9, 64, 64, True)
+        assert ta._bwd_launch(*args)[:2] == (ta.BLOCK_QUERIES, 4), args
+    # the dense candidate-list backward (CONFIG bwd_listed): 32 queries on 8 warps over 64 list positions at a time
+    # (no spill for bf16 at K 16), 16 queries and 16 positions for fp32 inputs (which spill at 32 x 64)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64, True) == (32, 8, 64) == ta._bwd_launch(bf16, 16385, 9, 64, 64, True)
+    assert ta._bwd_launch(fp32, 16385, 16, 64, 64, True) == (16, 8, 16)
+    # the forward: 4 warps, 8 for a candidate list ranked as one row with fp32 products (4 spill)
+    assert ta._fwd_warps(False, True, True) == 8
+    assert ta._fwd_warps(True, True, True) == ta._fwd_warps(False, False, True) == 4
+    assert ta._fwd_warps(False, True, False) == 4
     monkeypatch.setitem(ta.CONFIG, 'bwd_block_m', 32)
-    assert ta._bwd_launch(bf16, 197, 16, 64, 64) == (32, 1)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64)[:2] == (32, 1)
     # row-kernel keys: packed for half / bf16, exact for fp32 features
     assert ta._use_packed_keys(False) and not ta._use_packed_keys(True)
     monkeypatch.setitem(ta.CONFIG, 'fwd_keys', 'exact')
@@ -885,8 +916,8 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=3137,K=9,cand=1,D=128,dtype=fp32', 'bwd:K=16',
                  'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32',
                  'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
-                 'bwd:N=16385,K=16,cand=1',
-                 'fwd:N=197,K=16,block_m=64,warps=8,topk=1'):
+                 'bwd:N=16385,K=16,cand=1', 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32',
+                 'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=16,block_m=64,warps=8,topk=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

@@ -24,8 +24,8 @@ from timm.layers import register_notrace_module
 from . import triton_attention
 from .common import NeighborAggregation, check_convnn_args
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
-    softmax_weights)
+    coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
+    similarity_features, softmax_weights)
 
 __all__ = ['ConvNNAttention', 'ConvNNBranchAttention', 'TokenGrid', 'record_token_grid']
 
@@ -224,12 +224,12 @@ class ConvNNAttention(nn.Module):
                 q, k = coord, coord
             else:
                 q, k = torch.cat([q, coord], dim=-1), torch.cat([k, coord], dim=-1)
-        qs, ks = similarity_features(q, k, self.similarity)
-
         cand = self._candidate_ids(N, q.device)
         if not torch.jit.is_scripting():
-            if self._fused_supported(N, q.device, torch.promote_types(qs.dtype, v.dtype)):
-                return self._fused(qs, ks, v, cand)
+            # (the similarity features keep q's dtype family: fp64 stays fp64, half / bf16 / fp32 stay kernel dtypes)
+            if self._fused_supported(N, q.device, torch.promote_types(q.dtype, v.dtype)):
+                return self._fused(q, k, v, cand)
+        qs, ks = similarity_features(q, k, self.similarity)
         query_index = torch.arange(N, device=q.device) if cand is not None else None
         idx, scores = select_scored_neighbors(qs, ks, self.num_neighbors, cand, query_index)
         if self.neighbor_order == 'position':
@@ -255,10 +255,16 @@ class ConvNNAttention(nn.Module):
         return triton_attention.use_fused(supported, device)
 
     @torch.jit.unused
-    def _fused(self, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                candidates: Optional[torch.Tensor]) -> torch.Tensor:
+        """The fused kernels on per-head q, k, v. The dot similarity's scale is applied inside them: q goes in as the
+        view of timm's qkv buffer that it is, with no scaled copy made in the forward or kept for the backward."""
+        if self.similarity == 'dot':
+            qs, ks, q_scale = q, k, dot_scale(q.shape[-1])
+        else:
+            (qs, ks), q_scale = similarity_features(q, k, self.similarity), 1.0
         out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors,
-                                                     candidates)
+                                                     candidates, q_scale)
         return out
 
     def forward(

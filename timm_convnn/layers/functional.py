@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 
+def dot_scale(dim: int) -> float:
+    """The ``dot`` similarity's scale of q: d ** -0.5 (d: the feature channels), as timm's ``Attention`` scales q."""
+    return dim ** -0.5
+
+
 def similarity_features(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -50,7 +55,7 @@ def similarity_features(
         similarity: one of ``dot``, ``cosine``, ``euclidean``.
     """
     if similarity == 'dot':
-        return q * (q.shape[-1] ** -0.5), k
+        return q * dot_scale(q.shape[-1]), k
     if similarity == 'cosine':
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     if similarity == 'euclidean':

@@ -107,8 +107,9 @@ DW_COPIES = 64
 # forward that took a candidate list: over LISTED_BLOCK_M queries per program, LISTED_BLOCK_C list positions at a time
 # (one-hot tiles times the per-query terms on the tensor cores), then one atomic per listed token and channel, about
 # LISTED_BLOCK_M x K / r = 4x fewer at r 128, K 16. Compiled for sm_90 (bf16, K 16) it spills on 4 warps (48 bytes
-# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps; fp32 features spill
-# 376 bytes there.
+# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps. fp32 features spill
+# 376-408 bytes there (and 80 at 16 queries); 16 queries and 16 list positions at a time keep 142-143 registers
+# (triton 3.6 / 3.8), their launch (``_bwd_launch``).
 LISTED_BLOCK_M = 32
 LISTED_WARPS = 8
 LISTED_BLOCK_C = 64
@@ -379,6 +380,11 @@ if triton is not None:
         return tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
 
     @triton.jit
+    def _times(x, scale):
+        """x * scale rounded to x's dtype, as PyTorch computes ``x * scale`` (fp32 arithmetic for half / bf16)."""
+        return (x.to(tl.float32) * scale).to(x.dtype)
+
+    @triton.jit
     def _replace_worst(best, best_i, thr, take, score, idx, BLOCK_K: tl.constexpr):
         """The running top-K buffer (``best`` scores, ``best_i`` ids; ``thr`` its row minima) with, in the rows where
         ``take``, the worst kept entry (the minimum score, among equal minima the largest id) replaced by
@@ -443,7 +449,7 @@ if triton is not None:
     @triton.jit
     def _convnn_fwd_kernel(
             Q, Kf, V, W, O, IDX, P, CAND,
-            N, M, L, H,
+            N, M, L, H, q_scale,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_on,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
@@ -462,6 +468,7 @@ if triton is not None:
         h = tl.program_id(1)
         q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, DQ,
                                                   BLOCK_M, BLOCK_DQ)
+        q = _times(q, q_scale)  # similarity features q * q_scale (dot similarity: d ** -0.5), not stored apart
         if STREAM:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K, BLOCK_M,
                                          BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
@@ -530,7 +537,7 @@ if triton is not None:
     @triton.jit
     def _convnn_bwd_kernel(
             GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo, CAND, INV,
-            N, M, L, H, DW_COPIES, ROW_COPIES,
+            N, M, L, H, DW_COPIES, ROW_COPIES, q_scale,
             stride_gb, stride_gh, stride_gn, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
@@ -579,7 +586,8 @@ if triton is not None:
         row_off = rows * NUM_K  # slot r of every row: one (cached) load, no cross-lane reduction
         dw_base = DWo + (((pid_m + b * tl.num_programs(0)) % DW_COPIES) * H + h) * NUM_K * DV
         go = tl.load(GO + rows[:, None] * stride_gn + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
-        q = tl.load(Q + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.).to(tl.float32)
+        # the similarity features q * q_scale as the forward used them (dk's terms); dq gets the scale at the end
+        q = _times(tl.load(Q + rows[:, None] * stride_qn + dq_r[None, :], mask=mq, other=0.), q_scale).to(tl.float32)
 
         # through the aggregation: dp (weights), dv and dw
         dp = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -605,7 +613,7 @@ if triton is not None:
             dq += dsr[:, None] * krow
             if not DENSE:
                 tl.atomic_add(DKo + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq, sem='relaxed')
-        tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], dq.to(DQo.dtype.element_ty), mask=mq)
+        tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], (dq * q_scale).to(DQo.dtype.element_ty), mask=mq)
         if DENSE:
             _dense_listed_grads(go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
                                 DQ, DV, NUM_K, BLOCK_M, BLOCK_DQ, BLOCK_DV, BLOCK_K, BLOCK_C, DENSE_DOT)
@@ -726,25 +734,36 @@ def _streams(num_tokens: int, num_listed: Optional[int]) -> bool:
     return not (CONFIG['fwd_listed'] == 'row' and num_listed + 1 <= ROW_TOKENS)
 
 
+def _fwd_warps(stream: bool, fp32: bool, listed: bool) -> int:
+    """The forward's warps (``CONFIG['fwd_warps']``): 4, or 8 for a candidate list ranked as one row (CONFIG
+    fwd_listed='row') with fp32 products, which compiled for sm_90 spill 280-312 bytes per thread on 4 warps (triton
+    3.6 / 3.8) and keep 186-188 registers on 8."""
+    return CONFIG['fwd_warps'] or (8 if listed and fp32 and not stream else 4)
+
+
 def _use_packed_keys(fp32: bool) -> bool:
     """Whether the row kernel ranks packed int32 keys (``CONFIG['fwd_keys']``; built in: for half / bf16 inputs)."""
     return (CONFIG['fwd_keys'] or ('exact' if fp32 else 'packed')) == 'packed'
 
 
 def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv: int,
-                dense: bool = False) -> Tuple[int, int]:
-    """The backward's queries per program and warps: ``CONFIG['bwd_block_m']`` / ``['bwd_warps']``, else 8 queries on
+                dense: bool = False) -> Tuple[int, int, int]:
+    """The backward's queries per program, warps and (``dense``) list positions per tile: ``CONFIG['bwd_block_m']`` /
+    ``['bwd_warps']``, else 8 queries on
     one warp for half / bf16 inputs at up to ROW_TOKENS tokens, K <= 16 and head dims <= 64 (no barrier, about half the
     instructions per query; on the H200 at B 64, 12 heads, n 197, K 16, bf16: 0.51 ms against 0.78 ms for 16 queries
     on 4 warps, benchmarks/results/h200-kernel-sweep.json; at n 3137 the two tie, 0.38 / 0.37 ms), else 16 on 4 warps.
     Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16.
-    ``dense`` (CONFIG bwd_listed): LISTED_BLOCK_M queries on LISTED_WARPS warps."""
+    ``dense`` (CONFIG bwd_listed): LISTED_BLOCK_M queries on LISTED_WARPS warps over LISTED_BLOCK_C list positions at
+    a time; 16 and 16 for fp32 inputs (no spills, see LISTED_BLOCK_M)."""
     if dense:  # the dense candidate-list sums (CONFIG bwd_listed): tensor-core tiles of at least 16 queries
-        return CONFIG['bwd_block_m'] or LISTED_BLOCK_M, CONFIG['bwd_warps'] or LISTED_WARPS
+        fp32 = dtype == torch.float32
+        return (CONFIG['bwd_block_m'] or (16 if fp32 else LISTED_BLOCK_M), CONFIG['bwd_warps'] or LISTED_WARPS,
+                16 if fp32 else LISTED_BLOCK_C)
     small = (dtype in (torch.float16, torch.bfloat16) and num_tokens <= ROW_TOKENS and num_kept <= 16
              and max(dq, dv) <= 64)
     block_m, warps = (8, 1) if small else (BLOCK_QUERIES, 4)
-    return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps
+    return CONFIG['bwd_block_m'] or block_m, CONFIG['bwd_warps'] or warps, LISTED_BLOCK_C
 
 
 def _row_copies(programs: int) -> int:
@@ -786,7 +805,7 @@ def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Te
 
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
 def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                      num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                      num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
@@ -806,18 +825,18 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
     for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
         _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, *_strides(q),
+            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, q_scale, *_strides(q),
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None,
             TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
-            PACKED=_use_packed_keys(fp32) and not stream, num_warps=CONFIG['fwd_warps'] or 4,
-            **COMPILE_OPTIONS)
+            PACKED=_use_packed_keys(fp32) and not stream,
+            num_warps=_fwd_warps(stream, fp32, candidates is not None), **COMPILE_OPTIONS)
     return out, idx, p
 
 
 @_convnn_attention.register_fake
-def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
+def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None, q_scale=1.0):
     B, H, N, _ = qs.shape
     K = _num_kept(num_neighbors, ks.shape[2], candidates)
     return (_in_place(v.new_empty(B, N, H, v.shape[3]).transpose(1, 2)), v.new_empty(B, H, N, K, dtype=torch.int32),
@@ -827,7 +846,7 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None):
 @torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
 def _convnn_attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-        idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None,
+        idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
@@ -841,7 +860,7 @@ def _convnn_attention_backward(
     if dense:
         inv = torch.full((M,), -1, device=v.device, dtype=torch.int32)  # token id -> list position
         inv[cand.long()] = torch.arange(cand.numel(), device=v.device, dtype=torch.int32)
-    block_m, warps = _bwd_launch(qs.dtype, M, K, DQ, DV, dense)
+    block_m, warps, block_c = _bwd_launch(qs.dtype, M, K, DQ, DV, dense)
     programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
     rc = _row_copies(programs)  # copies of dk / dv, summed after the kernel
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
@@ -852,9 +871,9 @@ def _convnn_attention_backward(
     for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
         _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
             go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, cand, inv, N, M,
-            cand.numel(), H, copies, rc,
+            cand.numel(), H, copies, rc, q_scale,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=LISTED_BLOCK_C,
+            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=block_c,
             DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', num_warps=warps, **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
@@ -863,7 +882,7 @@ def _convnn_attention_backward(
 
 
 @_convnn_attention_backward.register_fake
-def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, candidates=None):
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, candidates=None, q_scale=1.0):
     # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
     return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
@@ -872,30 +891,33 @@ def _setup_context(ctx, inputs, output):
     qs, ks, v, weight = inputs[:4]
     _, idx, p = output
     candidates = inputs[5] if len(inputs) > 5 else None
+    ctx.q_scale = inputs[6] if len(inputs) > 6 else 1.0
     ctx.save_for_backward(qs, ks, v, weight, idx, p, candidates)
     ctx.mark_non_differentiable(idx, p)
 
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
     qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates)
-    return dq, dk, dv, dw, None, None
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
+    return dq, dk, dv, dw, None, None, None
 
 
 _convnn_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                    num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                    num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ConvNN attention: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv), depthwise weights
     (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
     ids (r,) shared by all queries (each query is a candidate of itself too, as in the PyTorch path); None: all
-    tokens."""
+    tokens. ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype, as PyTorch multiplies), the
+    dot similarity's d ** -0.5 applied inside the kernels rather than to a copy of q (one elementwise pass fewer each
+    way, and no scaled copy kept for the backward); the gradient is with respect to ``qs``."""
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
-    return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates)
+    return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates, q_scale)
 
 
 @torch.library.custom_op('timm_convnn::convnn_select', mutates_args=())
