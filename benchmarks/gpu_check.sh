@@ -11,9 +11,10 @@
 #   run(command='GPU_CHECK_STAGES="tests ops models select" bash benchmarks/gpu_check.sh', carry=[".whl"],
 #       timeout_s=420)   # 8 files; 2026-11-30: 241 s of wall time, and about 30 s for the machine's start
 #   run(command='GPU_CHECK_STAGES="fp32 sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=460)   # 8 files; make it right after the first, while the machine is warm (it goes back after
-#                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30
-# Stage limits add up to 950 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
+#       timeout_s=560)   # 8 files; make it right after the first, while the machine is warm (it goes back after
+#                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30; its stage
+#                        # limits add up to 560 s (variants, untimed so far: 370)
+# Stage limits add up to 1070 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
 # split as above, or spent on a re-run after a fix. GPU_CHECK_COMPILE=1 adds the torch.compile test and the model
 # level under torch.compile (about 3 more minutes).
 set -uo pipefail
@@ -73,4 +74,10 @@ want variants && timeout 120 python benchmarks/bench.py --ops --models --device 
     --out "$out/variant-listed" 2>&1
 want variants && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
     --out "$out/contention.json" 2>&1
+#    where the sampled core's time goes at n 16385, B 1 (kernels vs glue, and wall time against summed kernel time:
+#    whether the host is what the GPU waits on), built in and with the two opt-ins; printed, not written (8 files)
+want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 2>&1 \
+    | grep -v "^USDT\|^ERROR\|^WARNING"
+want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 \
+    --kernel-config fwd_listed=row bwd_listed=dense 2>&1 | grep -v "^USDT\|^ERROR\|^WARNING"
 ls -R "$out"

@@ -182,3 +182,23 @@ def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
     assert timm_line.endswith('x1.000') and 'MiB' in convnn
     # 12 blocks, two train steps (warm-up and measured): a forward and a backward op per block and step
     assert lines[-1] == 'CALLS 48', lines[-1]
+
+
+def test_profile_script_op_mode_runs_on_cpu():
+    # benchmarks/profile_gpu.py --op (a device session's view of where the attention core's time goes), checked on CPU
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+    try:
+        from profile_gpu import profile_op
+    finally:
+        sys.path.pop(0)
+    from timm_convnn.layers import get_backend, set_backend
+    before = get_backend()
+    try:
+        text = profile_op('random:50:1', 'cpu', 'torch', rows=5, iters=2)
+    finally:
+        set_backend(before)
+    head = text.splitlines()[0]
+    assert head.startswith('== attention core random, n 50, batch 1') and 'wall ' in head, head
+    assert 'aten::topk' in text  # the PyTorch path's selection ran and was profiled
