@@ -62,12 +62,20 @@ def _parse(case: str):
     return kind, opts
 
 
+def _streams(kind: str, o: dict) -> bool:
+    """Whether the case's forward / selection kernel streams its keys (the selection always does; the forward above
+    ROW_TOKENS tokens, and for a candidate list unless row=1)."""
+    if kind == 'sel':
+        return True
+    return not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS
+
+
 def _signature(kind: str, o: dict):
     p = '*' + o['dtype']
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
                    H='i32', q_scale='fp32')
-        stream = not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS
+        stream = _streams(kind, o)
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['r'] + 1 if o['cand'] else o['N']),
@@ -115,8 +123,7 @@ def resources(case: str, arch: int = 90) -> dict:
     elif kind == 'bwd':
         warps = _bwd_launch(o)[1]
     else:
-        stream = kind == 'sel' or (not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS)
-        warps = ta._fwd_warps(stream, o['dtype'] == 'fp32', bool(o['cand']))
+        warps = ta._fwd_warps(_streams(kind, o), o['dtype'] == 'fp32', bool(o['cand']))
     fn, sig, const = _signature(kind, o)
     attrs = {}
     if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16

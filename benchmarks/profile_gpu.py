@@ -10,7 +10,6 @@ which kernels the time goes to, and whether the host (Python, dispatch, launches
 cpu`` runs the same on CPU (CPU activities only; to check the script without a GPU).
 """
 import argparse
-import math
 import sys
 import time
 
@@ -19,8 +18,8 @@ import timm
 from torch.autograd import DeviceType
 
 import timm_convnn  # noqa: F401  (registers the models)
-from timm_convnn.bench import _kernel_config
-from timm_convnn.layers import ConvNNAttention, set_backend, triton_attention
+from timm_convnn.bench import _kernel_config, attention_core
+from timm_convnn.layers import set_backend, triton_attention
 
 
 def profile(name: str, batch: int, backend: str, rows: int) -> str:
@@ -62,10 +61,8 @@ def profile_op(spec: str, device: str, backend: str, rows: int, iters: int = 20)
     mode, n, batch = spec.split(':')
     n, batch = int(n), int(batch)
     set_backend(backend)
-    heads, d, side = 6, 64, int(round(math.sqrt(n - 1)))
-    dtype = torch.bfloat16
-    layer = ConvNNAttention(heads * d, num_heads=heads, num_neighbors=16, candidates=mode, num_samples=128,
-                            num_prefix_tokens=1, grid_size=(side, side)).to(device)
+    heads, d, dtype = 6, 64, torch.bfloat16
+    layer = attention_core(n, heads, d, 16, mode, 128, device)
     q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(batch, heads, n, d, device=device, dtype=dtype)
     cuda = torch.device(device).type == 'cuda'

@@ -237,27 +237,25 @@ triton_attention.CONFIG.update(bwd_block_m=8, bwd_warps=1)
 compare('bwd_8', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7)), x)
 triton_attention.CONFIG.update(bwd_block_m=None, bwd_warps=None)
 
-# sampled candidates (eval: the same candidates for both paths), the query itself always a candidate
-compare('random', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
-        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+def sampled(mode, k, r, dtype=torch.float32):
+    # sampled candidates on a 7 x 7 patch grid plus a class token, in eval (the same candidates for both paths)
+    return lambda: ConvNNAttention(32, num_heads=2, num_neighbors=k, candidates=mode, num_samples=r,
+                                   num_prefix_tokens=1, grid_size=(7, 7)).eval().to(dtype)
+
+# sampled candidates, the query itself always a candidate
+compare('random', sampled('random', 9, 20), x)
 # the list ranked as one score row (CONFIG fwd_listed='row': the r listed tokens and each query's own token)
 triton_attention.CONFIG['fwd_listed'] = 'row'
-compare('random_row', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
-        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
-compare('spatial_row', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial',
-        num_samples=16, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
-compare('random_row_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
-        num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('random_row', sampled('random', 9, 20), x)
+compare('spatial_row', sampled('spatial', 6, 16), x)
+compare('random_row_k_is_r', sampled('random', 12, 12), x)
 # and the backward's dk / dv summed per listed token first (CONFIG bwd_listed='dense'), with either forward
 triton_attention.CONFIG['bwd_listed'] = 'dense'
-compare('spatial_row_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial',
-        num_samples=16, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('spatial_row_dense', sampled('spatial', 6, 16), x)
 triton_attention.CONFIG['fwd_listed'] = None
-compare('random_dense', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
-        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('random_dense', sampled('random', 9, 20), x)
 # bf16 inputs: the half / bf16 launch (32 queries, 64 list positions at a time; fp32 ones take 16 and 16)
-compare('random_dense_bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
-        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval().to(torch.bfloat16),
+compare('random_dense_bf16', sampled('random', 9, 20, torch.bfloat16),
         torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
 
 
@@ -281,13 +279,10 @@ results['dense_op'] = dense_op_case()
 triton_attention.CONFIG['bwd_listed'] = None
 # the backward's dk / dv spread over copies (CONFIG bwd_row_copies), summed after the kernel
 triton_attention.CONFIG['bwd_row_copies'] = 4
-compare('random_row_copies', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, candidates='random',
-        num_samples=20, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('random_row_copies', sampled('random', 9, 20), x)
 triton_attention.CONFIG['bwd_row_copies'] = None
-compare('spatial', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, candidates='spatial', num_samples=16,
-        num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
-compare('random_k_is_r', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=12, candidates='random',
-        num_samples=12, num_prefix_tokens=1, grid_size=(7, 7)).eval(), x)
+compare('spatial', sampled('spatial', 6, 16), x)
+compare('random_k_is_r', sampled('random', 12, 12), x)
 # fp32 heads of more than 64 channels: the query's own token enters the buffer after the candidates, not first
 compare('random_wide', lambda: ConvNNAttention(160, num_heads=2, num_neighbors=9, candidates='random', num_samples=20,
         num_prefix_tokens=1, grid_size=(7, 7)).eval(),

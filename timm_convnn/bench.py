@@ -24,7 +24,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,16 @@ def _estimate_paper_bytes(b: int, h: int, n: int, d: int, k: int, m: int, elem: 
     return b * h * n * m * elem * 3 + b * h * d * n * k * (elem * 4 + 8)
 
 
+def attention_core(n: int, heads: int, head_dim: int, num_neighbors: int, mode: str, num_samples: int,
+                   device: Union[str, torch.device]) -> torch.nn.Module:
+    """The ConvNN attention layer whose core (``convnn_mix``) the operator benchmark times at n tokens: a class token
+    and a square patch grid of n - 1 tokens (training mode: sampled candidates are drawn afresh per call)."""
+    from .layers import ConvNNAttention
+    side = int(round(math.sqrt(n - 1)))
+    return ConvNNAttention(heads * head_dim, num_heads=heads, num_neighbors=num_neighbors, candidates=mode,
+                           num_samples=num_samples, num_prefix_tokens=1, grid_size=(side, side)).to(device)
+
+
 def op_benchmark(
         device: torch.device,
         tokens: Sequence[int] = DEFAULT_TOKENS,
@@ -252,7 +262,6 @@ def op_benchmark(
     mode). ``backends``: ConvNN backends to time (``timm_convnn.layers.set_backend``); each row names the one that
     ran (a case the fused kernels do not serve runs, and is timed, once). ``rows``: a list to append to as rows are
     measured (default: a new one)."""
-    from .layers import ConvNNAttention
     dtype = torch.bfloat16 if amp else torch.float32
     rows = [] if rows is None else rows
     for n in tokens:
@@ -260,7 +269,6 @@ def op_benchmark(
         g = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(b, heads, n, head_dim, generator=g).to(device, dtype).requires_grad_()
                    for _ in range(3))
-        side = int(round(math.sqrt(n - 1)))
         grad_out = torch.randn(b, heads, n, head_dim, generator=g).to(device, dtype)
 
         def run(fn, backward):
@@ -290,9 +298,7 @@ def op_benchmark(
         for kk in neighbors:
             for mode in modes:
                 r = num_samples if mode != 'all' else None
-                layer = ConvNNAttention(heads * head_dim, num_heads=heads, num_neighbors=kk, candidates=mode,
-                                        num_samples=num_samples, num_prefix_tokens=1,
-                                        grid_size=(side, side)).to(device)
+                layer = attention_core(n, heads, head_dim, kk, mode, num_samples, device)
                 timed = set()
                 for backend in backends:
                     with _backend(backend):
