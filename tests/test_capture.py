@@ -65,6 +65,48 @@ def test_torch_compile_dynamic_batch_compiles_once(name, kwargs, size):
                 torch.testing.assert_close(compiled(xs[b]), model(xs[b]))
 
 
+# torch.export with a dynamic image size: (model, kwargs, image sizes a multiple of, inputs after export at 96 x 96)
+SIZE_CASES = [
+    ('vit_tiny_convnn_all_k16', dict(depth=1, dynamic_img_size=True), 16, [(64, 64), (160, 80), (48, 112)]),
+    # r 20 > 12 patches at 48 x 64: min(r, n) ids then, where eager takes every token
+    ('vit_tiny_convnn_random', dict(depth=1, dynamic_img_size=True, num_samples=20), 16, [(48, 64), (128, 208)]),
+    ('vit_tiny_convnn_spatial', dict(depth=1, dynamic_img_size=True, num_samples=20), 16, [(48, 64), (208, 96)]),
+    ('vit_tiny_convnn_branch', dict(depth=1, dynamic_img_size=True), 16, [(64, 64), (112, 176)]),
+    # ConvNN2d: padded 'all' candidates, the 1x1-conv fuse, stride-2 blocks; down to 2 x 2 maps in layer4
+    ('resnet18_convnn_branch', {}, 32, [(64, 64), (128, 96), (64, 160)]),
+]
+
+
+@pytest.mark.parametrize('name, kwargs, multiple, sizes', SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
+def test_export_with_a_dynamic_image_size(name, kwargs, multiple, sizes):
+    # one graph for every image size (and batch): the PyTorch path neither loops nor branches on a symbolic token count
+    # (``timm_convnn.layers.symbolic``), so the graph computes what eager computes at sizes it was not traced at
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **kwargs).eval()
+    dim = torch.export.Dim
+    h, w = dim('h', min=2, max=32), dim('w', min=2, max=32)
+    shapes = ({0: dim('batch', min=1, max=64), 2: multiple * h, 3: multiple * w},)
+    with torch.no_grad():
+        graph = torch.export.export(model, (torch.randn(2, 3, 96, 96),), dynamic_shapes=shapes).module()
+        for i, (height, width) in enumerate(sizes):
+            x = torch.randn(1 + i, 3, height, width)
+            torch.testing.assert_close(graph(x), model(x), msg=lambda m: f'{height} x {width}: {m}')
+
+
+def test_dynamic_size_export_needs_k_candidates():
+    # the graph has K neighbour slots whatever the size; eager clamps K to the token count, the graph asserts it fits
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_convnn_all_k16', depth=1, num_classes=5, dynamic_img_size=True).eval()
+    h, w = torch.export.Dim('h', min=2, max=32), torch.export.Dim('w', min=2, max=32)
+    with torch.no_grad():
+        graph = torch.export.export(
+            model, (torch.randn(1, 3, 96, 96),), dynamic_shapes=({2: 16 * h, 3: 16 * w},)).module()
+        x = torch.randn(1, 3, 64, 64)  # 16 patches + the class token
+        torch.testing.assert_close(graph(x), model(x))
+        with pytest.raises((AssertionError, RuntimeError), match='16'):
+            graph(torch.randn(1, 3, 48, 64))  # 12 + 1 tokens < K = 16
+
+
 @pytest.mark.parametrize('name, kwargs, size', [CASES[2], CASES[3]], ids=[CASES[2][0], CASES[3][0]])
 def test_onnx_export_with_timm(name, kwargs, size, tmp_path):
     # timm's own ONNX export (timm.utils.onnx, behind its onnx_export.py script) with the dynamo-based exporter: a
@@ -90,28 +132,39 @@ def test_onnx_export_with_timm(name, kwargs, size, tmp_path):
 _FUSED_EXPORT = '''
 import json, torch, timm, timm_convnn
 from timm_convnn.layers import set_backend
+Dim = torch.export.Dim
 torch.manual_seed(0)
 result = {}
-for name, kw in [('vit_tiny_convnn_all_k16', {}), ('vit_tiny_convnn_random', dict(num_samples=20, weighting='ones'))]:
-    m = timm.create_model(name, img_size=48, patch_size=8, depth=1, num_classes=5, **kw).eval()
-    xs = {b: torch.randn(b, 3, 48, 48) for b in (1, 4, 6)}
+for name, kw in [('vit_tiny_convnn_all_k16', {}), ('vit_tiny_convnn_random', dict(num_samples=20, weighting='ones')),
+                 ('vit_tiny_convnn_spatial', dict(num_samples=20))]:
+    m = timm.create_model(name, img_size=48, patch_size=8, depth=1, num_classes=5, dynamic_img_size=True, **kw).eval()
+    # a dynamic batch at 48 x 48, then a dynamic batch and image size (multiples of the patch)
+    xs = {'b1': torch.randn(1, 3, 48, 48), 'b4': torch.randn(4, 3, 48, 48), 'b6': torch.randn(6, 3, 48, 48)}
+    sized = {'32x56': torch.randn(1, 3, 32, 56), '64x40': torch.randn(3, 3, 64, 40)}
     with torch.no_grad():
         set_backend('torch')
-        ref = {b: m(x) for b, x in xs.items()}
+        ref = {key: m(x) for key, x in {**xs, **sized}.items()}
         set_backend('triton')
-        ep = torch.export.export(m, (xs[4],), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=64)},))
-        ops = sorted({str(n.target) for n in ep.graph.nodes if 'timm_convnn' in str(n.target)})
-        result[name] = [ops, {b: (ep.module()(x) - ref[b]).abs().max().item() for b, x in xs.items()}]
+        ep = torch.export.export(m, (xs['b4'],), dynamic_shapes=({0: Dim('batch', min=1, max=64)},))
+        errors = {key: (ep.module()(x) - ref[key]).abs().max().item() for key, x in xs.items()}
+        h, w = Dim('h', min=4, max=16), Dim('w', min=4, max=16)
+        ep_sized = torch.export.export(m, (xs['b4'],), dynamic_shapes=({0: Dim('batch', min=1, max=64), 2: 8 * h,
+                                                                        3: 8 * w},))
+        errors.update({key: (ep_sized.module()(x) - ref[key]).abs().max().item() for key, x in sized.items()})
+        ops = sorted({str(n.target) for g in (ep, ep_sized) for n in g.graph.nodes if 'timm_convnn' in str(n.target)})
+        result[name] = [ops, errors]
 print('RESULT', json.dumps(result))
 '''
 
 
-def test_export_keeps_the_fused_kernels_with_a_dynamic_batch(tmp_path):
+def test_export_keeps_the_fused_kernels_with_a_dynamic_batch_and_size(tmp_path):
     # on a GPU the layers run the fused Triton custom ops; their fake implementations let torch.export keep them in
-    # the graph with a symbolic batch. Checked on CPU under Triton's interpreter against the PyTorch path
+    # the graph with a symbolic batch, and image size. Checked on CPU under Triton's interpreter against the PyTorch
+    # path
     from tests.test_triton import run_interpreted
     result = run_interpreted(_FUSED_EXPORT, tmp_path, 'exported')
     assert result['vit_tiny_convnn_all_k16'][0] == ['timm_convnn.convnn_attention.default']
     assert result['vit_tiny_convnn_random'][0] == ['timm_convnn.convnn_select.default']
+    assert result['vit_tiny_convnn_spatial'][0] == ['timm_convnn.convnn_attention.default']
     for name, (_, errors) in result.items():
-        assert max(errors.values()) < 1e-5, (name, errors)
+        assert sorted(errors) == ['32x56', '64x40', 'b1', 'b4', 'b6'] and max(errors.values()) < 1e-5, (name, errors)

@@ -275,6 +275,17 @@ def test_attention_candidates_random_and_spatial():
     assert ids.shape == (1 + 121,) and len(set(ids.tolist())) == 122
 
 
+def test_grid_shape_fits_the_budget_and_covers_small_maps():
+    for height in range(1, 41):
+        for width in range(1, 41):
+            for r in (1, 2, 5, 9, 16, 20, 32, 128):
+                gh, gw = FN.grid_shape(height, width, r)
+                assert 1 <= gh <= height and 1 <= gw <= width and gh * gw <= r, (height, width, r, gh, gw)
+                if height * width <= r:  # the whole map (a graph exported for every size relies on it)
+                    assert (gh, gw) == (height, width), (height, width, r)
+    assert FN.grid_shape(40, 1, 9) == (9, 1) and FN.grid_shape(1, 40, 9) == (1, 9)  # thin maps: a line of r points
+
+
 def test_convnn2d_candidates_stay_on_real_map():
     m = ConvNN2d(3, 4, candidates='random', num_samples=10, padding=1)
     for training in (True, False):

@@ -26,6 +26,7 @@ from .common import NeighborAggregation, check_convnn_args
 from .functional import (
     coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
     similarity_features, softmax_weights)
+from .symbolic import size_free
 
 __all__ = ['ConvNNAttention', 'ConvNNBranchAttention', 'TokenGrid', 'record_token_grid']
 
@@ -53,7 +54,10 @@ def record_token_grid(module: nn.Module, args: Tuple[torch.Tensor], output: torc
 @torch.jit.unused
 def _record_grid(module: nn.Module, output: torch.Tensor) -> None:
     if output.dim() == 4:
-        module.token_grid.hw = (int(output.shape[1]), int(output.shape[2]))
+        h, w = output.shape[1], output.shape[2]
+        if not isinstance(h, torch.SymInt):  # (symbolic under torch.export with a dynamic image size: kept so)
+            h, w = int(h), int(w)
+        module.token_grid.hw = (h, w)
 
 
 @register_notrace_module
@@ -183,8 +187,13 @@ class ConvNNAttention(nn.Module):
         return grid * self.coord_scale
 
     def _every_token(self, num_tokens: int) -> bool:
-        """Every token is a candidate: ``all``, or r samples that cover all the patch tokens."""
-        return self.candidates == 'all' or self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens)
+        """Every token is a candidate: ``all``, or r samples that cover all the patch tokens. (A graph exported for
+        every image size lists them instead, as random ids or the grid: the same candidates, no guard on the size.)"""
+        if self.candidates == 'all':
+            return True
+        if size_free(num_tokens):
+            return False
+        return self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens)
 
     def _candidate_ids(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
         """Token ids shared by all queries, or None for all tokens."""

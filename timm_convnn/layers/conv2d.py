@@ -10,6 +10,7 @@ from .common import NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
     softmax_weights)
+from .symbolic import size_free
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
 
@@ -141,9 +142,9 @@ class ConvNN2d(nn.Module):
         p = self.padding
         wp = width + 2 * p
         n = height * width
-        if self.candidates == 'spatial' and self.num_samples < n:
+        if self.candidates == 'spatial' and (size_free(n) or self.num_samples < n):
             return grid_candidates(height, width, self.num_samples, wp, p * wp + p, device)
-        if self.num_samples < n:
+        if size_free(n) or self.num_samples < n:  # (exported for every size: min(r, n) ids, no guard on the size)
             flat = random_candidates(n, self.num_samples, 0, self.training, self.sample_seed, device)
         else:
             flat = torch.arange(n, device=device)
@@ -160,10 +161,11 @@ class ConvNN2d(nn.Module):
             x = F.pad(x, (p, p, p, p))
         hp, wp = H + 2 * p, W + 2 * p
         tokens = x.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, Mp, C)
-        rows = torch.arange(0, H, s, device=x.device) + p
-        cols = torch.arange(0, W, s, device=x.device) + p
-        ho, wo = rows.shape[0], cols.shape[0]
-        query_index = (rows.view(-1, 1) * wp + cols.view(1, -1)).reshape(-1)
+        # query pixels in raster order, from one flat range (no broadcast over ho / wo: a symbolic size would be
+        # guarded against 1, which a broadcast treats specially)
+        ho, wo = (H + s - 1) // s, (W + s - 1) // s
+        flat = torch.arange(ho * wo, device=x.device)
+        query_index = ((flat // wo) * s + p) * wp + (flat % wo) * s + p
 
         feat = tokens
         if self.coords != 'none':

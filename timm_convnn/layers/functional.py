@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
+from .symbolic import kept, size_free, sym_max, sym_min
 
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
@@ -160,6 +161,14 @@ def _capturing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
+def _ranges(total: int, step: int) -> List[Tuple[int, int]]:
+    """[start, end) pieces of ``range(total)`` of ``step`` items (the last one shorter); one piece for a size-free
+    ``total`` (see ``symbolic``)."""
+    if size_free(total):
+        return [(0, total)]
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
 def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
     """The score-slice budget for ``x``'s device: on CUDA every slice costs several kernel launches, so slices are
     large (256 MiB: one or two per ViT-B layer at batch 256); on CPU they stay cache-sized."""
@@ -171,7 +180,9 @@ def _score_budget(budget_bytes: int, x: torch.Tensor) -> int:
 def _query_chunk(budget_bytes: int, q: torch.Tensor, query_bytes: int) -> int:
     """Queries per slice of a (B, G, N, *) query tensor ``q`` when each query costs ``query_bytes`` in each of the
     B * G (batch, group) slices: the slice fits ``_score_budget``, or while capturing a graph ``budget_bytes`` per
-    sample (see ``_capturing``)."""
+    sample (see ``_capturing``); all of them for a size-free token count (see ``symbolic``)."""
+    if size_free(q.shape[2]):
+        return q.shape[2]
     if _capturing():
         return max(1, budget_bytes // max(1, q.shape[1] * query_bytes))
     return max(1, _score_budget(budget_bytes, q) // max(1, q.shape[0] * q.shape[1] * query_bytes))
@@ -181,14 +192,14 @@ def _select_all(
         qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     N, M = qf.shape[2], kf.shape[2]
-    k_eff = min(num_neighbors, M)
+    k_eff = kept(num_neighbors, M)
     chunk = _query_chunk(budget_bytes, qf, M * 4)
     kt = kf.transpose(-1, -2)
     ids: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
-    for start in range(0, N, chunk):
+    for start, end in _ranges(N, chunk):
         # (B, G, c, M) score slice, freed by topk before the next slice exists: one slice alive at a time
-        top = _fp32_matmul(qf[:, :, start:start + chunk], kt).topk(k_eff, dim=-1)
+        top = _fp32_matmul(qf[:, :, start:end], kt).topk(k_eff, dim=-1)
         vals.append(top.values)
         ids.append(top.indices)
     if len(ids) == 1:
@@ -206,14 +217,13 @@ def _select_listed(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
     r = candidates.shape[0]
-    k_eff = min(num_neighbors, r)
+    k_eff = kept(num_neighbors, r)
     kc = kf.index_select(2, candidates)
     kt = kc.transpose(-1, -2)
     chunk = _query_chunk(budget_bytes, qf, (r + 1) * 4)
     out: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
-    for start in range(0, N, chunk):
-        end = min(N, start + chunk)
+    for start, end in _ranges(N, chunk):
         qi = query_index[start:end]
         qc = qf[:, :, start:end]
         scores = _fp32_matmul(qc, kt)  # (B, G, c, r)
@@ -249,6 +259,8 @@ def _slot_chunk(idx: torch.Tensor, channels: int, budget_bytes: int) -> int:
     """How many of the K neighbour slots of ``idx`` (B, G, N, K) to gather at once: all of them when the (B * G * N,
     slots, channels) block fits the budget, down to one slot at a time; the working set never depends on K beyond
     the budget. While capturing a graph the budget holds per sample (see ``_capturing``)."""
+    if size_free(idx.shape[2]):
+        return 1
     rows = idx.shape[1] * idx.shape[2] if _capturing() else idx[..., 0].numel()  # (per sample: G * N)
     return max(1, min(idx.shape[-1], budget_bytes // max(1, rows * channels * 4)))
 
@@ -535,7 +547,7 @@ class _NeighborAggregate(torch.autograd.Function):
         ctx.has_rho = rho is not None
         ctx.save_for_backward(v, idx, rho if rho is not None else v.new_zeros(0), weight)
         with torch.no_grad():
-            if depthwise:
+            if depthwise and not size_free(idx.shape[2]):
                 return _aggregate_depthwise_forward(v, idx, rho, weight)
             return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
 
@@ -678,17 +690,29 @@ def random_candidates(
         perm = torch.randperm(num_tokens, device=device)
     else:
         perm = hashed_permutation(num_tokens, seed * 1000003 + num_tokens, device)
+    if size_free(num_tokens):  # (min(r, n) ids without a guard on n)
+        num_samples = sym_min(num_samples, num_tokens)
     return perm[:num_samples] + offset
+
 
 
 def grid_shape(height: int, width: int, num_samples: int) -> Tuple[int, int]:
     """Rows x cols of the regular candidate grid: the largest grid of at most ``num_samples`` points that keeps the
     map's aspect ratio (at least 1 x 1, at most the map)."""
-    gh = max(1, min(height, int(round((num_samples * height / width) ** 0.5))))
-    gw = max(1, min(width, num_samples // gh))
-    while gh * gw > num_samples and gh > 1:
-        gh -= 1
+    if size_free(height * width):
+        return _symbolic_grid_shape(height, width, num_samples)
+    # (gh <= num_samples, so num_samples // gh >= 1 and gh * gw <= num_samples)
+    gh = max(1, min(height, num_samples, int(round((num_samples * height / width) ** 0.5))))
+    gw = min(width, num_samples // gh)
     return gh, gw
+
+
+@torch.jit.unused
+def _symbolic_grid_shape(height: int, width: int, num_samples: int) -> Tuple[int, int]:
+    """``grid_shape`` of symbolic sizes as symbolic expressions (no guard on the map's shape): the same numbers."""
+    gh = torch.sym_max(1, torch.sym_min(torch.sym_min(height, num_samples),
+                                        round((num_samples * height / width) ** 0.5)))
+    return gh, torch.sym_min(width, num_samples // gh)
 
 
 def grid_candidates(
@@ -705,9 +729,10 @@ def grid_candidates(
     offset + row * row_stride + col (``row_stride`` is the flattened row length, e.g. a padded width).
     """
     gh, gw = grid_shape(height, width, num_samples)
-    rows = ((torch.arange(gh, device=device, dtype=torch.float64) + 0.5) * (height / gh)).floor().long()
-    cols = ((torch.arange(gw, device=device, dtype=torch.float64) + 0.5) * (width / gw)).floor().long()
-    return (rows.view(-1, 1) * row_stride + cols.view(1, -1)).reshape(-1) + offset
+    point = torch.arange(gh * gw, device=device)  # raster order, from one flat range (no broadcast: see ConvNN2d)
+    rows = (((point // gw).to(torch.float64) + 0.5) * (height / gh)).floor().long()
+    cols = (((point % gw).to(torch.float64) + 0.5) * (width / gw)).floor().long()
+    return rows * row_stride + cols + offset
 
 
 def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -717,7 +742,10 @@ def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.
     coordinates is proportional to pixel distance on any map shape (the property that makes coordinate ConvNN an
     exact KxK convolution).
     """
-    step = 2. / max(1, max(height, width) - 1)
+    if size_free(height * width):
+        step = 2. / sym_max(1, sym_max(height, width) - 1)
+    else:
+        step = 2. / max(1, max(height, width) - 1)
     ys = (torch.arange(height, device=device, dtype=dtype) - (height - 1) / 2.) * step
     xs = (torch.arange(width, device=device, dtype=dtype) - (width - 1) / 2.) * step
     grid = torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)], dim=-1)

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .backend import get_backend
+from .symbolic import kept
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
            'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
@@ -800,7 +801,7 @@ def _int32_ids(ids: Optional[torch.Tensor], device: torch.device) -> torch.Tenso
 
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
     """K after clamping: to the token count, or with a candidate list to its length (as the PyTorch path does)."""
-    return min(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
+    return kept(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
 
 
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())

@@ -1,0 +1,64 @@
+""" Sizes of a graph exported for every image size.
+
+``torch.export`` with a dynamic image size traces the model once with symbolic sizes (the token count of every
+layer is an expression of the input's height and width) and the graph then serves every size. Python control flow on
+such a size becomes a guard, an assertion the exported graph checks at run time, so the layers must not branch or loop
+on it: the PyTorch path then takes all queries in one score slice and aggregates slot by slot (``functional``), the
+candidate list keeps min(r, n) ids, and K is not clamped to the candidate count but asserted to fit it (``kept``). The
+helpers here are TorchScript compatible: scripted, no size is symbolic.
+"""
+import torch
+
+__all__ = ['size_free', 'kept', 'sym_min', 'sym_max']
+
+
+def size_free(n: int) -> bool:
+    """Whether ``n`` is a symbolic size of a graph being exported for every value of it (see the module docstring)."""
+    if torch.jit.is_scripting():
+        return False
+    return _exporting_symbolic(n)
+
+
+@torch.jit.unused
+def _exporting_symbolic(n: int) -> bool:
+    # torch 2.5 has no is_exporting: any symbolic capture (export, or torch.compile with dynamic shapes) counts there
+    exporting = getattr(torch.compiler, 'is_exporting', torch.compiler.is_compiling)
+    return isinstance(n, torch.SymInt) and exporting()
+
+
+def kept(num_neighbors: int, num_candidates: int) -> int:
+    """K clamped to the candidate count. A size-free graph has K slots whatever the size: it keeps K and asserts at
+    least K candidates where it runs (torch reports "Guard failed: <candidate count> >= K")."""
+    if size_free(num_candidates):
+        _check_at_least(num_candidates, num_neighbors)
+        return num_neighbors
+    return min(num_neighbors, num_candidates)
+
+
+@torch.jit.unused
+def _check_at_least(n: int, minimum: int) -> None:
+    torch._check(n >= minimum)
+
+
+def sym_min(a: int, b: int) -> int:
+    """min(a, b) with no guard when either is symbolic."""
+    if torch.jit.is_scripting():
+        return min(a, b)
+    return _sym_min(a, b)
+
+
+def sym_max(a: int, b: int) -> int:
+    """max(a, b) with no guard when either is symbolic."""
+    if torch.jit.is_scripting():
+        return max(a, b)
+    return _sym_max(a, b)
+
+
+@torch.jit.unused
+def _sym_min(a: int, b: int) -> int:
+    return torch.sym_min(a, b)
+
+
+@torch.jit.unused
+def _sym_max(a: int, b: int) -> int:
+    return torch.sym_max(a, b)
