@@ -196,6 +196,7 @@ def test_query_blocks_on_accelerators_are_large():
     assert blocks(1, 6, 16385, 16) == 6
 @pytest.mark.parametrize('similarity', ['dot', 'cosine', 'euclidean'])
 def test_selection_is_brute_force_topk(similarity):
+    torch.manual_seed(0)  # (unseeded, the inputs hung on the tests run before: euclidean near-ties then flipped)
     B, G, N, D, K = 2, 2, 33, 8, 5
     q, k = torch.randn(B, G, N, D), torch.randn(B, G, N, D)
     qs, ks = FN.similarity_features(q, k, similarity)

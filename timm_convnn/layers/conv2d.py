@@ -8,8 +8,8 @@ from timm.layers import register_notrace_module
 
 from .common import NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, select_scored_neighbors, similarity_features,
-    softmax_weights)
+    coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
+    similarity_features, softmax_weights)
 from .symbolic import size_free
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
@@ -148,7 +148,8 @@ class ConvNN2d(nn.Module):
             flat = random_candidates(n, self.num_samples, 0, self.training, self.sample_seed, device)
         else:
             flat = torch.arange(n, device=device)
-        return (flat // width + p) * wp + flat % width + p
+        row = torch.div(flat, width, rounding_mode='floor')
+        return (row + p) * wp + flat - row * width + p  # (no % by the width: see functional.raster_ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -161,11 +162,9 @@ class ConvNN2d(nn.Module):
             x = F.pad(x, (p, p, p, p))
         hp, wp = H + 2 * p, W + 2 * p
         tokens = x.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, Mp, C)
-        # query pixels in raster order, from one flat range (no broadcast over ho / wo: a symbolic size would be
-        # guarded against 1, which a broadcast treats specially)
         ho, wo = (H + s - 1) // s, (W + s - 1) // s
-        flat = torch.arange(ho * wo, device=x.device)
-        query_index = ((flat // wo) * s + p) * wp + (flat % wo) * s + p
+        rows, cols = torch.arange(ho, device=x.device) * s + p, torch.arange(wo, device=x.device) * s + p
+        query_index = raster_ids(rows, cols, wp)
 
         feat = tokens
         if self.coords != 'none':

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
-from .symbolic import kept, size_free, sym_max, sym_min
+from .symbolic import size_free, sym_max, sym_min
 
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
@@ -192,19 +192,31 @@ def _select_all(
         qf: torch.Tensor, kf: torch.Tensor, num_neighbors: int, budget_bytes: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     N, M = qf.shape[2], kf.shape[2]
-    k_eff = kept(num_neighbors, M)
+    pad = size_free(M)
+    k_eff = num_neighbors if pad else min(num_neighbors, M)
     chunk = _query_chunk(budget_bytes, qf, M * 4)
     kt = kf.transpose(-1, -2)
     ids: List[torch.Tensor] = []
     vals: List[torch.Tensor] = []
     for start, end in _ranges(N, chunk):
         # (B, G, c, M) score slice, freed by topk before the next slice exists: one slice alive at a time
-        top = _fp32_matmul(qf[:, :, start:end], kt).topk(k_eff, dim=-1)
+        scores = _fp32_matmul(qf[:, :, start:end], kt)
+        top = (_empty_slots(scores, num_neighbors) if pad else scores).topk(k_eff, dim=-1)
         vals.append(top.values)
-        ids.append(top.indices)
+        ids.append(top.indices.clamp(max=M) if pad else top.indices)
     if len(ids) == 1:
         return ids[0], vals[0]
     return torch.cat(ids, dim=2), torch.cat(vals, dim=2)
+
+
+def _empty_slots(scores: torch.Tensor, num_neighbors: int) -> torch.Tensor:
+    """A graph exported for every image size (``symbolic``) has K neighbour slots at every size, where eager clamps K
+    to the candidate count. The scores get K more columns of -inf, so that topk always finds K; a slot that lands on
+    -inf (fewer than K candidates) is empty: its token id is M, a zero row appended to the values
+    (``neighbor_aggregate``), and its softmax weight 0, so it adds nothing with either weighting and, in position
+    order, sorts last. The result is eager's, and the graph needs no run-time assertion, which ONNX drops."""
+    shape = list(scores.shape[:-1]) + [num_neighbors]
+    return torch.cat([scores, torch.full(shape, float('-inf'), dtype=scores.dtype, device=scores.device)], dim=-1)
 
 
 def _select_listed(
@@ -215,9 +227,10 @@ def _select_listed(
         query_index: torch.Tensor,
         budget_bytes: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, G, N = qf.shape[0], qf.shape[1], qf.shape[2]
+    B, G, N, M = qf.shape[0], qf.shape[1], qf.shape[2], kf.shape[2]
     r = candidates.shape[0]
-    k_eff = kept(num_neighbors, r)
+    pad = size_free(M)
+    k_eff = num_neighbors if pad else min(num_neighbors, r)
     kc = kf.index_select(2, candidates)
     kt = kc.transpose(-1, -2)
     chunk = _query_chunk(budget_bytes, qf, (r + 1) * 4)
@@ -231,9 +244,14 @@ def _select_listed(
         self_score = (qc * kf.index_select(2, qi)).sum(-1, keepdim=True)
         dup = candidates.view(1, -1) == qi.view(-1, 1)  # (c, r)
         scores = torch.cat([scores.masked_fill(dup, float('-inf')), self_score], dim=-1)
-        top = scores.topk(k_eff, dim=-1)
         ids = torch.cat([candidates.view(1, -1).expand(end - start, r), qi.view(-1, 1)], dim=1)
-        out.append(torch.gather(ids.view(1, 1, end - start, r + 1).expand(B, G, end - start, r + 1), -1,
+        if pad:  # the masked duplicate and the padding are empty slots (see _empty_slots)
+            scores = _empty_slots(scores, num_neighbors)
+            listed = candidates.view(1, -1).expand(end - start, r).masked_fill(dup, M)
+            ids = torch.cat([listed, qi.view(-1, 1), ids.new_full((end - start, num_neighbors), M)], dim=1)
+        top = scores.topk(k_eff, dim=-1)
+        width = ids.shape[1]
+        out.append(torch.gather(ids.view(1, 1, end - start, width).expand(B, G, end - start, width), -1,
                                 top.indices))
         vals.append(top.values)
     if len(out) == 1:
@@ -621,6 +639,8 @@ def neighbor_aggregate(
     """
     if not torch.jit.is_scripting():
         v = _autocast_operand(v, depthwise)
+    if size_free(v.shape[2]):  # token id M: the empty slots' zero row (see _empty_slots)
+        v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3])], dim=2)
     weight = weight.to(v.dtype)
     if rho is not None:
         rho = rho.to(v.dtype)
@@ -729,10 +749,20 @@ def grid_candidates(
     offset + row * row_stride + col (``row_stride`` is the flattened row length, e.g. a padded width).
     """
     gh, gw = grid_shape(height, width, num_samples)
-    point = torch.arange(gh * gw, device=device)  # raster order, from one flat range (no broadcast: see ConvNN2d)
-    rows = (((point // gw).to(torch.float64) + 0.5) * (height / gh)).floor().long()
-    cols = (((point % gw).to(torch.float64) + 0.5) * (width / gw)).floor().long()
-    return rows * row_stride + cols + offset
+    rows = ((torch.arange(gh, device=device, dtype=torch.float64) + 0.5) * (height / gh)).floor().long()
+    cols = ((torch.arange(gw, device=device, dtype=torch.float64) + 0.5) * (width / gw)).floor().long()
+    return raster_ids(rows, cols, row_stride) + offset
+
+
+def raster_ids(rows: torch.Tensor, cols: torch.Tensor, row_stride: int) -> torch.Tensor:
+    """rows[a] * row_stride + cols[b] for every (a, b), in raster order. Indexed from one flat range rather than
+    broadcast or expanded, which treat a count of 1 specially: a graph exported for every image size would assert
+    that neither count is 1. (``a - (a // n) * n`` rather than ``a % n``: the ONNX exporter cannot convert a
+    remainder by a symbolic size.)"""
+    num_cols = cols.shape[0]
+    point = torch.arange(rows.shape[0] * num_cols, device=rows.device)
+    row = torch.div(point, num_cols, rounding_mode='floor')
+    return rows[row] * row_stride + cols[point - row * num_cols]
 
 
 def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

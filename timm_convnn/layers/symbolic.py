@@ -3,8 +3,9 @@
 ``torch.export`` with a dynamic image size traces the model once with symbolic sizes (the token count of every
 layer is an expression of the input's height and width) and the graph then serves every size. Python control flow on
 such a size becomes a guard, an assertion the exported graph checks at run time, so the layers must not branch or loop
-on it: the PyTorch path then takes all queries in one score slice and aggregates slot by slot (``functional``), the
-candidate list keeps min(r, n) ids, and K is not clamped to the candidate count but asserted to fit it (``kept``). The
+on it: the PyTorch path then takes all queries in one score slice and aggregates slot by slot, keeps K neighbour
+slots at every size and leaves the ones without a candidate empty where eager clamps K (``functional._empty_slots``),
+and the candidate list keeps min(r, n) ids. The fused kernels' ops (GPU) assert instead that K fits (``kept``). The
 helpers here are TorchScript compatible: scripted, no size is symbolic.
 """
 import torch
@@ -27,8 +28,8 @@ def _exporting_symbolic(n: int) -> bool:
 
 
 def kept(num_neighbors: int, num_candidates: int) -> int:
-    """K clamped to the candidate count. A size-free graph has K slots whatever the size: it keeps K and asserts at
-    least K candidates where it runs (torch reports "Guard failed: <candidate count> >= K")."""
+    """K clamped to the candidate count, for the fused kernels' ops. In a size-free graph they keep K and assert at
+    least K candidates where the graph runs (torch reports "Guard failed: <candidate count> >= K")."""
     if size_free(num_candidates):
         _check_at_least(num_candidates, num_neighbors)
         return num_neighbors
