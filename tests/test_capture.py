@@ -78,17 +78,23 @@ SIZE_CASES = [
 ]
 
 
+def _export_for_every_size(model, multiple, example):
+    """``model`` exported at 2 x 3 x ``example`` x ``example`` for any height and width that are multiples of
+    ``multiple`` (2 to 32 of them), and any batch up to 64."""
+    dim = torch.export.Dim
+    h, w = dim('h', min=2, max=32), dim('w', min=2, max=32)
+    shapes = ({0: dim('batch', min=1, max=64), 2: multiple * h, 3: multiple * w},)
+    return torch.export.export(model, (torch.randn(2, 3, example, example),), dynamic_shapes=shapes).module()
+
+
 @pytest.mark.parametrize('name, kwargs, multiple, sizes', SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
 def test_export_with_a_dynamic_image_size(name, kwargs, multiple, sizes):
     # one graph for every image size (and batch): the PyTorch path neither loops nor branches on a symbolic token count
     # (``timm_convnn.layers.symbolic``), so the graph computes what eager computes at sizes it was not traced at
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5, **kwargs).eval()
-    dim = torch.export.Dim
-    h, w = dim('h', min=2, max=32), dim('w', min=2, max=32)
-    shapes = ({0: dim('batch', min=1, max=64), 2: multiple * h, 3: multiple * w},)
     with torch.no_grad():
-        graph = torch.export.export(model, (torch.randn(2, 3, 96, 96),), dynamic_shapes=shapes).module()
+        graph = _export_for_every_size(model, multiple, 96)
         for i, (height, width) in enumerate(sizes):
             x = torch.randn(1 + i, 3, height, width)
             torch.testing.assert_close(graph(x), model(x), msg=lambda m: f'{height} x {width}: {m}')
@@ -102,13 +108,10 @@ def test_dynamic_size_graph_has_k_slots_at_every_size():
     cnn = torch.nn.Sequential(  # listed candidates, position order, softmax; then padded 'all' with 'ones' weights
         ConvNN2d(3, 4, candidates='random', num_samples=12, neighbor_order='position', weighting='softmax'),
         ConvNN2d(4, 4, num_neighbors=16, padding=1)).eval()
-    dim = torch.export.Dim
     for model, multiple, example, sizes in [(vit, 16, 96, [(48, 64), (32, 32), (32, 80)]),
                                             (cnn, 1, 8, [(2, 3), (2, 2), (3, 2)])]:
-        h, w = dim('h', min=2, max=32), dim('w', min=2, max=32)
         with torch.no_grad():
-            graph = torch.export.export(model, (torch.randn(1, 3, example, example),),
-                                        dynamic_shapes=({2: multiple * h, 3: multiple * w},)).module()
+            graph = _export_for_every_size(model, multiple, example)
             for height, width in sizes:
                 x = torch.randn(1, 3, height, width)
                 torch.testing.assert_close(graph(x), model(x), msg=lambda m: f'{height} x {width}: {m}')

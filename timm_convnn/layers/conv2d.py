@@ -9,7 +9,7 @@ from timm.layers import register_notrace_module
 from .common import NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
-    similarity_features, softmax_weights)
+    similarity_features, softmax_weights, split_raster)
 from .symbolic import size_free
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
@@ -148,8 +148,8 @@ class ConvNN2d(nn.Module):
             flat = random_candidates(n, self.num_samples, 0, self.training, self.sample_seed, device)
         else:
             flat = torch.arange(n, device=device)
-        row = torch.div(flat, width, rounding_mode='floor')
-        return (row + p) * wp + flat - row * width + p  # (no % by the width: see functional.raster_ids)
+        row, col = split_raster(flat, width)
+        return (row + p) * wp + col + p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
-from .symbolic import size_free, sym_max, sym_min
+from .symbolic import size_free, sym_max, sym_min, sym_round
 
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
@@ -244,11 +244,11 @@ def _select_listed(
         self_score = (qc * kf.index_select(2, qi)).sum(-1, keepdim=True)
         dup = candidates.view(1, -1) == qi.view(-1, 1)  # (c, r)
         scores = torch.cat([scores.masked_fill(dup, float('-inf')), self_score], dim=-1)
-        ids = torch.cat([candidates.view(1, -1).expand(end - start, r), qi.view(-1, 1)], dim=1)
+        columns = [candidates.view(1, -1).expand(end - start, r), qi.view(-1, 1)]
         if pad:  # the masked duplicate and the padding are empty slots (see _empty_slots)
             scores = _empty_slots(scores, num_neighbors)
-            listed = candidates.view(1, -1).expand(end - start, r).masked_fill(dup, M)
-            ids = torch.cat([listed, qi.view(-1, 1), ids.new_full((end - start, num_neighbors), M)], dim=1)
+            columns = [columns[0].masked_fill(dup, M), columns[1], qi.new_full((end - start, num_neighbors), M)]
+        ids = torch.cat(columns, dim=1)
         top = scores.topk(k_eff, dim=-1)
         width = ids.shape[1]
         out.append(torch.gather(ids.view(1, 1, end - start, width).expand(B, G, end - start, width), -1,
@@ -710,29 +710,15 @@ def random_candidates(
         perm = torch.randperm(num_tokens, device=device)
     else:
         perm = hashed_permutation(num_tokens, seed * 1000003 + num_tokens, device)
-    if size_free(num_tokens):  # (min(r, n) ids without a guard on n)
-        num_samples = sym_min(num_samples, num_tokens)
-    return perm[:num_samples] + offset
-
+    return perm[:sym_min(num_samples, num_tokens)] + offset  # (min(r, n) ids with no guard on a symbolic n)
 
 
 def grid_shape(height: int, width: int, num_samples: int) -> Tuple[int, int]:
     """Rows x cols of the regular candidate grid: the largest grid of at most ``num_samples`` points that keeps the
     map's aspect ratio (at least 1 x 1, at most the map)."""
-    if size_free(height * width):
-        return _symbolic_grid_shape(height, width, num_samples)
-    # (gh <= num_samples, so num_samples // gh >= 1 and gh * gw <= num_samples)
-    gh = max(1, min(height, num_samples, int(round((num_samples * height / width) ** 0.5))))
-    gw = min(width, num_samples // gh)
-    return gh, gw
-
-
-@torch.jit.unused
-def _symbolic_grid_shape(height: int, width: int, num_samples: int) -> Tuple[int, int]:
-    """``grid_shape`` of symbolic sizes as symbolic expressions (no guard on the map's shape): the same numbers."""
-    gh = torch.sym_max(1, torch.sym_min(torch.sym_min(height, num_samples),
-                                        round((num_samples * height / width) ** 0.5)))
-    return gh, torch.sym_min(width, num_samples // gh)
+    # (gh <= num_samples, so num_samples // gh >= 1 and gh * gw <= num_samples; sym_*: symbolic sizes stay symbolic)
+    gh = sym_max(1, sym_min(sym_min(height, num_samples), sym_round((num_samples * height / width) ** 0.5)))
+    return gh, sym_min(width, num_samples // gh)
 
 
 def grid_candidates(
@@ -757,12 +743,16 @@ def grid_candidates(
 def raster_ids(rows: torch.Tensor, cols: torch.Tensor, row_stride: int) -> torch.Tensor:
     """rows[a] * row_stride + cols[b] for every (a, b), in raster order. Indexed from one flat range rather than
     broadcast or expanded, which treat a count of 1 specially: a graph exported for every image size would assert
-    that neither count is 1. (``a - (a // n) * n`` rather than ``a % n``: the ONNX exporter cannot convert a
-    remainder by a symbolic size.)"""
-    num_cols = cols.shape[0]
-    point = torch.arange(rows.shape[0] * num_cols, device=rows.device)
-    row = torch.div(point, num_cols, rounding_mode='floor')
-    return rows[row] * row_stride + cols[point - row * num_cols]
+    that neither count is 1."""
+    row, col = split_raster(torch.arange(rows.shape[0] * cols.shape[0], device=rows.device), cols.shape[0])
+    return rows[row] * row_stride + cols[col]
+
+
+def split_raster(flat: torch.Tensor, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of raster ids on a map ``width`` wide: ``flat - row * width`` rather than ``flat % width``, which
+    the ONNX exporter cannot convert for a symbolic width."""
+    row = torch.div(flat, width, rounding_mode='floor')
+    return row, flat - row * width
 
 
 def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -772,10 +762,7 @@ def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.
     coordinates is proportional to pixel distance on any map shape (the property that makes coordinate ConvNN an
     exact KxK convolution).
     """
-    if size_free(height * width):
-        step = 2. / sym_max(1, sym_max(height, width) - 1)
-    else:
-        step = 2. / max(1, max(height, width) - 1)
+    step = 2. / sym_max(1, sym_max(height, width) - 1)
     ys = (torch.arange(height, device=device, dtype=dtype) - (height - 1) / 2.) * step
     xs = (torch.arange(width, device=device, dtype=dtype) - (width - 1) / 2.) * step
     grid = torch.stack([xs.view(1, -1).expand(height, width), ys.view(-1, 1).expand(height, width)], dim=-1)

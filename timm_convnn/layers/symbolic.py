@@ -10,7 +10,7 @@ helpers here are TorchScript compatible: scripted, no size is symbolic.
 """
 import torch
 
-__all__ = ['size_free', 'kept', 'sym_min', 'sym_max']
+__all__ = ['size_free', 'kept', 'sym_min', 'sym_max', 'sym_round']
 
 
 def size_free(n: int) -> bool:
@@ -55,11 +55,28 @@ def sym_max(a: int, b: int) -> int:
     return _sym_max(a, b)
 
 
+def _symbolic(*values) -> bool:
+    # (plain ints take the builtins: under torch.jit.trace sizes may be tensors, which torch.sym_min refuses)
+    return any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in values)
+
+
 @torch.jit.unused
 def _sym_min(a: int, b: int) -> int:
-    return torch.sym_min(a, b)
+    return torch.sym_min(a, b) if _symbolic(a, b) else min(a, b)
 
 
 @torch.jit.unused
 def _sym_max(a: int, b: int) -> int:
-    return torch.sym_max(a, b)
+    return torch.sym_max(a, b) if _symbolic(a, b) else max(a, b)
+
+
+def sym_round(x: float) -> int:
+    """round(x) to an int, symbolic when x is (``int()`` would specialise it)."""
+    if torch.jit.is_scripting():
+        return int(round(x))
+    return _sym_round(x)
+
+
+@torch.jit.unused
+def _sym_round(x: float) -> int:
+    return round(x) if _symbolic(x) else int(round(x))
