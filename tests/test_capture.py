@@ -78,6 +78,13 @@ SIZE_CASES = [
 ]
 
 
+# torch 2.5's export specialises a dynamic image size to the traced one, in timm's own ViT too ("16*h was inferred to
+# be a constant"), and its symbolic min / max in our layers; measured working with torch 2.14
+needs_size_free_export = pytest.mark.skipif(
+    triton_attention._version(torch.__version__) < (2, 6),
+    reason="torch 2.5's export specialises a dynamic image size (timm's own ViT too)")
+
+
 def _export_for_every_size(model, multiple, example):
     """``model`` exported at 2 x 3 x ``example`` x ``example`` for any height and width that are multiples of
     ``multiple`` (2 to 32 of them), and any batch up to 64."""
@@ -87,6 +94,7 @@ def _export_for_every_size(model, multiple, example):
     return torch.export.export(model, (torch.randn(2, 3, example, example),), dynamic_shapes=shapes).module()
 
 
+@needs_size_free_export
 @pytest.mark.parametrize('name, kwargs, multiple, sizes', SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
 def test_export_with_a_dynamic_image_size(name, kwargs, multiple, sizes):
     # one graph for every image size (and batch): the PyTorch path neither loops nor branches on a symbolic token count
@@ -100,6 +108,7 @@ def test_export_with_a_dynamic_image_size(name, kwargs, multiple, sizes):
             torch.testing.assert_close(graph(x), model(x), msg=lambda m: f'{height} x {width}: {m}')
 
 
+@needs_size_free_export
 def test_dynamic_size_graph_has_k_slots_at_every_size():
     # eager clamps K to the candidate count; the graph keeps K slots and leaves the missing ones empty (zero weight,
     # a zero row, sorted last in position order), so at sizes with fewer than K candidates it computes the same
@@ -146,6 +155,7 @@ def _convnn2d_stack():
                                                                                    num_samples=12))
 
 
+@needs_size_free_export
 @pytest.mark.parametrize('name, multiple', [('vit_tiny_convnn_random', 16), ('convnn2d_stack', 2)],
                          ids=['vit_tiny_convnn_random', 'convnn2d_stack'])
 def test_onnx_export_with_a_dynamic_image_size(name, multiple, tmp_path):
