@@ -115,6 +115,26 @@ def test_warm_start_counts(src_name, name, replaced, new_per_layer):
     assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
 
 
+def test_vgg_filter_converts_torchvision_checkpoints():
+    # torchvision's VGG-11-BN checkpoint layout (Linear classifier) -> timm's (ConvMlp pre-logits, head): by
+    # definition, timm's own vgg11_bn with the converted weights computes torchvision's model; the ConvNN model then
+    # warm-starts from the same checkpoint with a strict load
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.vgg11_bn(num_classes=10).eval()
+    tv_sd = tv.state_dict()
+    model = timm.create_model('vgg11_convnn_branch', num_classes=10).eval()
+    converted = vgg_filter({'state_dict': tv_sd}, model)
+    result = model.load_state_dict(converted, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model.state_dict()['pre_logits.fc1.weight'], tv_sd['classifier.0.weight'].view(4096, 512, 7, 7))
+    reference = timm.create_model('vgg11_bn', num_classes=10).eval()
+    reference.load_state_dict(vgg_filter(tv_sd, reference), strict=True)  # (no ConvNN layer: nothing dropped)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), tv(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn_branch'])
 def test_branch_ratio_limits_in_models(name):
     zero = timm.create_model(name, branch_ratio=0.0, device='meta')

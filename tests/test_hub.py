@@ -36,16 +36,20 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def restore_registry():
-    """Undo tags registered by a test (timm's registry is process-global)."""
+    """Undo tags registered by a test (timm's registry is process-global): the model files' default_cfgs as they
+    were, registered again the way register_pretrained registers them."""
+    import warnings
     from copy import deepcopy
-    from timm.models import _registry as reg
-    saved = {k: deepcopy(getattr(reg, k)) for k in (
-        '_model_pretrained_cfgs', '_model_has_pretrained', '_model_with_tags', '_model_default_cfgs')}
+    entrypoints = {a: timm.models.model_entrypoint(a) for a in timm.list_models('*convnn*')}
+    files = {a: sys.modules[e.__module__].default_cfgs for a, e in entrypoints.items()}
+    saved = {a: deepcopy(files[a][a]) for a in entrypoints}
     yield
-    for k, v in saved.items():
-        target = getattr(reg, k)
-        target.clear()
-        target.update(v)
+    for a, cfgs in saved.items():
+        if files[a][a] != cfgs:
+            files[a][a] = cfgs
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                timm.models.register_model(entrypoints[a])
 
 
 def _same_weights(a, b):
@@ -93,6 +97,27 @@ def test_round_trip_hf_hub(case, cache, tmp_path, restore_registry):
     overlay = dict(file=str(folder / 'model.safetensors'), **classes)
     local = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     assert _same_weights(model, local)
+
+
+def test_register_pretrained_tags_through_timm_registry(restore_registry, recwarn):
+    arch = 'vit_tiny_convnn_random'
+    before = timm.models.get_pretrained_cfg(arch)
+    hub.register_pretrained(f'{arch}.later_in1k', hf_hub_id='org/later', notes='top-1 80.0')
+    assert f'{arch}.later_in1k' in timm.list_pretrained(f'{arch}.*')
+    cfg = timm.models.get_pretrained_cfg(f'{arch}.later_in1k')
+    assert (cfg.hf_hub_id, cfg.architecture, cfg.tag, cfg.notes) == ('org/later', arch, 'later_in1k', 'top-1 80.0')
+    assert cfg.input_size == before.input_size and not cfg.url
+    assert timm.models.get_pretrained_cfg(arch) == before  # not the default unless asked
+    hub.register_pretrained(f'{arch}.best_in1k', hf_hub_id='org/best', default=True)
+    assert timm.models.get_pretrained_cfg(arch).hf_hub_id == 'org/best'  # pretrained=True on the bare name
+    assert timm.list_pretrained(f'{arch}.*')[0] == f'{arch}.best_in1k'
+    assert f'{arch}.later_in1k' in timm.list_pretrained(f'{arch}.*')
+    assert timm.is_model(arch) and arch in timm.list_models('*convnn*')
+    assert not [w for w in recwarn if 'Overwriting' in str(w.message)]
+    with pytest.raises(ValueError, match='vit_tiny_patch16_224.*not a registered ConvNN'):
+        hub.register_pretrained('vit_tiny_patch16_224.x', hf_hub_id='org/x')
+    with pytest.raises(ValueError, match='arch.tag'):
+        hub.register_pretrained(arch, hf_hub_id='org/x')
 
 
 def _run_offline(code, hub_cache, *args):

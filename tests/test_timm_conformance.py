@@ -73,3 +73,52 @@ def test_timm_forward_intermediates(timm_tests, name):
 @pytest.mark.parametrize('name', INTERMEDIATE_NAMES)
 def test_timm_prune_intermediate_layers_contract(timm_tests, name):
     timm_tests.test_prune_intermediate_layers_contract(name)
+
+
+def _private_timm_names(source: str):
+    """Private timm names a module's source reaches: ``from timm.models._builder import ...``, ``import
+    timm.models._hub``, ``from timm.models import _hub`` or ``timm.models._hub.x`` (a leading underscore in any
+    component after ``timm``; dunders such as ``timm.__version__`` are public)."""
+    import ast
+
+    def private(parts):
+        return any(p.startswith('_') and not p.endswith('__') for p in parts[1:])
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] == 'timm':
+            parts = node.module.split('.')
+            if private(parts) or any(private(parts + [a.name]) for a in node.names):
+                found.append(f'from {node.module} import {", ".join(a.name for a in node.names)}')
+        elif isinstance(node, ast.Import):
+            found += [f'import {a.name}' for a in node.names if a.name.split('.')[0] == 'timm'
+                      and private(a.name.split('.'))]
+        elif isinstance(node, ast.Attribute):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.insert(0, base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id == 'timm' and private(['timm'] + chain):
+                found.append('.'.join(['timm'] + chain))
+    return found
+
+
+def test_private_timm_name_finder():
+    assert _private_timm_names('from timm.models._builder import resolve_pretrained_cfg') != []
+    assert _private_timm_names('from timm.models import _hub') != []
+    assert _private_timm_names('import timm.models._registry') != []
+    assert _private_timm_names('import timm\ntimm.models._hub.hf_hub_download') != []
+    assert _private_timm_names('import timm\nfrom timm.models import resolve_pretrained_cfg\ntimm.__version__') == []
+
+
+def test_the_package_uses_timm_public_api_only():
+    # timm moves and renames its private modules between releases (its deprecated timm.models.registry path broke
+    # plugins in 1.0.10); the plugin reaches timm only through public names, so a timm update within the declared
+    # range cannot break an import
+    import pathlib
+    root = pathlib.Path(timm_convnn.__file__).parent
+    files = sorted(root.rglob('*.py')) + [root.parent / '_timm_convnn_autoload.py']
+    assert len(files) > 20
+    found = {str(f.relative_to(root.parent)): names for f in files
+             if (names := _private_timm_names(f.read_text(encoding='utf-8')))}
+    assert not found, found

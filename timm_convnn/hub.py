@@ -13,7 +13,9 @@ import datetime
 import json
 import pickle
 import string
+import sys
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from dataclasses import replace
@@ -329,28 +331,27 @@ def register_pretrained(name: str, hf_hub_id: str, default: bool = False, **cfg:
     it like any timm weights. Permanent tags belong in the model file's ``default_cfgs``; this is for weights
     published after a release.
     """
-    from timm.models import _registry as reg
     arch, _, tag = name.partition('.')
-    if 'convnn' not in arch or arch not in reg._model_entrypoints:
+    if 'convnn' not in arch or not timm.is_model(arch):
         raise ValueError(f'{arch!r} is not a registered ConvNN architecture')
     if not tag:
         raise ValueError(f'name must be "arch.tag", got {name!r}')
-    base = reg._model_pretrained_cfgs[arch]
-    pcfg = replace(base, hf_hub_id=hf_hub_id, url='', file=None, state_dict=None, hf_hub_filename=None,
-                   custom_load=False, tag=tag, notes=cfg.pop('notes', ''), **cfg)
-    reg._model_pretrained_cfgs[name] = pcfg
-    reg._model_has_pretrained.add(name)
-    if name not in reg._model_with_tags[arch]:
-        reg._model_with_tags[arch].append(name)
-    default_cfg = reg._model_default_cfgs[arch]
-    default_cfg.cfgs[tag] = pcfg
-    if tag not in default_cfg.tags:
-        default_cfg.tags.append(tag)
+    # timm's public route: the tag joins the model file's default_cfgs, and registering the entrypoint again
+    # (timm.models.register_model overwrites a registration, its tags and pretrained cfgs) publishes it
+    entrypoint = timm.models.model_entrypoint(arch)
+    arch_cfgs = sys.modules[entrypoint.__module__].default_cfgs[arch]
+    base = arch_cfgs.cfgs[arch_cfgs.tags[0]]
+    arch_cfgs.cfgs[tag] = replace(
+        base, hf_hub_id=hf_hub_id, url='', file=None, state_dict=None, hf_hub_filename=None, custom_load=False,
+        tag=tag, notes=cfg.pop('notes', ''), **cfg)
+    if tag not in arch_cfgs.tags:
+        arch_cfgs.tags.append(tag)
     if default:
-        default_cfg.tags.remove(tag)
-        default_cfg.tags.appendleft(tag)
-        reg._model_pretrained_cfgs[arch] = pcfg
-        reg._model_has_pretrained.add(arch)
+        arch_cfgs.tags.remove(tag)
+        arch_cfgs.tags.appendleft(tag)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=f'Overwriting {arch} in registry')
+        timm.models.register_model(entrypoint)
 
 
 def weights_table() -> str:

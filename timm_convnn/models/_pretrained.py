@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
 
 import timm
-from timm.models import get_pretrained_cfg
+from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
 __all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'WARM_START_PREFIX']
 
@@ -92,7 +92,6 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
     if not pretrained:
         yield
         return
-    from timm.models._builder import resolve_pretrained_cfg
     arch = variant.split('.')[0]
     tags = timm.list_pretrained(f'{arch}.*')
     with_weights = f'Tags with weights: {", ".join(tags) if tags else "none"}; or use pretrained=False.'

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vgg import VGG, _filter_fn as _vgg_filter_fn, cfgs as _vgg_cfgs
+from timm.models.vgg import VGG, cfgs as _vgg_cfgs
 
 from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn
 from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
@@ -28,9 +28,33 @@ _MODES = {
 }
 
 
+# torchvision's VGG classifier (Linear 512*7*7 -> 4096, Linear 4096 -> 4096, Linear 4096 -> classes) is timm's VGG
+# pre-logits ConvMlp (7x7 conv, 1x1 conv) and head: prefix in torchvision -> (prefix in timm, conv weight shape)
+_TORCHVISION_CLASSIFIER = {
+    'classifier.0.': ('pre_logits.fc1.', (512, 7, 7)),
+    'classifier.3.': ('pre_logits.fc2.', (4096, 1, 1)),
+    'classifier.6.': ('head.fc.', None),
+}
+
+
+def _torchvision_to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix, (timm_prefix, conv_shape) in _TORCHVISION_CLASSIFIER.items():
+            if key.startswith(prefix):
+                key = timm_prefix + key[len(prefix):]
+                if conv_shape is not None and key.endswith('.weight'):
+                    value = value.reshape(-1, *conv_shape)
+                break
+        out[key] = value
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VGG) -> Dict[str, torch.Tensor]:
-    """timm / torchvision VGG checkpoints (classifier renamed by timm's VGG filter) or our own."""
-    return cnn_checkpoint_filter_fn(_vgg_filter_fn(state_dict), model)
+    """timm or torchvision VGG checkpoints (torchvision's classifier becomes timm's pre-logits and head), or our own."""
+    state_dict = state_dict.get('model', state_dict)
+    state_dict = state_dict.get('state_dict', state_dict)
+    return cnn_checkpoint_filter_fn(_torchvision_to_timm(state_dict), model)
 
 
 def _create_vgg_convnn(variant: str, pretrained: bool = False, **kwargs) -> VGG:
