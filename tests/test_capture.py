@@ -78,11 +78,11 @@ SIZE_CASES = [
 ]
 
 
-# torch 2.5's export specialises a dynamic image size to the traced one, in timm's own ViT too ("16*h was inferred to
-# be a constant"), and its symbolic min / max in our layers; measured working with torch 2.14
+# torch 2.5 to 2.7's export specialises a dynamic image size to the traced one, in timm's own ViT too ("16*h was
+# inferred to be a constant"), and its symbolic min / max in our layers; measured working with torch 2.8 and 2.14
 needs_size_free_export = pytest.mark.skipif(
-    triton_attention._version(torch.__version__) < (2, 6),
-    reason="torch 2.5's export specialises a dynamic image size (timm's own ViT too)")
+    triton_attention._version(torch.__version__) < (2, 8),
+    reason="torch < 2.8's export specialises a dynamic image size (timm's own ViT too)")
 
 
 def _export_for_every_size(model, multiple, example):
@@ -132,8 +132,9 @@ def test_onnx_export_with_timm(name, kwargs, size, tmp_path):
     # dynamic batch, and onnxruntime computes what the model computes. The TorchScript-based exporter (timm's
     # default) mis-converted ConvNN (a ViT-Ti's logits 0.27 off): it gets a clear error instead
     pytest.importorskip('onnxscript', reason='the dynamo-based ONNX exporter needs onnxscript (test extra)')
-    if name.startswith('resnet') and triton_attention._version(torch.__version__) < (2, 6):
-        pytest.skip("torch 2.5's dynamo-based ONNX exporter cannot convert batch norm (timm's own resnet18 fails too)")
+    if name.startswith('resnet') and triton_attention._version(torch.__version__) < (2, 7):
+        pytest.skip("torch < 2.7's dynamo-based ONNX exporter cannot convert batch norm (timm's own resnet18 fails "
+                    "too)")
     ort = pytest.importorskip('onnxruntime', reason='onnxruntime runs the exported model (test extra)')
     from timm.utils.onnx import onnx_export
     model, xs = _model_and_inputs(name, kwargs, size)
