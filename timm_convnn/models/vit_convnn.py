@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import LayerNorm, Mlp, PatchEmbed, to_2tuple
+from timm.layers import LayerNorm, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -115,6 +115,23 @@ class VisionTransformerConvNN(VisionTransformer):
     ConvNN layers the new patch grid (spatial candidates and coordinates follow the 2-D layout, which a fixed-size
     model fixes at build time; ``dynamic_img_size`` models record it on every forward instead)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.dynamic_img_size:
+            self._share_token_grid()
+
+    def _share_token_grid(self) -> None:
+        """``dynamic_img_size``: the patch embedding records the patch grid of every forward and the ConvNN layers
+        read it (spatial candidates and coordinates need the 2-D layout, which the token count does not determine;
+        fixed-size models pass ``grid_size`` at build time instead)."""
+        grid = TokenGrid()
+        self.patch_embed.token_grid = grid
+        self.patch_embed.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
+        self.patch_embed.register_forward_hook(record_token_grid)
+        for m in self.modules():
+            if isinstance(m, ConvNNAttention):
+                m.token_grid = grid
+
     def set_input_size(
             self,
             img_size: Optional[Tuple[int, int]] = None,
@@ -157,7 +174,7 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
         convnn_kwargs['grid_size'] = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     out_indices = kwargs.pop('out_indices', 3)
     with explain_load_errors(variant, pretrained, kwargs):
-        model = build_model_with_cfg(
+        return build_model_with_cfg(
             VisionTransformerConvNN,
             variant,
             pretrained,
@@ -166,23 +183,6 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
             block_fn=partial(ConvNNBlock, **convnn_kwargs),
             **kwargs,
         )
-    if kwargs.get('dynamic_img_size', False):
-        _share_token_grid(model)
-    return model
-
-
-def _share_token_grid(model: nn.Module) -> None:
-    """A ``dynamic_img_size`` model: its patch embedding records the patch grid of every forward and its ConvNN
-    layers read it (spatial candidates and coordinates need the 2-D layout, which the token count does not
-    determine; fixed-size models pass ``grid_size`` at build time instead)."""
-    grid = TokenGrid()
-    for m in model.modules():
-        if isinstance(m, PatchEmbed):
-            m.token_grid = grid
-            m.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
-            m.register_forward_hook(record_token_grid)
-        elif isinstance(m, ConvNNAttention):
-            m.token_grid = grid
 
 
 def _vit_convnn(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> VisionTransformer:
