@@ -216,15 +216,18 @@ def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
     # the model class built directly (not through create_model) records the grid the same way
     from functools import partial
     from timm_convnn.models.vit_convnn import ConvNNBlock, VisionTransformerConvNN
+    # (prefix tokens and grid are the model's to give: the blocks get neither here)
     block_kwargs = {k: getattr(model.blocks[0].attn, k) for k in ('candidates', 'num_samples', 'coords', 'similarity')}
-    direct = VisionTransformerConvNN(
-        embed_dim=192, num_heads=3, depth=2, num_classes=3, dynamic_img_size=True,
-        block_fn=partial(ConvNNBlock, num_prefix_tokens=1, **block_kwargs)).eval()
+    direct = VisionTransformerConvNN(embed_dim=192, num_heads=3, depth=2, num_classes=3, dynamic_img_size=True,
+                                     block_fn=partial(ConvNNBlock, **block_kwargs)).eval()
     direct.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 144, 256)
     with torch.no_grad():
         assert torch.equal(direct(x), model(x))
-    assert direct.blocks[1].attn.token_grid.hw == (9, 16)
+    assert direct.blocks[1].attn.token_grid.hw == (9, 16) and direct.blocks[1].attn.num_prefix_tokens == 1
+    direct_fixed = VisionTransformerConvNN(img_size=(144, 256), embed_dim=192, num_heads=3, depth=1, reg_tokens=4,
+                                           block_fn=partial(ConvNNBlock, **block_kwargs))
+    assert direct_fixed.blocks[0].attn.grid_size == (9, 16) and direct_fixed.blocks[0].attn.num_prefix_tokens == 5
 
 
 @pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import LayerNorm, Mlp, to_2tuple
+from timm.layers import LayerNorm, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -111,19 +111,29 @@ class ConvNNBlock(Block):
 
 
 class VisionTransformerConvNN(VisionTransformer):
-    """timm's ``VisionTransformer`` built with ``ConvNNBlock``s. The one change: ``set_input_size`` also gives the
-    ConvNN layers the new patch grid (spatial candidates and coordinates follow the 2-D layout, which a fixed-size
-    model fixes at build time; ``dynamic_img_size`` models record it on every forward instead)."""
+    """timm's ``VisionTransformer`` built with ``ConvNNBlock``s. The one addition: the ConvNN layers get the model's
+    token layout, however their blocks were built: the number of prefix (class / register) tokens, which are always
+    candidates, and the patch grid, which spatial candidates and coordinates follow (from the patch embedding, again
+    on ``set_input_size``; ``dynamic_img_size`` models record it on every forward)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, ConvNNAttention):
+                m.num_prefix_tokens = self.num_prefix_tokens
+        self._set_patch_grid()
         if self.dynamic_img_size:
             self._share_token_grid()
 
+    def _set_patch_grid(self) -> None:
+        grid = self.patch_embed.grid_size
+        for m in self.modules():
+            if isinstance(m, ConvNNAttention):
+                m.grid_size = (int(grid[0]), int(grid[1])) if grid is not None else None
+
     def _share_token_grid(self) -> None:
         """``dynamic_img_size``: the patch embedding records the patch grid of every forward and the ConvNN layers
-        read it (spatial candidates and coordinates need the 2-D layout, which the token count does not determine;
-        fixed-size models pass ``grid_size`` at build time instead)."""
+        read it (the token count does not determine the 2-D layout: 144 patches are 12 x 12 or 9 x 16)."""
         grid = TokenGrid()
         self.patch_embed.token_grid = grid
         self.patch_embed.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
@@ -138,10 +148,7 @@ class VisionTransformerConvNN(VisionTransformer):
             patch_size: Optional[Tuple[int, int]] = None,
     ) -> None:
         super().set_input_size(img_size=img_size, patch_size=patch_size)
-        grid = self.patch_embed.grid_size
-        for m in self.modules():
-            if isinstance(m, ConvNNAttention) and m.grid_size is not None and grid is not None:
-                m.grid_size = (int(grid[0]), int(grid[1]))
+        self._set_patch_grid()
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
@@ -167,11 +174,6 @@ def _create_vit_convnn(variant: str, pretrained: bool = False, **kwargs) -> Visi
         if name in kwargs:
             raise TypeError(f'{variant} builds its own ConvNN blocks; {name}= cannot be passed')
     convnn_kwargs = {k: kwargs.pop(k) for k in CONVNN_KWARGS if k in kwargs}
-    convnn_kwargs['num_prefix_tokens'] = int(kwargs.get('class_token', True)) + kwargs.get('reg_tokens', 0)
-    if not kwargs.get('dynamic_img_size', False):
-        img_size = to_2tuple(kwargs.get('img_size', 224))
-        patch_size = to_2tuple(kwargs.get('patch_size', 16))
-        convnn_kwargs['grid_size'] = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     out_indices = kwargs.pop('out_indices', 3)
     with explain_load_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
