@@ -179,6 +179,45 @@ def test_readme_model_stats_are_current():
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')  # timm's tests still script
+def _attn_layer(**options):
+    """A ConvNNAttention class with ``options`` (timm's VisionTransformer takes attn_layer as a class)."""
+    from timm_convnn.layers import ConvNNAttention
+
+    class Layer(ConvNNAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, **options)
+    return Layer
+
+
+def test_timm_vit_with_convnn_attn_layer_and_the_token_layout():
+    # timm's own VisionTransformer with attn_layer=ConvNNAttention (the README's example): 'all' candidates need no
+    # layout; spatial candidates do, and the layer cannot tell that 65 tokens are a class token and 8 x 8 patches: a
+    # warning says so and what to pass; given num_prefix_tokens and grid_size it computes what our ViT computes
+    import warnings
+    from timm_convnn.layers import ConvNNAttention
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    vit_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=1, num_heads=3, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        timm.models.VisionTransformer(**vit_args, attn_layer=ConvNNAttention).eval()(x)
+    ours = timm.create_model('vit_tiny_convnn_spatial', **vit_args, num_samples=16).eval()
+    assert all(bool((p == 1).all()) for n, p in ours.named_parameters() if 'aggregate' in n)  # timm's Block: ones
+    unknown = timm.models.VisionTransformer(
+        **vit_args, attn_layer=_attn_layer(candidates='spatial', num_samples=16)).eval()
+    told = timm.models.VisionTransformer(
+        **vit_args, attn_layer=_attn_layer(candidates='spatial', num_samples=16, num_prefix_tokens=1,
+                                           grid_size=(8, 8))).eval()
+    for model in (unknown, told):
+        model.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r'cannot tell the patch grid of 65 tokens.*grid_size=\(rows, cols\)'):
+            assert not torch.allclose(unknown(x), ours(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            assert torch.equal(told(x), ours(x))
+
+
 @pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),
                                           ('vit_tiny_convnn_all', dict(coords='append', similarity='cosine'))])
 def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):

@@ -14,6 +14,7 @@ scrambles tokens for more than one head); softmax is over the K slots; random ca
 a fixed hashed draw in eval (deterministic); the query token and the prefix (class / register) tokens are always
 candidates; depthwise weights are per channel (not shared across heads).
 """
+import warnings
 from typing import Optional, Tuple, Type
 
 import torch
@@ -80,7 +81,7 @@ class ConvNNAttention(nn.Module):
         neighbor_order: slot order fed to the aggregation: ``'rank'`` (best first) or ``'position'`` (token order).
         num_prefix_tokens: leading non-patch tokens (class, registers); set by the model.
         grid_size: (rows, cols) of the patch map, used when it matches the token count; otherwise a square map is
-            assumed, or a single raster row when the count is not square. A ``token_grid`` (``TokenGrid``) attribute,
+            assumed, or a single raster row (with a warning) when the count is not square. A ``token_grid`` (``TokenGrid``) attribute,
             which ViT models with ``dynamic_img_size`` share with their patch embedding, takes precedence.
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
@@ -170,7 +171,20 @@ class ConvNNAttention(nn.Module):
         side = int(round(num_patches ** 0.5))
         if side * side == num_patches:
             return side, side
+        if not torch.jit.is_scripting():
+            self._warn_unknown_grid(num_patches)
         return 1, num_patches  # unknown layout: a single raster row
+
+    @torch.jit.unused
+    def _warn_unknown_grid(self, num_patches: int) -> None:
+        # (e.g. timm's own VisionTransformer with attn_layer=ConvNNAttention: 197 tokens, of which the layer does not
+        # know that one is a class token; timm_convnn's ViT models give their layers both numbers)
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f'ConvNNAttention cannot tell the patch grid of {num_patches} tokens (num_prefix_tokens='
+                f'{self.num_prefix_tokens}, grid_size={self.grid_size}, and {num_patches} is not a square): spatial '
+                'candidates and coordinates take them as one raster row. Pass grid_size=(rows, cols) and '
+                'num_prefix_tokens (class + register tokens) to the layer.', stacklevel=2)
 
     @torch.jit.unused
     def _recorded_grid(self, num_patches: int) -> Optional[Tuple[int, int]]:
