@@ -24,7 +24,8 @@ def _saved_tensor_sizes(fn):
 
 
 def _attention_saved(candidates, N, K, B=2, C=64, H=2):
-    m = ConvNNAttention(C, H, num_neighbors=K, candidates=candidates, num_samples=64, similarity='cosine').train()
+    m = ConvNNAttention(C, H, num_neighbors=K, candidates=candidates, num_samples=64, similarity='cosine',
+                        grid_size=(16, N // 16)).train()
     x = torch.randn(B, N, C, requires_grad=True)
     out, sizes = _saved_tensor_sizes(lambda: m(x))
     out.sum().backward()  # backward works from what was kept

@@ -389,7 +389,7 @@ def test_eval_is_deterministic_across_processes():
 def test_meta_device(m):
     cls = type(m)
     if cls is ConvNNAttention:
-        mm = cls(32, 4, num_neighbors=5, candidates=m.candidates, num_samples=9, device='meta')
+        mm = cls(32, 4, num_neighbors=5, candidates=m.candidates, num_samples=9, num_prefix_tokens=1, device='meta')
     else:
         mm = cls(6, 6 if getattr(m, 'aggregation', '') == 'depthwise' else 8, device='meta')
     assert all(p.device.type == 'meta' for p in mm.parameters())
