@@ -203,3 +203,67 @@ def test_profile_script_op_mode_runs_on_cpu():
     head = text.splitlines()[0]
     assert head.startswith('== attention core random, n 50, batch 1') and 'wall ' in head, head
     assert 'aten::topk' in text  # the PyTorch path's selection ran and was profiled
+
+
+_PARSE_ONLY = '''
+import argparse, json, runpy, shlex, sys
+
+class Parsed(Exception):
+    pass
+
+parse = argparse.ArgumentParser.parse_args
+
+def parse_only(self, args=None, namespace=None):
+    parse(self, args, namespace)  # exits 2 with argparse's message on an unknown flag or a bad value
+    raise Parsed
+
+argparse.ArgumentParser.parse_args = parse_only
+for line in json.loads(sys.argv[1]):
+    script, *args = shlex.split(line)
+    sys.argv = [script] + args
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except Parsed:
+        print('parsed', script, flush=True)
+    else:
+        sys.exit(script + ' ran past its argument parsing')
+'''
+
+
+def _gpu_check_commands(root):
+    """The ``python benchmarks/*.py ...`` command lines of benchmarks/gpu_check.sh, continuation lines joined, up to
+    the output redirection / pipe."""
+    import re
+    text = (root / 'benchmarks' / 'gpu_check.sh').read_text().replace('\\\n', ' ')
+    lines = []
+    for match in re.finditer(r'python (benchmarks/\w+\.py[^|\n]*?)(?: 2>&1|\||$)', text, flags=re.M):
+        lines.append(match.group(1).replace('"$out', '"/tmp/gpu-check-out'))
+    return lines
+
+
+def test_gpu_check_script_commands_parse(tmp_path):
+    # device time is counted in minutes and a GPU is drawn rarely: every benchmark command of the device script must
+    # at least be accepted by its script's argument parser (checked here without running it), and the CUDA test
+    # selection must select the CUDA tests
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parent.parent
+    lines = _gpu_check_commands(root)
+    assert len(lines) >= 12 and {line.split()[0] for line in lines} == {
+        'benchmarks/bench.py', 'benchmarks/kernel_sweep.py', 'benchmarks/profile_gpu.py'}
+    out = subprocess.run([sys.executable, '-c', _PARSE_ONLY, json.dumps(lines)], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('parsed ') == len(lines)
+    # --kernel-config items name launch settings the fused kernels have (checked after parsing, at run time)
+    import shlex
+    from timm_convnn.bench import _kernel_config
+    configs = [shlex.split(line.split('--kernel-config', 1)[1].split(' --', 1)[0])
+               for line in lines if '--kernel-config' in line]
+    assert len(configs) >= 3 and all(_kernel_config(items) for items in configs)
+    selection = subprocess.run(
+        [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', '-k', 'cuda and not compile',
+         'tests/test_triton.py'], cwd=root, capture_output=True, text=True, timeout=600)
+    assert selection.returncode == 0, selection.stdout[-3000:]
+    assert sum('::' in line for line in selection.stdout.splitlines()) >= 20
