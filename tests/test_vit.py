@@ -36,9 +36,10 @@ def test_names_never_collide_with_timm():
     ours = set(timm.list_models('*convnn*'))
     assert not ours & timm_only
     assert not any('convnn' in n for n in timm_only)
-    # after the plugin import every timm model still maps to timm's own module
-    from timm.models._registry import _model_to_module
-    assert all(not _model_to_module[n].startswith('vit_convnn') for n in timm_only)
+    # after the plugin import every timm model still maps to timm's own module: our modules list only our names
+    modules = [m for m in timm.list_modules() if 'convnn' in m]
+    assert sorted(modules) == ['resnet_convnn', 'vgg_convnn', 'vit_convnn']
+    assert set().union(*(timm.list_models(module=m) for m in modules)) == ours
     assert set(timm.list_models()) == timm_only | ours
 
 
