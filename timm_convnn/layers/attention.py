@@ -81,8 +81,9 @@ class ConvNNAttention(nn.Module):
         neighbor_order: slot order fed to the aggregation: ``'rank'`` (best first) or ``'position'`` (token order).
         num_prefix_tokens: leading non-patch tokens (class, registers); set by the model.
         grid_size: (rows, cols) of the patch map, used when it matches the token count; otherwise a square map is
-            assumed, or a single raster row (with a warning) when the count is not square. A ``token_grid`` (``TokenGrid``) attribute,
-            which ViT models with ``dynamic_img_size`` share with their patch embedding, takes precedence.
+            assumed, or a single raster row (with a warning) when the count is not square. A ``token_grid``
+            (``TokenGrid``) attribute, which ViT models with ``dynamic_img_size`` share with their patch embedding,
+            takes precedence.
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
     grid_size: Optional[Tuple[int, int]]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
-from .symbolic import size_free, sym_max, sym_min, sym_round
+from .symbolic import size_free, slots, sym_max, sym_min, sym_round
 
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
@@ -193,7 +193,7 @@ def _select_all(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     N, M = qf.shape[2], kf.shape[2]
     pad = size_free(M)
-    k_eff = num_neighbors if pad else min(num_neighbors, M)
+    k_eff = slots(num_neighbors, M)
     chunk = _query_chunk(budget_bytes, qf, M * 4)
     kt = kf.transpose(-1, -2)
     ids: List[torch.Tensor] = []
@@ -230,7 +230,7 @@ def _select_listed(
     B, G, N, M = qf.shape[0], qf.shape[1], qf.shape[2], kf.shape[2]
     r = candidates.shape[0]
     pad = size_free(M)
-    k_eff = num_neighbors if pad else min(num_neighbors, r)
+    k_eff = slots(num_neighbors, r)  # (with a size-free M, r = min(r, n) is size-free too, or r >= K)
     kc = kf.index_select(2, candidates)
     kt = kc.transpose(-1, -2)
     chunk = _query_chunk(budget_bytes, qf, (r + 1) * 4)

@@ -4,13 +4,13 @@
 layer is an expression of the input's height and width) and the graph then serves every size. Python control flow on
 such a size becomes a guard, an assertion the exported graph checks at run time, so the layers must not branch or loop
 on it: the PyTorch path then takes all queries in one score slice and aggregates slot by slot, keeps K neighbour
-slots at every size and leaves the ones without a candidate empty where eager clamps K (``functional._empty_slots``),
-and the candidate list keeps min(r, n) ids. The fused kernels' ops (GPU) assert instead that K fits (``kept``). The
-helpers here are TorchScript compatible: scripted, no size is symbolic.
+slots at every size and leaves the ones without a candidate empty where eager clamps K (``slots``,
+``functional._empty_slots``), and the candidate list keeps min(r, n) ids. The fused kernels' ops (GPU) assert
+instead that K fits (``kept``). The helpers here are TorchScript compatible: scripted, no size is symbolic.
 """
 import torch
 
-__all__ = ['size_free', 'kept', 'sym_min', 'sym_max', 'sym_round']
+__all__ = ['size_free', 'slots', 'kept', 'sym_min', 'sym_max', 'sym_round']
 
 
 def size_free(n: int) -> bool:
@@ -27,13 +27,18 @@ def _exporting_symbolic(n: int) -> bool:
     return isinstance(n, torch.SymInt) and exporting()
 
 
+def slots(num_neighbors: int, num_candidates: int) -> int:
+    """Neighbour slots per query: K clamped to the candidate count, or K itself for a size-free count (the PyTorch
+    path leaves the slots without a candidate empty, ``functional._empty_slots``; the fused ops assert, ``kept``)."""
+    return num_neighbors if size_free(num_candidates) else min(num_neighbors, num_candidates)
+
+
 def kept(num_neighbors: int, num_candidates: int) -> int:
-    """K clamped to the candidate count, for the fused kernels' ops. In a size-free graph they keep K and assert at
-    least K candidates where the graph runs (torch reports "Guard failed: <candidate count> >= K")."""
+    """``slots`` for the fused kernels' ops. In a size-free graph they keep K and assert at least K candidates where
+    the graph runs (torch reports "Guard failed: <candidate count> >= K")."""
     if size_free(num_candidates):
         _check_at_least(num_candidates, num_neighbors)
-        return num_neighbors
-    return min(num_neighbors, num_candidates)
+    return slots(num_neighbors, num_candidates)
 
 
 @torch.jit.unused

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .backend import get_backend
-from .symbolic import kept, size_free
+from .symbolic import kept, slots
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
            'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
@@ -980,7 +980,7 @@ def select_unsupported(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int,
             return (f'fused_select takes token ids on the features\' device ({qs.device}); got {candidates.device} and '
                     f'{query_index.device}')
     count = tokens if candidates is None else candidates.shape[0]
-    kept = num_neighbors if size_free(count) else min(num_neighbors, count)  # (the dispatch asserts nothing)
+    kept = slots(num_neighbors, count)  # (the dispatch asserts nothing)
     if qs.shape[-1] > MAX_SELECT_DIM or not 1 <= kept <= MAX_NEIGHBORS:
         what = 'token' if candidates is None else 'candidate'
         return (f'fused_select takes at most {MAX_SELECT_DIM} channels and 1 <= K <= {MAX_NEIGHBORS} (K is clamped '
