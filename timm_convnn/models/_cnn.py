@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..layers import ConvNN2d, ConvNNBranch2d
 
-__all__ = ['CONVNN_CNN_KWARGS', 'ConvNNConvFactory', 'cnn_checkpoint_filter_fn']
+__all__ = ['CONVNN_CNN_KWARGS', 'ConvNNConvFactory', 'cnn_checkpoint_filter_fn', 'unwrap_state_dict']
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ def _convnn_prefixes(model: nn.Module):
     return tuple(name + '.' for name, m in model.named_modules() if isinstance(m, (ConvNN2d, ConvNNBranch2d)))
 
 
+def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint saved as ``{'model': ...}`` or ``{'state_dict': ...}``, or of a plain state dict."""
+    checkpoint = checkpoint.get('model', checkpoint)
+    return checkpoint.get('state_dict', checkpoint)
+
+
 def cnn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Warm start a ConvNN CNN from a checkpoint of the CNN it modifies (or load one of its own).
 
@@ -86,8 +92,7 @@ def cnn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Modu
     tensors, absent from the source, keep the model's initialisation. Nothing else is filled in: any other missing,
     unexpected or mis-shaped tensor still fails a strict load.
     """
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     prefixes = _convnn_prefixes(model)
     out = {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}

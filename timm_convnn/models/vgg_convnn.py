@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vgg import VGG, cfgs as _vgg_cfgs
 
-from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn
+from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn, unwrap_state_dict
 from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
 __all__ = ['checkpoint_filter_fn']
@@ -52,9 +52,7 @@ def _torchvision_to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VGG) -> Dict[str, torch.Tensor]:
     """timm or torchvision VGG checkpoints (torchvision's classifier becomes timm's pre-logits and head), or our own."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
-    return cnn_checkpoint_filter_fn(_torchvision_to_timm(state_dict), model)
+    return cnn_checkpoint_filter_fn(_torchvision_to_timm(unwrap_state_dict(state_dict)), model)
 
 
 def _create_vgg_convnn(variant: str, pretrained: bool = False, **kwargs) -> VGG:

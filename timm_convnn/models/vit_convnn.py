@@ -17,7 +17,7 @@ Every ConvNN option is also a model kwarg: ``num_neighbors``, ``candidates``, ``
 """
 import logging
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -118,29 +118,25 @@ class VisionTransformerConvNN(VisionTransformer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for m in self.modules():
-            if isinstance(m, ConvNNAttention):
-                m.num_prefix_tokens = self.num_prefix_tokens
+        # dynamic_img_size: the patch embedding records the patch grid of every forward for the layers (the token
+        # count does not determine the 2-D layout: 144 patches are 12 x 12 or 9 x 16)
+        token_grid = TokenGrid() if self.dynamic_img_size else None
+        if token_grid is not None:
+            self.patch_embed.token_grid = token_grid
+            self.patch_embed.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
+            self.patch_embed.register_forward_hook(record_token_grid)
+        for m in self._convnn_layers():
+            m.num_prefix_tokens = self.num_prefix_tokens
+            m.token_grid = token_grid
         self._set_patch_grid()
-        if self.dynamic_img_size:
-            self._share_token_grid()
+
+    def _convnn_layers(self) -> List[ConvNNAttention]:
+        return [m for m in self.modules() if isinstance(m, ConvNNAttention)]
 
     def _set_patch_grid(self) -> None:
         grid = self.patch_embed.grid_size
-        for m in self.modules():
-            if isinstance(m, ConvNNAttention):
-                m.grid_size = (int(grid[0]), int(grid[1])) if grid is not None else None
-
-    def _share_token_grid(self) -> None:
-        """``dynamic_img_size``: the patch embedding records the patch grid of every forward and the ConvNN layers
-        read it (the token count does not determine the 2-D layout: 144 patches are 12 x 12 or 9 x 16)."""
-        grid = TokenGrid()
-        self.patch_embed.token_grid = grid
-        self.patch_embed.__jit_ignored_attributes__ = ['token_grid']  # the hook records nothing under TorchScript
-        self.patch_embed.register_forward_hook(record_token_grid)
-        for m in self.modules():
-            if isinstance(m, ConvNNAttention):
-                m.token_grid = grid
+        for m in self._convnn_layers():
+            m.grid_size = (int(grid[0]), int(grid[1])) if grid is not None else None
 
     def set_input_size(
             self,
