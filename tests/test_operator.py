@@ -453,3 +453,61 @@ def test_torch_compile_fullgraph(candidates):
     (gx,) = torch.autograd.grad(y.sum(), x)
     (rx,) = torch.autograd.grad(layer(x).sum(), x)
     torch.testing.assert_close(gx, rx)
+
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_fixed_candidate_lists_are_made_once(monkeypatch):
+    # the spatial grid and the eval draw of random candidates are the same at every call: made once per key (a dozen
+    # small ops per layer otherwise); training draws afresh
+    from timm_convnn.layers import attention, conv2d
+    x = torch.randn(2, 65, 32)
+    drawn = _counting(monkeypatch, attention, 'random_candidates')
+    m = ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=8, num_prefix_tokens=1).eval()
+    with torch.no_grad():
+        y = [m(x) for _ in range(3)]
+    assert len(drawn) == 1 and torch.equal(y[0], y[2])
+    assert torch.equal(m._candidate_ids(65, x.device), m._make_candidate_ids(65, x.device)) and len(drawn) == 2
+    m.train()
+    m(x), m(x)
+    assert len(drawn) == 4
+    m.eval()
+    before = m._candidate_ids(65, x.device)
+    m.sample_seed = 5  # every setting the list depends on is part of the key
+    assert not torch.equal(m._candidate_ids(65, x.device), before) and len(drawn) == 5
+    gridded = _counting(monkeypatch, attention, 'grid_candidates')
+    s = ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=16, num_prefix_tokens=1)
+    for training in (True, False, True):
+        s.train(training)(x)
+    assert len(gridded) == 1
+    s.num_samples = 9
+    assert s._candidate_ids(65, x.device).shape == (1 + 9,) and len(gridded) == 2
+    assert s._candidate_ids(1 + 48, x.device).shape == (1 + 9,) and len(gridded) == 3  # another map (6 x 8)
+
+    c = ConvNN2d(8, 8, candidates='random', num_samples=20, padding=1).eval()
+    conv_drawn = _counting(monkeypatch, conv2d, 'random_candidates')
+    img = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(c(img), c(img)) and len(conv_drawn) == 1
+        c(torch.randn(1, 8, 7, 9))
+    assert len(conv_drawn) == 2
+
+
+def test_cached_candidates_made_under_inference_mode_serve_training():
+    # a list made under torch.inference_mode is an inference tensor, which autograd may not save (the fused op keeps
+    # the list for its backward): the inference mode is part of the key, so later calls get a list of their own
+    layer = ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=16, num_prefix_tokens=1)
+    x = torch.randn(2, 65, 32)
+    with torch.inference_mode():
+        expect = layer(x)
+        assert layer._candidate_ids(65, x.device).is_inference()
+    ids = layer._candidate_ids(65, x.device)
+    assert not ids.is_inference() and ids.tolist() == layer._make_candidate_ids(65, x.device).tolist()
+    y = layer(x.requires_grad_())
+    y.sum().backward()
+    assert torch.equal(y.detach(), expect) and x.grad is not None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from . import triton_attention
-from .common import NeighborAggregation, check_convnn_args
+from .common import CandidateCache, NeighborAggregation, check_convnn_args
 from .functional import (
     coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
     similarity_features, softmax_weights)
@@ -87,7 +87,8 @@ class ConvNNAttention(nn.Module):
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
     grid_size: Optional[Tuple[int, int]]
-    __jit_ignored_attributes__ = ['token_grid']  # read only outside TorchScript (_recorded_grid)
+    # read only outside TorchScript (_recorded_grid, _cached_candidate_ids)
+    __jit_ignored_attributes__ = ['token_grid', '_id_cache']
 
     def __init__(
             self,
@@ -147,6 +148,7 @@ class ConvNNAttention(nn.Module):
         self.sample_seed = sample_seed
         self.grid_size = (int(grid_size[0]), int(grid_size[1])) if grid_size is not None else None
         self.token_grid = None  # a TokenGrid: the grid of the forward in progress, when a model records it
+        self._id_cache = CandidateCache()
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
@@ -211,9 +213,23 @@ class ConvNNAttention(nn.Module):
         return self.num_samples >= num_tokens - min(self.num_prefix_tokens, num_tokens)
 
     def _candidate_ids(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Token ids shared by all queries, or None for all tokens."""
+        """Token ids shared by all queries, or None for all tokens. Lists that are the same at every call (spatial;
+        random in eval) are made once (``CandidateCache``)."""
         if self._every_token(num_tokens):
             return None
+        if not torch.jit.is_scripting():
+            if (self.candidates == 'spatial' or not self.training) and CandidateCache.usable(num_tokens):
+                return self._cached_candidate_ids(num_tokens, device)
+        return self._make_candidate_ids(num_tokens, device)
+
+    @torch.jit.unused
+    def _cached_candidate_ids(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        num_prefix = min(self.num_prefix_tokens, num_tokens)
+        grid = self._patch_grid(num_tokens - num_prefix) if self.candidates == 'spatial' else None
+        key = (self.candidates, num_tokens, self.num_samples, num_prefix, self.sample_seed, grid, device)
+        return self._id_cache.get(key, lambda: self._make_candidate_ids(num_tokens, device))
+
+    def _make_candidate_ids(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         num_prefix = min(self.num_prefix_tokens, num_tokens)
         num_patches = num_tokens - num_prefix
         if self.candidates == 'random':

@@ -1,6 +1,6 @@
 """ Pieces shared by the ConvNN modules: argument checking and the neighbour aggregation layer. """
 import math
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -8,7 +8,7 @@ import torch.nn as nn
 from .functional import neighbor_aggregate
 
 __all__ = ['CANDIDATE_MODES', 'SIMILARITIES', 'WEIGHTINGS', 'AGGREGATIONS', 'COORD_MODES', 'NEIGHBOR_ORDERS',
-           'check_convnn_args', 'NeighborAggregation']
+           'check_convnn_args', 'NeighborAggregation', 'CandidateCache']
 
 CANDIDATE_MODES = ('all', 'random', 'spatial')
 SIMILARITIES = ('cosine', 'dot', 'euclidean')
@@ -54,6 +54,34 @@ def check_convnn_args(
     _check_choice('aggregation', aggregation, AGGREGATIONS)
     _check_choice('coords', coords, COORD_MODES)
     _check_choice('neighbor_order', neighbor_order, NEIGHBOR_ORDERS)
+
+
+class CandidateCache:
+    """The candidate lists of a layer that are the same at every call: the spatial grid, and the fixed hashed draw of
+    ``random`` candidates in eval (training draws afresh each call). Making one is a dozen small tensor ops (about
+    60-85 us per layer on a CPU, as many kernel launches on a GPU) for a few hundred ids, so the layer makes each once
+    per key (the layer's settings, the map size, the device) and reuses it.
+
+    Not used while torch compiles or exports the layer (the graph then computes the list, and folds it where it is
+    constant), under TorchScript, or for sizes that are not plain ints. Lists made under ``torch.inference_mode`` are
+    inference tensors, which autograd may not save, so the inference mode is part of the key."""
+    max_entries = 16  # (e.g. a model run at several input sizes); more: start afresh
+
+    def __init__(self) -> None:
+        self.lists: Dict[Tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def usable(*sizes) -> bool:
+        return all(type(n) is int for n in sizes) and not torch.compiler.is_compiling()
+
+    def get(self, key: Tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = key + (torch.is_inference_mode_enabled(),)
+        ids = self.lists.get(key)
+        if ids is None:
+            if len(self.lists) >= self.max_entries:
+                self.lists.clear()
+            ids = self.lists[key] = make()
+        return ids
 
 
 class NeighborAggregation(nn.Module):

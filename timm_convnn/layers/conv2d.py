@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .common import NeighborAggregation, check_convnn_args, _check_int
+from .common import CandidateCache, NeighborAggregation, check_convnn_args, _check_int
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
     similarity_features, softmax_weights, split_raster)
@@ -59,6 +59,7 @@ class ConvNN2d(nn.Module):
         bias: aggregation bias.
         sample_seed: key of the fixed eval-mode random draw.
     """
+    __jit_ignored_attributes__ = ['_id_cache']  # read only outside TorchScript (_cached_candidate_ids)
 
     def __init__(
             self,
@@ -103,6 +104,7 @@ class ConvNN2d(nn.Module):
         self.coord_scale = coord_scale
         self.neighbor_order = neighbor_order
         self.sample_seed = sample_seed
+        self._id_cache = CandidateCache()
         self.aggregate = NeighborAggregation(
             in_channels, out_channels, num_neighbors, groups=1, depthwise=aggregation == 'depthwise', bias=bias,
             init='unit' if aggregation == 'depthwise' else 'default', device=device, dtype=dtype)
@@ -136,9 +138,21 @@ class ConvNN2d(nn.Module):
         return m
 
     def _candidate_ids(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Candidate pixel ids in the padded raster, shared by all queries, or None for every padded pixel."""
+        """Candidate pixel ids in the padded raster, shared by all queries, or None for every padded pixel. Lists that
+        are the same at every call (spatial; random in eval) are made once (``CandidateCache``)."""
         if self.candidates == 'all':
             return None
+        if not torch.jit.is_scripting():
+            if (self.candidates == 'spatial' or not self.training) and CandidateCache.usable(height, width):
+                return self._cached_candidate_ids(height, width, device)
+        return self._make_candidate_ids(height, width, device)
+
+    @torch.jit.unused
+    def _cached_candidate_ids(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        key = (self.candidates, height, width, self.padding, self.num_samples, self.sample_seed, device)
+        return self._id_cache.get(key, lambda: self._make_candidate_ids(height, width, device))
+
+    def _make_candidate_ids(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         p = self.padding
         wp = width + 2 * p
         n = height * width
