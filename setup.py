@@ -14,7 +14,8 @@ from setuptools.command.build_py import build_py
 PTH_NAME = 'timm_convnn-autoload.pth'
 # a .pth line that starts with "import" is executed by site.py; a missing module (package removed by hand while the
 # .pth stayed behind) must not print a traceback at every interpreter start
-PTH_LINE = "import sys; exec('try: import _timm_convnn_autoload as hook\\nexcept ImportError: hook = None\\nif hook: hook.install()')\n"
+PTH_LINE = ("import sys; exec('try: import _timm_convnn_autoload as hook\\nexcept ImportError: hook = None\\n"
+            "if hook: hook.install()')\n")
 
 
 class BuildPyWithAutoload(build_py):

@@ -8,16 +8,17 @@ ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, S
 (spills), SHARED static shared memory; ``-sass`` gives the count of GPU-wide memory fences and L1 invalidations
 (MEMBAR .GPU, CCTL: what an acquire-release atomic brings along), of fused multiply-adds (FFMA: none when the
 compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``) and of all instructions (static
-code size, a rough guide to the work per program where loops are unrolled; not a timing). A kernel that spills runs many times
-slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the Triton
-version the GPU machine has.
+code size, a rough guide to the work per program where loops are unrolled; not a timing). A kernel that spills runs
+many times slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the
+Triton version the GPU machine has.
 
 Kernels: fwd (the forward), bwd (its backward), sel (selection alone, what ConvNN2d and the other layers the forward
 does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row kernel, more the streaming one), K, D
 (head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list of r tokens, default 128;
 streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'; bwd: the dense per-token sums of CONFIG
-bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), block_m (0: the built-in choice), warps (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row
-kernel ranks packed int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
+bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), block_m (0: the built-in choice), warps
+(0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row kernel ranks packed
+int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
 multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
 ``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
 qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and

@@ -114,8 +114,8 @@ def main() -> None:
                 else:
                     err = None
                 copies = copies or ta.DW_COPIES
-                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='bwd', block_m=bm, warps=nw, dw_copies=copies, ms=t,
-                                 x_sdpa=t / (sdpa_fb - sdpa_f), error=err))
+                rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='bwd', block_m=bm, warps=nw,
+                                 dw_copies=copies, ms=t, x_sdpa=t / (sdpa_fb - sdpa_f), error=err))
                 save()
                 print(f'  bwd K {K:2d} BM {bm:2d} warps {nw} dw copies {copies:2d}: {t:.4f} ms  '
                       f'x{t / (sdpa_fb - sdpa_f):.2f} SDPA bwd'

@@ -1,5 +1,5 @@
-"""A few DistributedDataParallel training steps of ConvNN models, as timm's train.py runs them (tests/test_distributed.py
-starts this with torchrun: two CPU processes, gloo).
+"""A few DistributedDataParallel training steps of ConvNN models, as timm's train.py runs them
+(tests/test_distributed.py starts this with torchrun: two CPU processes, gloo).
 
 Never imports timm_convnn: the models come from the autoload hook. Prints one JSON line (rank 0) with, per model and
 step, the largest gradient difference between the ranks and, where the model is deterministic in training, between

@@ -40,7 +40,8 @@ def _python(code, *args, cwd, extra_env=None, python=sys.executable, check=True)
 _START_STATE = ('import sys\n'
                 'heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r)\n'
                 'hooked = any(type(f).__name__ == "_TimmImportHook" for f in sys.meta_path)\n'
-                'print(json.dumps(dict(hook_module="_timm_convnn_autoload" in sys.modules, hooked=hooked, heavy=heavy)))'
+                'print(json.dumps(dict(hook_module="_timm_convnn_autoload" in sys.modules, hooked=hooked, '
+                'heavy=heavy)))'
                 % (HEAVY,))
 
 
@@ -105,7 +106,8 @@ _REGISTRY = ('import json, sys, timm\n'
              'out = {}\n'
              'for name, fn in sorted(reg._model_entrypoints.items()):\n'
              '    tags = sorted(reg._model_with_tags[name])\n'
-             '    cfgs = {t: reg._model_pretrained_cfgs[t].to_dict() for t in tags if t in reg._model_pretrained_cfgs}\n'
+             '    cfgs = {t: reg._model_pretrained_cfgs[t].to_dict() for t in tags\n'
+             '            if t in reg._model_pretrained_cfgs}\n'
              '    out[name] = dict(module=reg._model_to_module[name], fn=fn.__module__, tags=tags, cfgs=cfgs)\n'
              'json.dump(out, open(sys.argv[1], "w"), default=str)\n')
 

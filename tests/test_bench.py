@@ -149,7 +149,8 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA device')),
 ])
 def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
-    argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')] + (args if '--models' in args else ['--ops'] + args)
+    argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')]
+    argv += args if '--models' in args else ['--ops'] + args
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
 

@@ -131,7 +131,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     base = ['neighbors', 'vit_tiny_convnn_random', '--img-size', '32', '--out', str(tmp_path / 'x.png'),
             '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=1']
     assert cli_main(base + ['--query', '32,0']) == 2
-    assert 'query 32,0 is outside the 32x32 model input: X must be in [0, 31] and Y in [0, 31]' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'query 32,0 is outside the 32x32 model input: X must be in [0, 31] and Y in [0, 31]' in err
     assert cli_main(base + ['--query', '3;4']) == 2
     assert "--query must be X,Y in pixels" in capsys.readouterr().err
     assert cli_main(base + ['--layers', 'blocks.7.attn']) == 2

@@ -196,7 +196,8 @@ def compare(name, make, x):
         outs[b] = (y.float(), [t.float() for t in grads], len(calls) - before, len(sel_calls) - before_sel)
     (y0, g0, c0, s0), (y1, g1, c1, s1) = outs['torch'], outs['triton']
     results[name] = dict(out=(y0 - y1).abs().max().item(), scale=y0.abs().max().item(),
-                         grad=max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() for a, b in zip(g0, g1)),
+                         grad=max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+                                  for a, b in zip(g0, g1)),
                          torch_calls=c0 + s0, triton_calls=c1, select_calls=s1, margin=margin_of(lambda: layer(x)))
 
 x = torch.randn(2, 50, 32)

@@ -661,8 +661,8 @@ def _run(args: argparse.Namespace, kernel_config: Dict[str, Any], log: Callable[
                 raise ValueError(f'--op-batches takes N:B with positive integers; got {item!r}')
             batches[int(n)] = int(b)
         op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim, args.num_samples,
-                     batch=batches, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup, iters=iters,
-                     backends=args.backends, log=progress, rows=result['ops'])
+                     batch=batches, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup,
+                     iters=iters, backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
         kwargs = {key: _literal(value) for key, _, value in (item.partition('=') for item in args.model_kwargs)}

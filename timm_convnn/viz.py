@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 from .inspect import LayerNeighbors, neighbors
 
-__all__ = ['sample_image', 'figure_size', 'render_neighbor_maps', 'model_input', 'neighbor_map', 'PANEL', 'TITLE', 'PAD', 'COLUMNS']
+__all__ = ['sample_image', 'figure_size', 'render_neighbor_maps', 'model_input', 'neighbor_map', 'PANEL', 'TITLE',
+           'PAD', 'COLUMNS']
 
 PANEL = 224   # panel side in pixels
 TITLE = 28    # title band above each panel
