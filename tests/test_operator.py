@@ -511,3 +511,19 @@ def test_cached_candidates_made_under_inference_mode_serve_training():
     y = layer(x.requires_grad_())
     y.sum().backward()
     assert torch.equal(y.detach(), expect) and x.grad is not None
+
+
+def test_candidate_lists_are_not_cached_while_tracing(monkeypatch):
+    # a trace (torch.jit.trace, what timm's TorchScript ONNX path records) keeps the ops that make the list, not a
+    # constant from an earlier call; eager calls after it still reuse theirs
+    from timm_convnn.layers import attention
+    layer = ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=8, num_prefix_tokens=1).eval()
+    x = torch.randn(2, 65, 32)
+    drawn = _counting(monkeypatch, attention, 'random_candidates')
+    with torch.no_grad():
+        expect = layer(x)
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    assert len(drawn) == 2 and 'aten::sort' in str(traced.graph)
+    torch.testing.assert_close(traced(x), expect)
+    layer(x)
+    assert len(drawn) == 2

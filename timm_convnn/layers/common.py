@@ -62,9 +62,10 @@ class CandidateCache:
     60-85 us per layer on a CPU, as many kernel launches on a GPU) for a few hundred ids, so the layer makes each once
     per key (the layer's settings, the map size, the device) and reuses it.
 
-    Not used while torch compiles or exports the layer (the graph then computes the list, and folds it where it is
-    constant), under TorchScript, or for sizes that are not plain ints. Lists made under ``torch.inference_mode`` are
-    inference tensors, which autograd may not save, so the inference mode is part of the key."""
+    Not used while torch compiles, exports or traces the layer (the graph then computes the list, and folds it where
+    it is constant), under TorchScript, or for sizes that are not plain ints. Lists made under
+    ``torch.inference_mode`` are inference tensors, which autograd may not save, so the inference mode is part of the
+    key."""
     max_entries = 16  # (e.g. a model run at several input sizes); more: start afresh
 
     def __init__(self) -> None:
@@ -72,7 +73,7 @@ class CandidateCache:
 
     @staticmethod
     def usable(*sizes) -> bool:
-        return all(type(n) is int for n in sizes) and not torch.compiler.is_compiling()
+        return all(type(n) is int for n in sizes) and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
     def get(self, key: Tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = key + (torch.is_inference_mode_enabled(),)
