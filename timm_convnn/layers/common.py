@@ -1,4 +1,5 @@
-""" Pieces shared by the ConvNN modules: argument checking and the neighbour aggregation layer. """
+""" Pieces shared by the ConvNN modules: argument checking, the neighbour aggregation layer and the cache of fixed
+candidate lists. """
 import math
 from typing import Callable, Dict, Optional, Tuple
 
