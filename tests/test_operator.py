@@ -481,7 +481,8 @@ def test_fixed_candidate_lists_are_made_once(monkeypatch):
     m.sample_seed = 5  # every setting the list depends on is part of the key
     assert not torch.equal(m._candidate_ids(65, x.device), before) and len(drawn) == 5
     gridded = _counting(monkeypatch, attention, 'grid_candidates')
-    s = ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=16, num_prefix_tokens=1)
+    s = ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=16, num_prefix_tokens=1,
+                        grid_size=(6, 8))  # (64 patches: a square map)
     for training in (True, False, True):
         s.train(training)(x)
     assert len(gridded) == 1
@@ -513,6 +514,8 @@ def test_cached_candidates_made_under_inference_mode_serve_training():
     assert torch.equal(y.detach(), expect) and x.grad is not None
 
 
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.filterwarnings('ignore:`torch.jit.trace:FutureWarning')
 def test_candidate_lists_are_not_cached_while_tracing(monkeypatch):
     # a trace (torch.jit.trace, what timm's TorchScript ONNX path records) keeps the ops that make the list, not a
     # constant from an earlier call; eager calls after it still reuse theirs
