@@ -218,7 +218,7 @@ class ConvNNAttention(nn.Module):
         if self._every_token(num_tokens):
             return None
         if not torch.jit.is_scripting():
-            if (self.candidates == 'spatial' or not self.training) and CandidateCache.usable(num_tokens):
+            if CandidateCache.serves(self.candidates, self.training, num_tokens):
                 return self._cached_candidate_ids(num_tokens, device)
         return self._make_candidate_ids(num_tokens, device)
 

@@ -73,8 +73,12 @@ class CandidateCache:
         self.lists: Dict[Tuple, torch.Tensor] = {}
 
     @staticmethod
-    def usable(*sizes) -> bool:
-        return all(type(n) is int for n in sizes) and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    def serves(candidates: str, training: bool, *sizes) -> bool:
+        """Whether a layer's ``candidates`` list is the same at every call (spatial; random in eval) and is kept here
+        for this call (map sizes ``sizes`` plain ints, not compiling or tracing)."""
+        fixed = candidates == 'spatial' or (candidates == 'random' and not training)
+        return (fixed and all(type(n) is int for n in sizes)
+                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()))
 
     def get(self, key: Tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = key + (torch.is_inference_mode_enabled(),)

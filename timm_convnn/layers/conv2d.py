@@ -143,7 +143,7 @@ class ConvNN2d(nn.Module):
         if self.candidates == 'all':
             return None
         if not torch.jit.is_scripting():
-            if (self.candidates == 'spatial' or not self.training) and CandidateCache.usable(height, width):
+            if CandidateCache.serves(self.candidates, self.training, height, width):
                 return self._cached_candidate_ids(height, width, device)
         return self._make_candidate_ids(height, width, device)
 
