@@ -185,6 +185,31 @@ def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
     assert lines[-1] == 'CALLS 48', lines[-1]
 
 
+def test_host_overhead_script_times_both_call_paths(tmp_path):
+    # benchmarks/host_overhead.py: the host side of a fused call (kernels stubbed out), eager and through the
+    # dispatcher; the dispatcher route must really have gone through the custom op, the eager one around it
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'host_overhead.py')
+    code = ('import runpy, sys, torch\n'
+            'sys.path.insert(0, ' + repr(os.path.dirname(script)) + ')\n'
+            'from timm_convnn.layers import triton_attention as ta\n'
+            'seen = {"op": 0, "eager": 0}\n'
+            'op, fn = ta._convnn_attention, ta._EagerAttention.apply\n'
+            'ta._convnn_attention = lambda *a: seen.__setitem__("op", seen["op"] + 1) or op(*a)\n'
+            'ta._EagerAttention.apply = lambda *a: seen.__setitem__("eager", seen["eager"] + 1) or fn(*a)\n'
+            'sys.argv = [sys.argv[0], "--heads", "2", "--tokens", "20", "--calls", "2", "--repeats", "2"]\n'
+            f'runpy.run_path({script!r}, run_name="__main__")\n'
+            'print("SEEN", seen["op"], seen["eager"])\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(' | ') for line in out.stdout.splitlines() if line.startswith('| 2 |')]
+    assert [r[1] for r in rows] == ['forward', 'forward+backward'] and all(float(r[2]) > 0 for r in rows), out.stdout
+    # per pass: 2 warm-up calls (calls // 4, at least 1: 1 here) and 2 x 2 timed calls per path
+    assert out.stdout.splitlines()[-1] == 'SEEN 10 10', out.stdout
+
+
 def test_profile_script_op_mode_runs_on_cpu():
     # benchmarks/profile_gpu.py --op (a device session's view of where the attention core's time goes), checked on CPU
     import os

@@ -584,6 +584,8 @@ def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
     for given, passed in zip((q, k, v, out), (args[0], args[1], args[2], args[4])):
         assert passed.data_ptr() == given.data_ptr() and passed.stride() == given.stride()
     assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()  # the merge (B, N, H * D) is a view
+    # the depthwise weights slot-major, (H, K, D) fp32 and contiguous: the kernels index them so
+    assert args[3].is_contiguous() and torch.equal(args[3], w.view(H, D, K).transpose(1, 2))
     go = torch.randn(B, N, H, D).transpose(1, 2)
     dq, dk, dv, dw = triton_attention._convnn_attention_backward(go, q, k, v, w, idx, p)
     (_, bargs, bkwargs), = launches[1:]
@@ -603,6 +605,119 @@ def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
     wide = big[:5].as_strided((5, 1, 1, 16), (2 ** 30, 16, 16, 1))
     assert chunks(5, big[:5], wide) == [(0, 2), (2, 4), (4, 5)]
     assert chunks(256, torch.empty(256, 12, 197, 64, device='meta')) == [(0, 256)]
+
+
+def _recorded_launches(monkeypatch):
+    """Replace the three kernels by recorders of (kernel, grid, arguments as (data_ptr, shape, strides, dtype) or
+    values, keyword arguments) and let the fused ops take CPU tensors. Returns the record list."""
+    if triton_attention.triton is None:
+        pytest.fail('triton is not installed (pip install triton)')
+    launches = []
+
+    def describe(a):
+        return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+
+    class Record:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid, [describe(a) for a in args], kwargs))
+
+    for name in ('_convnn_fwd_kernel', '_convnn_bwd_kernel', '_convnn_select_kernel'):
+        monkeypatch.setattr(triton_attention, name, Record(name))
+    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
+    return launches
+
+
+def _launch_signature(launch):
+    """A recorded launch without the data pointers of tensors each call allocates anew (outputs, gradients)."""
+    name, grid, args, kwargs = launch
+    return name, grid, [a[1:] if isinstance(a, tuple) else a for a in args], kwargs
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.filterwarnings('ignore:`torch.jit.trace:FutureWarning')
+@pytest.mark.parametrize('listed', [False, True])
+def test_eager_calls_skip_the_dispatcher_with_the_same_launches(listed, monkeypatch):
+    # eager calls run the launches through an autograd.Function, without torch.library's dispatcher (host time at
+    # small batches, benchmarks/host_overhead.py); graphs (torch.jit.trace here, torch.compile in the CUDA test)
+    # record the registered custom op. Both launch the same kernels with the same arguments and gradients flow the same
+    launches = _recorded_launches(monkeypatch)
+    B, N, H, D, K = 2, 50, 3, 16, 5
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    w = torch.randn(H * D, 1, K, requires_grad=True)
+    cand = torch.tensor([3, 0, 9, 4, 12, 7, 30, 41]) if listed else None
+    runs = {}
+    for path in ('eager', 'dispatcher'):
+        if path == 'dispatcher':
+            monkeypatch.setattr(triton_attention, '_eager', lambda *tensors: False)
+        del launches[:]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, idx, p = triton_attention.fused_attention(q, k, v, w, K, cand, 0.25)
+        node = type(out.grad_fn).__name__
+        qkv.grad = w.grad = None
+        out.sum().backward()
+        runs[path] = dict(node=node, launches=[_launch_signature(x) for x in launches],
+                          grads=(qkv.grad.clone(), w.grad.clone()), saved_q=launches[0][2][0][0] == q.data_ptr())
+    eager, disp = runs['eager'], runs['dispatcher']
+    assert eager['node'] == '_EagerAttentionBackward' and 'EagerAttention' not in disp['node']
+    assert [x[0] for x in eager['launches']] == ['_convnn_fwd_kernel', '_convnn_bwd_kernel']
+    assert eager['launches'] == disp['launches'] and eager['saved_q'] and disp['saved_q']
+    # (the stubbed kernels write nothing: the gradients are what the host code around them computes, dw's copy sums
+    # and the dk / dv casts, from uninitialised memory where the kernels would accumulate; so compare launches, and
+    # gradient shapes and dtypes)
+    assert [(g.shape, g.dtype) for g in eager['grads']] == [(g.shape, g.dtype) for g in disp['grads']]
+    monkeypatch.undo()
+
+    # what a trace records: the custom op, eagerly called or not
+    launches = _recorded_launches(monkeypatch)
+    x = torch.randn(B, H, N, D)
+
+    def mix(x, weight):
+        return triton_attention.fused_attention(x, x, x, weight, K)[0]
+
+    graph = str(torch.jit.trace(mix, (x, w.detach()), check_trace=False).graph)
+    assert 'timm_convnn::convnn_attention' in graph, graph
+    graph = str(torch.jit.trace(lambda x: triton_attention.fused_select(x, x, K)[1], (x,), check_trace=False).graph)
+    assert 'timm_convnn::convnn_select' in graph, graph
+    del launches[:]
+    with torch.no_grad():  # selection alone: the same launch either way
+        eager_sel = triton_attention.fused_select(x, x, K)
+        monkeypatch.setattr(triton_attention, '_eager', lambda *tensors: False)
+        disp_sel = triton_attention.fused_select(x, x, K)
+    sel = [_launch_signature(x) for x in launches if x[0] == '_convnn_select_kernel']
+    assert len(sel) == 2 and sel[0] == sel[1] and eager_sel[0].shape == disp_sel[0].shape == (B, H, N, K)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.trace:FutureWarning')
+def test_eager_rule_leaves_graphs_and_subclasses_to_the_custom_op():
+    x = torch.randn(2, 3)
+    w = torch.nn.Parameter(torch.randn(3))
+    assert triton_attention._eager(x, w, None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    with FakeTensorMode() as mode:
+        assert not triton_attention._eager(mode.from_tensor(x), w)
+
+    class Watch(TorchDispatchMode):  # what profilers and FLOP counters are: they see the custom ops
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert not triton_attention._eager(x, w)
+    assert triton_attention._eager(x, w)
+    assert not torch.func.vmap(lambda t: torch.tensor(triton_attention._eager(t)))(x).any()
+    seen = []
+    torch.jit.trace(lambda t: seen.append(triton_attention._eager(t)) or t * 2, (x,), check_trace=False)
+    assert seen == [False]
+
+    def compiled(t):
+        seen.append(triton_attention._eager(t))
+        return t * 2
+
+    torch.compile(compiled, backend='eager', fullgraph=True)(x)
+    assert seen == [False, False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '

@@ -1,7 +1,8 @@
 """ Fused ConvNN attention (all tokens or a shared candidate list, softmax, depthwise aggregation) as Triton kernels
 behind a ``torch.library.custom_op`` (``timm_convnn::convnn_attention``), with its fake and autograd registrations;
 and the top-K selection alone (``timm_convnn::convnn_select``, ``fused_select``) for the layers whose weighting or
-aggregation the fused forward does not cover (``ConvNN2d``).
+aggregation the fused forward does not cover (``ConvNN2d``). Eager calls run the same launches without the dispatcher
+(``_eager``: an ``autograd.Function``; graphs, dispatch modes and tensor subclasses get the custom ops).
 
 Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` with fp32 accumulation:
 * up to ``ROW_TOKENS`` tokens, the whole score row block in registers, then K rounds of row-max extraction (over
@@ -678,7 +679,10 @@ _GRID_Z = 65535  # CUDA's limit on the third grid axis (the batch)
 
 def _entry_span(x: torch.Tensor) -> int:
     """Elements one batch entry of x spans in memory."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+    shape, stride, span = x.shape, x.stride(), 1
+    for i in range(1, len(shape)):
+        span += (shape[i] - 1) * stride[i]
+    return span
 
 
 def _in_place(x: torch.Tensor) -> torch.Tensor:
@@ -703,6 +707,20 @@ def _batch_chunks(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, int]]:
             step = min(step, (_INT32_MAX - _entry_span(t)) // t.stride(0) + 1)
     step = max(1, step)
     return [(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+
+def _batch_slices(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, Tuple[torch.Tensor, ...]]]:
+    """One (batch entries, tensors) per launch: the ``_batch_chunks`` ranges, every tensor sliced to its range, or
+    as they are when one launch covers the batch (the usual case: no slicing on the host)."""
+    chunks = _batch_chunks(batch, *tensors)
+    if len(chunks) == 1:
+        return [(batch, tensors)]
+    return [(e - s, tuple(t[s:e] for t in tensors)) for s, e in chunks]
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (``triton.cdiv`` is a constexpr function: several microseconds per host call)."""
+    return -(-a // b)
 
 
 def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
@@ -804,10 +822,10 @@ def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Te
     return kept(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
 
 
-@torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
-def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                      num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                       num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward launches: ``timm_convnn::convnn_attention``, and the eager path (``_EagerAttention``)."""
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
     K = _num_kept(num_neighbors, M, candidates)
@@ -824,9 +842,9 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
     block_n = STREAM_BLOCK_N if stream else _pow2(num_keys + 1 if candidates is not None else M)
     fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
-    for s, e in _batch_chunks(B, q, k, vv, out, idx) if H * N > 0 else ():
-        _convnn_fwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            q[s:e], k[s:e], vv[s:e], w, out[s:e], idx[s:e], p[s:e], cand, N, M, num_keys, H, q_scale, *_strides(q),
+    for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p) if H * N > 0 else ():
+        _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
+            qb, kb, vb, w, ob, ib, pb, cand, N, M, num_keys, H, q_scale, *_strides(q),
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None,
@@ -834,6 +852,13 @@ def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weigh
             PACKED=_use_packed_keys(fp32) and not stream,
             num_warps=_fwd_warps(stream, fp32, candidates is not None), **COMPILE_OPTIONS)
     return out, idx, p
+
+
+@torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
+def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                      num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale)
 
 
 @_convnn_attention.register_fake
@@ -844,11 +869,11 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None, q_
             v.new_empty(B, H, N, K, dtype=torch.float32))
 
 
-@torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
-def _convnn_attention_backward(
+def _attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
         idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward launches: ``timm_convnn::convnn_attention_backward``, and the eager path's backward."""
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
     K = idx.shape[-1]
@@ -862,16 +887,17 @@ def _convnn_attention_backward(
         inv = torch.full((M,), -1, device=v.device, dtype=torch.int32)  # token id -> list position
         inv[cand.long()] = torch.arange(cand.numel(), device=v.device, dtype=torch.int32)
     block_m, warps, block_c = _bwd_launch(qs.dtype, M, K, DQ, DV, dense)
-    programs = B * triton.cdiv(N, block_m)  # per head: the most copies that programs can spread over
+    programs = B * _cdiv(N, block_m)  # per head: the most copies that programs can spread over
     rc = _row_copies(programs)  # copies of dk / dv, summed after the kernel
     dk = torch.zeros(B, rc, H, M, DQ, device=v.device, dtype=torch.float32)  # atomics: fp32
     dv = torch.zeros(B, rc, H, M, DV, device=v.device, dtype=torch.float32)
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
-    for s, e in _batch_chunks(B, go, q, k, vv, idx, dq, dk, dv) if H * N > 0 else ():
-        _convnn_bwd_kernel[(triton.cdiv(N, block_m), H, e - s)](
-            go[s:e], q[s:e], k[s:e], vv[s:e], w, idx[s:e], p[s:e], dq[s:e], dk[s:e], dv[s:e], dw, cand, inv, N, M,
+    for nb, (gb, qb, kb, vb, ib, pb, dqb, dkb, dvb) in (
+            _batch_slices(B, go, q, k, vv, idx, p, dq, dk, dv) if H * N > 0 else ()):
+        _convnn_bwd_kernel[(_cdiv(N, block_m), H, nb)](
+            gb, qb, kb, vb, w, ib, pb, dqb, dkb, dvb, dw, cand, inv, N, M,
             cand.numel(), H, copies, rc, q_scale,
             *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=block_c,
@@ -880,6 +906,14 @@ def _convnn_attention_backward(
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     dk, dv = (t.squeeze(1) if rc == 1 else t.sum(1) for t in (dk, dv))
     return dq, dk.to(ks.dtype), dv.to(v.dtype), full_dw.to(weight.dtype)
+
+
+@torch.library.custom_op('timm_convnn::convnn_attention_backward', mutates_args=())
+def _convnn_attention_backward(
+        grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+        idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale)
 
 
 @_convnn_attention_backward.register_fake
@@ -906,6 +940,40 @@ def _backward(ctx, grad_out, grad_idx, grad_p):
 _convnn_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The fused op for eager calls (``_eager``): the same launches, saved tensors and gradients as the custom op,
+    without torch.library's dispatch (with it, a call's host time is 1.2-1.3x, forward or forward + backward, on a
+    2-core CPU with the kernels stubbed out: ``benchmarks/host_overhead.py``)."""
+
+    @staticmethod
+    def forward(ctx, qs, ks, v, weight, num_neighbors, candidates, q_scale):
+        # (a context argument, not a separate setup_context: autograd binds the arguments of that form to the
+        # forward's signature through inspect at every call, about 60 us)
+        output = _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale)
+        _setup_context(ctx, (qs, ks, v, weight, num_neighbors, candidates, q_scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_idx, grad_p):
+        qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
+        dq, dk, dv, dw = _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
+        return dq, dk, dv, dw, None, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a fused op call may skip the ``torch.library`` dispatcher: plain tensors, run eagerly. Under
+    ``torch.compile`` / ``torch.export``, ``torch.jit.trace``, ``torch.func`` transforms and Python dispatch modes
+    (profilers, FLOP counters, FakeTensorMode), and for tensor subclasses, the registered custom ops run, so that
+    graphs record them and modes see them."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                     num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -918,12 +986,14 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
+    if _eager(qs, ks, v, weight, candidates):
+        return _EagerAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale)
     return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates, q_scale)
 
 
-@torch.library.custom_op('timm_convnn::convnn_select', mutates_args=())
-def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
-                   query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+            query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The selection launch: ``timm_convnn::convnn_select``, and eager calls of ``fused_select``."""
     B, G, N, DQ = qs.shape
     M = ks.shape[2]
     K = _num_kept(num_neighbors, M, candidates)
@@ -934,13 +1004,19 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
     cand, qidx = _int32_ids(candidates, q.device), _int32_ids(query_index if listed else None, q.device)
     fp32 = _fp32_products(q, k)
     block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed)
-    for s, e in _batch_chunks(B, q, k, idx) if G * N * K > 0 else ():
-        _convnn_select_kernel[(triton.cdiv(N, block_m), G, e - s)](
-            q[s:e], k[s:e], idx[s:e], scores[s:e], cand, qidx, N, M, cand.numel() if listed else M, G,
+    for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores) if G * N * K > 0 else ():
+        _convnn_select_kernel[(_cdiv(N, block_m), G, nb)](
+            qb, kb, ib, sb, cand, qidx, N, M, cand.numel() if listed else M, G,
             *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
             BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
             num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
     return idx, scores
+
+
+@torch.library.custom_op('timm_convnn::convnn_select', mutates_args=())
+def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
+                   query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _select(qs, ks, num_neighbors, candidates, query_index)
 
 
 @_convnn_select.register_fake
@@ -1005,5 +1081,6 @@ def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candida
     if reason is not None:
         raise RuntimeError(reason)
     with torch.no_grad():
-        idx, scores = _convnn_select(qs.detach(), ks.detach(), num_neighbors, candidates, query_index)
+        select = _select if _eager(qs, ks, candidates, query_index) else _convnn_select
+        idx, scores = select(qs.detach(), ks.detach(), num_neighbors, candidates, query_index)
     return idx.long(), scores
