@@ -12,7 +12,8 @@ Each call path runs in the same process, interleaved: ``eager`` (what eager code
 launches through an ``autograd.Function``) and ``dispatcher`` (through the registered ``torch.library`` custom op,
 what ``torch.compile`` and ``torch.jit.trace`` record), each without grad (inference) and forward + backward. The
 inputs are timm's permuted views of one qkv buffer, as the models hand them over. The least of ``--repeats`` timings of
-``--calls`` calls each (the two paths interleaved): host times on a shared machine only ever come out too long.
+``--calls`` calls each (the two paths interleaved), in CPU time of the calling thread (``time.thread_time``): host
+times on a shared machine only ever come out too long, and wall time there also counts time the thread was not run.
 
 On a CPU the stubbed path still does real work that a GPU would run asynchronously (the backward's zero-filled
 gradient buffers and the sum of dw's copies), so the forward + backward numbers overstate a GPU host's time by that
@@ -43,10 +44,10 @@ def _call(qkv: torch.Tensor, weight: torch.Tensor, num_neighbors: int, backward:
 
 
 def _time(fn, calls: int) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (time.thread_time() - start) / calls
 
 
 def measure(batch: int, heads: int, tokens: int, head_dim: int, num_neighbors: int, calls: int,

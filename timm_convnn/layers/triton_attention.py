@@ -685,11 +685,18 @@ def _entry_span(x: torch.Tensor) -> int:
     return span
 
 
+def _storage_fits(x: torch.Tensor) -> bool:
+    """Whether every element offset from x's data pointer fits int32 because its whole storage does: a sufficient test
+    at a fifth of ``_entry_span``'s host time (an allocated tensor cannot reach past its storage; a meta tensor's
+    strides are not bound by one, so those take the exact test)."""
+    return not x.is_meta and x.untyped_storage().nbytes() // x.element_size() <= _INT32_MAX
+
+
 def _in_place(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D) as the kernels read it: in place (any batch / head / token strides, e.g. timm's permuted views of
     its qkv buffer) when channels are unit-stride and one batch entry spans fewer than 2**31 elements (the kernels'
     int32 offsets); otherwise a contiguous copy."""
-    if x.stride(-1) == 1 and _entry_span(x) <= _INT32_MAX:
+    if x.stride(-1) == 1 and (_storage_fits(x) or _entry_span(x) <= _INT32_MAX):
         return x
     x = x.contiguous()
     if _entry_span(x) > _INT32_MAX:
@@ -701,6 +708,8 @@ def _in_place(x: torch.Tensor) -> torch.Tensor:
 def _batch_chunks(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, int]]:
     """Batch ranges, one launch each: at most ``_GRID_Z`` entries, and few enough that every offset inside a launch
     fits the kernels' int32 arithmetic in every tensor (one launch at any usual size)."""
+    if batch <= _GRID_Z and all(_storage_fits(t) for t in tensors):
+        return [(0, batch)] if batch > 0 else []
     step = _GRID_Z
     for t in tensors:
         if t.stride(0) > 0:
