@@ -155,29 +155,38 @@ def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
-    # benchmarks/fused_memory.py: the fused path forced on CPU with kernels that do nothing (what autograd keeps is
-    # real); the ConvNN model must have gone through the fused op, and its peak is reported against timm's
+def _run_benchmark_script(tmp_path, script: str, argv: list, before: str = '', context: str = '',
+                          after: str = '') -> str:
+    """benchmarks/``script`` run as __main__ with ``argv`` in a fresh interpreter (the benchmarks folder on its path,
+    as when run from there): the source lines ``before``, the run (inside ``with context:`` if given), ``after``.
+    Returns its stdout; fails on a non-zero exit."""
     import os
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'fused_memory.py')
-    code = ('import runpy, sys, torch\n'
-            'calls = []\n'
-            'ops = torch.ops.timm_convnn\n'
-            'sys.argv = [sys.argv[0], "--models", "vit_tiny_convnn_all_k16", "vit_tiny_patch16_224",'
-            ' "--batch-size", "2", "--img-size", "64"]\n'
+    folder = os.path.join(os.path.dirname(__file__), '..', 'benchmarks')
+    run = f'runpy.run_path({os.path.join(folder, script)!r}, run_name="__main__")\n'
+    code = (f'import runpy, sys\nsys.path.insert(0, {folder!r})\n{before}sys.argv = [sys.argv[0]] + {argv!r}\n'
+            + (f'with {context}:\n    {run}' if context else run) + after)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
+    # benchmarks/fused_memory.py: the fused path forced on CPU with kernels that do nothing (what autograd keeps is
+    # real); the ConvNN model must have gone through the fused op, and its peak is reported against timm's. A dispatch
+    # mode sees the custom op (with one active, the fused path does not take the eager shortcut)
+    seen = ('calls = []\n'
             'from torch.utils._python_dispatch import TorchDispatchMode\n'
             'class Seen(TorchDispatchMode):\n'
             '    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n'
             '        if "convnn_attention" in str(func): calls.append(str(func))\n'
-            '        return func(*args, **(kwargs or {}))\n'
-            'with Seen():\n'
-            f'    runpy.run_path({script!r}, run_name="__main__")\n'
-            'print("CALLS", len(calls))\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+            '        return func(*args, **(kwargs or {}))\n')
+    stdout = _run_benchmark_script(
+        tmp_path, 'fused_memory.py',
+        ['--models', 'vit_tiny_convnn_all_k16', 'vit_tiny_patch16_224', '--batch-size', '2', '--img-size', '64'],
+        before=seen, context='Seen()', after='print("CALLS", len(calls))\n')
+    lines = stdout.splitlines()
     convnn, = [line for line in lines if line.startswith('vit_tiny_convnn_all_k16')]
     timm_line, = [line for line in lines if line.startswith('vit_tiny_patch16_224')]
     assert timm_line.endswith('x1.000') and 'MiB' in convnn
@@ -188,26 +197,18 @@ def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
 def test_host_overhead_script_times_both_call_paths(tmp_path):
     # benchmarks/host_overhead.py: the host side of a fused call (kernels stubbed out), eager and through the
     # dispatcher; the dispatcher route must really have gone through the custom op, the eager one around it
-    import os
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'host_overhead.py')
-    code = ('import runpy, sys, torch\n'
-            'sys.path.insert(0, ' + repr(os.path.dirname(script)) + ')\n'
-            'from timm_convnn.layers import triton_attention as ta\n'
-            'seen = {"op": 0, "eager": 0}\n'
-            'op, fn = ta._convnn_attention, ta._EagerAttention.apply\n'
-            'ta._convnn_attention = lambda *a: seen.__setitem__("op", seen["op"] + 1) or op(*a)\n'
-            'ta._EagerAttention.apply = lambda *a: seen.__setitem__("eager", seen["eager"] + 1) or fn(*a)\n'
-            'sys.argv = [sys.argv[0], "--heads", "2", "--tokens", "20", "--calls", "2", "--repeats", "2"]\n'
-            f'runpy.run_path({script!r}, run_name="__main__")\n'
-            'print("SEEN", seen["op"], seen["eager"])\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split(' | ') for line in out.stdout.splitlines() if line.startswith('| 2 |')]
-    assert [r[1] for r in rows] == ['forward', 'forward+backward'] and all(float(r[2]) > 0 for r in rows), out.stdout
+    count = ('from timm_convnn.layers import triton_attention as ta\n'
+             'seen = {"op": 0, "eager": 0}\n'
+             'op, fn = ta._convnn_attention, ta._EagerAttention.apply\n'
+             'ta._convnn_attention = lambda *a: seen.__setitem__("op", seen["op"] + 1) or op(*a)\n'
+             'ta._EagerAttention.apply = lambda *a: seen.__setitem__("eager", seen["eager"] + 1) or fn(*a)\n')
+    stdout = _run_benchmark_script(tmp_path, 'host_overhead.py',
+                                   ['--heads', '2', '--tokens', '20', '--calls', '2', '--repeats', '2'],
+                                   before=count, after='print("SEEN", seen["op"], seen["eager"])\n')
+    rows = [line.split(' | ') for line in stdout.splitlines() if line.startswith('| 2 |')]
+    assert [r[1] for r in rows] == ['forward', 'forward+backward'] and all(float(r[2]) > 0 for r in rows), stdout
     # per pass: 2 warm-up calls (calls // 4, at least 1: 1 here) and 2 x 2 timed calls per path
-    assert out.stdout.splitlines()[-1] == 'SEEN 10 10', out.stdout
+    assert stdout.splitlines()[-1] == 'SEEN 10 10', stdout
 
 
 def test_profile_script_op_mode_runs_on_cpu():
