@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .functional import neighbor_aggregate
+from .symbolic import capturing
 
 __all__ = ['CANDIDATE_MODES', 'SIMILARITIES', 'WEIGHTINGS', 'AGGREGATIONS', 'COORD_MODES', 'NEIGHBOR_ORDERS',
            'check_convnn_args', 'NeighborAggregation', 'CandidateCache']
@@ -77,8 +78,7 @@ class CandidateCache:
         """Whether a layer's ``candidates`` list is the same at every call (spatial; random in eval) and is kept here
         for this call (map sizes ``sizes`` plain ints, not compiling or tracing)."""
         fixed = candidates == 'spatial' or (candidates == 'random' and not training)
-        return (fixed and all(type(n) is int for n in sizes)
-                and not (torch.compiler.is_compiling() or torch.jit.is_tracing()))
+        return fixed and all(type(n) is int for n in sizes) and not capturing()
 
     def get(self, key: Tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = key + (torch.is_inference_mode_enabled(),)

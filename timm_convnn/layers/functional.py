@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
-from .symbolic import size_free, slots, sym_max, sym_min, sym_round
+from .symbolic import capturing, size_free, slots, sym_max, sym_min, sym_round
 
 __all__ = [
     'similarity_features', 'select_neighbors', 'select_scored_neighbors', 'softmax_weights', 'gather_dot',
@@ -153,12 +153,12 @@ def _fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _capturing() -> bool:
-    """Whether a graph is being captured that will run at other batch sizes (``torch.jit.trace``, which timm's ONNX
-    export uses; ``torch.compile``; ``torch.export``). Loop counts and slice bounds must then not depend on the batch:
-    a trace bakes them in (traced at batch 2, a ViT-Ti failed at batch 32 and a ResNet-18 at every other batch) and
-    torch.compile / torch.export specialise the graph to one batch size. So the chunks and blocks below are sized
-    from the per-sample shape while capturing, and their memory budgets hold per sample rather than per call."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """Whether a graph is being captured that will run at other batch sizes (``symbolic.capturing``). Loop counts and
+    slice bounds must then not depend on the batch: a trace bakes them in (traced at batch 2, a ViT-Ti failed at batch
+    32 and a ResNet-18 at every other batch) and torch.compile / torch.export specialise the graph to one batch size.
+    So the chunks and blocks below are sized from the per-sample shape while capturing, and their memory budgets hold
+    per sample rather than per call."""
+    return capturing()
 
 
 def _ranges(total: int, step: int) -> List[Tuple[int, int]]:

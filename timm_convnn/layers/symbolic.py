@@ -10,7 +10,13 @@ instead that K fits (``kept``). The helpers here are TorchScript compatible: scr
 """
 import torch
 
-__all__ = ['size_free', 'slots', 'kept', 'sym_min', 'sym_max', 'sym_round']
+__all__ = ['capturing', 'size_free', 'slots', 'kept', 'sym_min', 'sym_max', 'sym_round']
+
+
+def capturing() -> bool:
+    """Whether a graph is being captured (``torch.jit.trace``, which timm's ONNX export uses; ``torch.compile``;
+    ``torch.export``): what runs now is recorded to run again later, at other inputs."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def size_free(n: int) -> bool:

@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .backend import get_backend
-from .symbolic import kept, slots
+from .symbolic import capturing, kept, slots
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
            'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
@@ -977,8 +977,7 @@ def _eager(*tensors: Optional[torch.Tensor]) -> bool:
     ``torch.compile`` / ``torch.export``, ``torch.jit.trace``, ``torch.func`` transforms and Python dispatch modes
     (profilers, FLOP counters, FakeTensorMode), and for tensor subclasses, the registered custom ops run, so that
     graphs record them and modes see them."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0):
+    if capturing() or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
