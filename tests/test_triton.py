@@ -560,25 +560,44 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
 
 
-def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
-    # timm's attention hands over q, k, v as permuted views of one (B, N, 3, H, D) buffer: the kernels read them
-    # through their strides (no copies), write the output token-major so that the head merge is a view, and take the
-    # incoming gradient (a view of the same kind) in place too. The launches are recorded, not run.
+def _recorded_launches(monkeypatch):
+    """Replace the three kernels by recorders of (kernel, grid, arguments, keyword arguments) and let the fused ops
+    take CPU tensors. Returns the record list."""
     if triton_attention.triton is None:
         pytest.fail('triton is not installed (pip install triton)')
     launches = []
 
     class Record:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+        def __init__(self, name):
+            self.name = name
 
-    monkeypatch.setattr(triton_attention, '_convnn_fwd_kernel', Record())
-    monkeypatch.setattr(triton_attention, '_convnn_bwd_kernel', Record())
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid, args, kwargs))
+
+    for name in ('_convnn_fwd_kernel', '_convnn_bwd_kernel', '_convnn_select_kernel'):
+        monkeypatch.setattr(triton_attention, name, Record(name))
+    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
+    return launches
+
+
+def _launch_signature(launch):
+    """A recorded launch with its tensors as (shape, strides, dtype): comparable across calls that allocate their
+    outputs and gradients anew."""
+    name, grid, args, kwargs = launch
+    args = [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+    return name, grid, args, kwargs
+
+
+def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
+    # timm's attention hands over q, k, v as permuted views of one (B, N, 3, H, D) buffer: the kernels read them
+    # through their strides (no copies), write the output token-major so that the head merge is a view, and take the
+    # incoming gradient (a view of the same kind) in place too. The launches are recorded, not run.
+    launches = _recorded_launches(monkeypatch)
     B, N, H, D, K = 2, 50, 3, 16, 5
     q, k, v = torch.randn(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     w = torch.randn(H * D, 1, K)
     out, idx, p = triton_attention._convnn_attention(q, k, v, w, K)
-    (grid, args, kwargs), = launches
+    (_, grid, args, kwargs), = launches
     assert kwargs['enable_fp_fusion'] is True  # compiled as tested (Triton 3.10's default would drop FMAs)
     assert grid == (triton_attention.triton.cdiv(N, triton_attention.BLOCK_QUERIES), H, B)
     for given, passed in zip((q, k, v, out), (args[0], args[1], args[2], args[4])):
@@ -588,7 +607,7 @@ def test_fused_op_reads_timm_qkv_views_in_place(monkeypatch):
     assert args[3].is_contiguous() and torch.equal(args[3], w.view(H, D, K).transpose(1, 2))
     go = torch.randn(B, N, H, D).transpose(1, 2)
     dq, dk, dv, dw = triton_attention._convnn_attention_backward(go, q, k, v, w, idx, p)
-    (_, bargs, bkwargs), = launches[1:]
+    (_, _, bargs, bkwargs), = launches[1:]
     assert bkwargs['enable_fp_fusion'] is True
     for given, passed in zip((go, q, k, v), bargs[:4]):
         assert passed.data_ptr() == given.data_ptr() and passed.stride() == given.stride()
@@ -609,35 +628,6 @@ def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
     for batch in (0, 3):
         real = torch.empty(batch, 4, 16, 3, 8).permute(0, 3, 1, 2, 4)[..., 0, :]  # a permuted view
         assert chunks(batch, real, real.contiguous()) == chunks(batch, real.to('meta')) == [(0, batch)][:batch]
-
-
-def _recorded_launches(monkeypatch):
-    """Replace the three kernels by recorders of (kernel, grid, arguments as (data_ptr, shape, strides, dtype) or
-    values, keyword arguments) and let the fused ops take CPU tensors. Returns the record list."""
-    if triton_attention.triton is None:
-        pytest.fail('triton is not installed (pip install triton)')
-    launches = []
-
-    def describe(a):
-        return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-
-    class Record:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, grid, [describe(a) for a in args], kwargs))
-
-    for name in ('_convnn_fwd_kernel', '_convnn_bwd_kernel', '_convnn_select_kernel'):
-        monkeypatch.setattr(triton_attention, name, Record(name))
-    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
-    return launches
-
-
-def _launch_signature(launch):
-    """A recorded launch without the data pointers of tensors each call allocates anew (outputs, gradients)."""
-    name, grid, args, kwargs = launch
-    return name, grid, [a[1:] if isinstance(a, tuple) else a for a in args], kwargs
 
 
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
@@ -663,7 +653,8 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_launches(listed, monkeypa
         qkv.grad = w.grad = None
         out.sum().backward()
         runs[path] = dict(node=node, launches=[_launch_signature(x) for x in launches],
-                          grads=(qkv.grad.clone(), w.grad.clone()), saved_q=launches[0][2][0][0] == q.data_ptr())
+                          grads=(qkv.grad.clone(), w.grad.clone()),
+                          saved_q=launches[0][2][0].data_ptr() == q.data_ptr())
     eager, disp = runs['eager'], runs['dispatcher']
     assert eager['node'] == '_EagerAttentionBackward' and 'EagerAttention' not in disp['node']
     assert [x[0] for x in eager['launches']] == ['_convnn_fwd_kernel', '_convnn_bwd_kernel']
