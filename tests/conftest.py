@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,11 @@ _TIMM_TEST_MARKERS = ('base', 'cfg', 'cfg_nonstd', 'features', 'forward', 'backw
 def pytest_configure(config):
     for marker in _TIMM_TEST_MARKERS:
         config.addinivalue_line('markers', marker)
+    # pytest-xdist workers (the README's test command runs two) share the machine's cores: torch's thread pool in
+    # each takes its share of them instead of all of them
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)

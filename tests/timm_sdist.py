@@ -7,13 +7,16 @@ The sdist of the installed timm version is downloaded once with pip (``pip downl
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import timm
+from filelock import FileLock
 
 
 def timm_tests_dir() -> Path:
@@ -25,6 +28,16 @@ def timm_tests_dir() -> Path:
     if (tests / 'test_models.py').exists():
         return tests
     cache.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers (the README's test command) may both get here on a fresh machine: one fetches, the other
+    # waits for it
+    with FileLock(str(cache / f'timm-{version}.lock')):
+        if not (tests / 'test_models.py').exists():
+            _fetch(version, cache)
+    return tests
+
+
+def _fetch(version: str, cache: Path):
+    """timm's sdist of ``version`` downloaded into ``cache`` and its tests/ unpacked there."""
     out = subprocess.run(
         [sys.executable, '-m', 'pip', 'download', '--quiet', f'timm=={version}', '--no-deps', '--no-binary', ':all:',
          '-d', str(cache)], capture_output=True, text=True)
@@ -32,10 +45,13 @@ def timm_tests_dir() -> Path:
     if out.returncode != 0 or not archive.exists():
         raise RuntimeError(f'could not fetch timm {version} sdist with pip (needed for timm\'s own model tests):\n'
                            f'{out.stderr[-2000:]}\nSet TIMM_TESTS_DIR to an unpacked timm tests/ directory instead.')
-    with tarfile.open(archive) as tar:
+    # unpacked beside and moved into place in one rename: a process that finds test_models.py finds all of tests/
+    with tempfile.TemporaryDirectory(dir=cache) as scratch, tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(f'timm-{version}/tests/')]
-        tar.extractall(cache, members=members, filter='data')
-    return tests
+        tar.extractall(scratch, members=members, filter='data')
+        (cache / f'timm-{version}').mkdir(exist_ok=True)
+        shutil.rmtree(cache / f'timm-{version}' / 'tests', ignore_errors=True)  # an unpacking cut short before
+        os.replace(Path(scratch) / f'timm-{version}' / 'tests', cache / f'timm-{version}' / 'tests')
 
 
 def import_timm_test_models():
