@@ -76,12 +76,12 @@ def test_a_program_that_never_imports_the_plugin(tmp_path):
         'assert len(shared) > 100 and all(torch.equal(sd[k], src[k]) for k in shared)\n'
         'hub_model = timm.create_model("hf-hub:org/zero-touch", pretrained=True).eval()\n'
         'with torch.no_grad():\n'
-        '    torch.save(hub_model(torch.load(sys.argv[2])), sys.argv[3])\n'
+        '    torch.save(hub_model(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])\n'
         'print(",".join(names))\n')
     out = _python(code, weights, tmp_path / 'x.pt', tmp_path / 'y.pt', cwd=tmp_path,
                   extra_env=dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub')))
     assert out.stdout.split()[-1].split(',') == CONVNN_NAMES
-    assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
+    assert torch.equal(torch.load(tmp_path / 'y.pt', weights_only=True), expect)
 
 
 def test_autoload_off_and_explicit_registration_still_work(tmp_path):

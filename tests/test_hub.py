@@ -139,9 +139,9 @@ def test_hf_hub_loading_in_a_fresh_process_with_env_vars(tmp_path):
         expect = model(x)
     code = ('import sys, torch, timm, timm_convnn\n'
             'm = timm.create_model("hf-hub:org/fresh", pretrained=True).eval()\n'
-            'torch.save(m(torch.load(sys.argv[1])).detach(), sys.argv[2])\n')
+            'torch.save(m(torch.load(sys.argv[1], weights_only=True)).detach(), sys.argv[2])\n')
     _run_offline(code, tmp_path / 'hub', tmp_path / 'x.pt', tmp_path / 'y.pt')
-    assert torch.equal(torch.load(tmp_path / 'y.pt'), expect)
+    assert torch.equal(torch.load(tmp_path / 'y.pt', weights_only=True), expect)
 
 
 def test_transformers_timm_wrapper_loads_the_export(tmp_path):
@@ -169,7 +169,7 @@ def test_transformers_timm_wrapper_loads_the_export(tmp_path):
     code = ('import sys, torch\n'
             'from PIL import Image\n'
             'from transformers import AutoModel, AutoModelForImageClassification, pipeline\n'
-            'x = torch.load(sys.argv[1])\n'
+            'x = torch.load(sys.argv[1], weights_only=True)\n'
             'classifier = AutoModelForImageClassification.from_pretrained("org/wrapped").eval()\n'
             'backbone = AutoModel.from_pretrained("org/wrapped").eval()\n'
             'top = pipeline("image-classification", model="org/wrapped")(Image.open(sys.argv[3]), top_k=3)\n'
@@ -177,7 +177,7 @@ def test_transformers_timm_wrapper_loads_the_export(tmp_path):
             '    torch.save((classifier(pixel_values=x).logits, backbone(pixel_values=x).pooler_output, top), '
             'sys.argv[2])\n')
     _run_offline(code, tmp_path / 'hub', tmp_path / 'x.pt', tmp_path / 'y.pt', tmp_path / 'image.png')
-    got_logits, got_pooled, top = torch.load(tmp_path / 'y.pt')
+    got_logits, got_pooled, top = torch.load(tmp_path / 'y.pt', weights_only=True)
     assert got_logits.shape == (2, 7) and torch.equal(got_logits, logits) and torch.equal(got_pooled, pooled)
     # the pipeline preprocesses with the export's data config (timm's eval transform) and labels classes LABEL_i
     expect = probs.topk(3)
