@@ -32,12 +32,12 @@ def timm_tests_dir() -> Path:
     # waits for it
     with FileLock(str(cache / f'timm-{version}.lock')):
         if not (tests / 'test_models.py').exists():
-            _fetch(version, cache)
+            _fetch(version, cache, tests)
     return tests
 
 
-def _fetch(version: str, cache: Path):
-    """timm's sdist of ``version`` downloaded into ``cache`` and its tests/ unpacked there."""
+def _fetch(version: str, cache: Path, tests: Path):
+    """timm's sdist of ``version`` downloaded into ``cache`` and its tests/ unpacked as ``tests``."""
     out = subprocess.run(
         [sys.executable, '-m', 'pip', 'download', '--quiet', f'timm=={version}', '--no-deps', '--no-binary', ':all:',
          '-d', str(cache)], capture_output=True, text=True)
@@ -49,9 +49,9 @@ def _fetch(version: str, cache: Path):
     with tempfile.TemporaryDirectory(dir=cache) as scratch, tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(f'timm-{version}/tests/')]
         tar.extractall(scratch, members=members, filter='data')
-        (cache / f'timm-{version}').mkdir(exist_ok=True)
-        shutil.rmtree(cache / f'timm-{version}' / 'tests', ignore_errors=True)  # an unpacking cut short before
-        os.replace(Path(scratch) / f'timm-{version}' / 'tests', cache / f'timm-{version}' / 'tests')
+        tests.parent.mkdir(exist_ok=True)
+        shutil.rmtree(tests, ignore_errors=True)  # an unpacking cut short before
+        os.replace(Path(scratch) / f'timm-{version}' / 'tests', tests)
 
 
 def import_timm_test_models():
