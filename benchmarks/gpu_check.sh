@@ -7,20 +7,30 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-# Device calls (the device tool returns at most 8 files from $OUT and all stages write 16, so two calls):
-#   run(command='GPU_CHECK_STAGES="tests ops models select" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=420)   # 8 files; 2026-11-30: 241 s of wall time, and about 30 s for the machine's start
-#   run(command='GPU_CHECK_STAGES="fp32 sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=560)   # 8 files; make it right after the first, while the machine is warm (it goes back after
+# Results: under the device tool ($OUT set), which returns at most 8 files from $OUT, the stages write to a scratch
+# directory that is packed into $OUT/gpu-check.tgz after every stage (a call cut short by its time limit keeps what
+# its finished stages wrote), with the CUDA test log beside it; without $OUT, into ./gpu-out.
+# Device calls (two: one command runs at most 600 s):
+#   run(command='GPU_CHECK_STAGES="tests ops models select fp32" bash benchmarks/gpu_check.sh', carry=[".whl"],
+#       timeout_s=450)   # 8 files; 2026-11-30: 241 s of wall time without fp32 (40 s at most), and about 30 s for
+#                        # the machine's start; its stage limits add up to 550 s
+#   run(command='GPU_CHECK_STAGES="sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
+#       timeout_s=595)   # 8 files; make it right after the first, while the machine is warm (it goes back after
 #                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30; its stage
-#                        # limits add up to 560 s (variants, untimed so far: 370)
-# Stage limits add up to 1070 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
+#                        # limits add up to 595 s (variants, untimed so far: 445)
+# Stage limits add up to 1145 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
 # split as above, or spent on a re-run after a fix. GPU_CHECK_COMPILE=1 adds the torch.compile test and the model
 # level under torch.compile (about 3 more minutes).
 set -uo pipefail
 stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 sweep variants} "
 want() { [[ "$stages" == *" $1 "* ]]; }
-out="${OUT:-gpu-out}"
+if [ -n "${OUT:-}" ]; then
+  out="$(mktemp -d)"
+  pack() { tar -czf "$OUT/gpu-check.tgz" -C "$out" . && { [ ! -f "$out/test.log" ] || cp "$out/test.log" "$OUT/"; }; }
+else
+  out="gpu-out"
+  pack() { :; }
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -m pip install --quiet --no-deps .whl/timm-1.0.31-py3-none-any.whl 2>&1 | tail -2
@@ -34,36 +44,41 @@ tests="cuda and not compile"
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
 #    the selection kernel, model train steps, the two fp32 product precisions, the opt-in launches; 28 tests: 20 took
 #    99 s on 2026-11-30, each new kernel variant compiled on first use)
-want tests && timeout 200 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8
+want tests && timeout 200 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8; pack
 
 # 2. operator level (n up to 16385, bf16), PyTorch path and fused kernels
 want ops && timeout 120 python benchmarks/bench.py --ops --device cuda --amp --tokens 197 16385 785 3137 --backends torch triton \
     --op-batches 197:64 785:16 3137:4 16385:1 \
-    --warmup 2 --iters 5 --memory-cap-mib 60000 --out "$out/ops" 2>&1 | grep -v "skipped: over"
+    --warmup 2 --iters 5 --memory-cap-mib 60000 --out "$out/ops" 2>&1 | grep -v "skipped: over"; pack
 # 3. model level (eager, batch 256), both backends
 want models && timeout 100 python benchmarks/bench.py --models --device cuda --amp --backends torch triton --warmup 2 --iters 5 \
-    --out "$out/models" 2>&1
+    --out "$out/models" 2>&1; pack
 if want models && [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
   timeout 150 python benchmarks/bench.py --models --device cuda --amp --compile --warmup 3 --iters 10 \
       --pairs vit_base_convnn_all_k16:vit_base_patch16_224 --out "$out/compile" 2>&1
 fi
 # 4. the selection kernel alone (ConvNN2d on CUDA) against the PyTorch selection, a ResNet-50 stage-1 layer at batch 64
-want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out "$out/select.json" 2>&1
+want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --out "$out/select.json" 2>&1; pack
 #    and on fp32 features, what a cosine ConvNN2d hands over under autocast (F.normalize returns fp32): 3xTF32 vs ieee
 want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 --fp32 \
-    --out "$out/select-fp32.json" 2>&1
+    --out "$out/select-fp32.json" 2>&1; pack
 # 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
-want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1
+want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1; pack
 # 6. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
 #    the same launch timed 0.30 and 0.36 ms in two runs; rounds / bitonic selection, exact / packed keys, 16 / 32 / 64
 #    queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
 want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 256x12x197 4x6x3137 --neighbors 16 \
-    --out "$out/sweep.json" 2>&1
+    --out "$out/sweep.json" 2>&1; pack
 # 7. ViT-B with the row kernel's bitonic selection on 64 queries and 8 warps, the fastest launch at batch 256 on
-#    2026-11-30 (0.94 ms against 1.21 for the built-in 16 queries on 4 warps), against the built-in in the same run
+#    2026-11-30 (0.94 ms against 1.21 for the built-in 16 queries on 4 warps, whose rounds have since lost their
+#    marking of taken keys: 3,336 -> 2,904 instructions and 130 -> 110 registers compiled by triton 3.6), against
+#    timm's ViT-B in the same run (the built-in: stage 3); and rounds on 64 x 8 (untimed; 166 registers under 3.6)
 want variants && timeout 90 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
     --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
-    --kernel-config fwd_block_m=64 fwd_warps=8 fwd_select=topk --out "$out/variant-topk64" 2>&1
+    --kernel-config fwd_block_m=64 fwd_warps=8 fwd_select=topk --out "$out/variant-topk64" 2>&1; pack
+want variants && timeout 75 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
+    --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
+    --kernel-config fwd_block_m=64 fwd_warps=8 --out "$out/variant-rounds64" 2>&1; pack
 #    and sampled candidates ranked as one score row (CONFIG fwd_listed='row') instead of streamed, with the backward's
 #    dense per-token sums (bwd_listed='dense'): the attention core at n 197 / 16385 and vit_tiny_convnn_random (the
 #    streamed list took 0.85 ms forward at n 16385, K 16, and the backward ~1.0 ms, on 2026-11-30), and the backward
@@ -71,13 +86,13 @@ want variants && timeout 90 python benchmarks/bench.py --models --device cuda --
 want variants && timeout 120 python benchmarks/bench.py --ops --models --device cuda --amp --backends triton \
     --tokens 197 16385 --modes random spatial --op-batches 197:64 16385:1 --warmup 2 --iters 5 \
     --pairs vit_tiny_convnn_random:vit_tiny_patch16_224 --kernel-config fwd_listed=row bwd_listed=dense \
-    --out "$out/variant-listed" 2>&1
+    --out "$out/variant-listed" 2>&1; pack
 want variants && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
-    --out "$out/contention.json" 2>&1
+    --out "$out/contention.json" 2>&1; pack
 #    where the sampled core's time goes at n 16385, B 1 (kernels vs glue, and wall time against summed kernel time:
 #    whether the host is what the GPU waits on), built in and with the two opt-ins; printed, not written (8 files)
 want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 2>&1 \
-    | grep -v "^USDT\|^ERROR\|^WARNING"
+    | grep -v "^USDT\|^ERROR\|^WARNING"; pack
 want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 \
-    --kernel-config fwd_listed=row bwd_listed=dense 2>&1 | grep -v "^USDT\|^ERROR\|^WARNING"
+    --kernel-config fwd_listed=row bwd_listed=dense 2>&1 | grep -v "^USDT\|^ERROR\|^WARNING"; pack
 ls -R "$out"
