@@ -194,6 +194,26 @@ def test_fused_memory_script_runs_the_fused_path_without_a_gpu(tmp_path):
     assert lines[-1] == 'CALLS 48', lines[-1]
 
 
+def test_stream_rounds_counts_a_blocks_merge_rounds(tmp_path):
+    # benchmarks/stream_rounds.py models the streaming forward's merge loop: a tile costs as many rounds as the block's
+    # busiest query has insertions from it. Query 0 sees ever larger scores (every tile puts K = 4 into its buffer),
+    # query 1 ever smaller ones (only the first tile does): 4 tiles of 8 keys -> 16 rounds, 16 and 4 insertions
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'stream_rounds.py')
+    spec = importlib.util.spec_from_file_location('stream_rounds', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    up = torch.arange(32.)
+    assert module.merge_rounds(up[None], 4, 8) == (16, 16.)
+    assert module.merge_rounds(up.flip(0)[None], 4, 8) == (4, 4.)
+    assert module.merge_rounds(torch.stack([up, up.flip(0)]), 4, 8) == (16, 10.)
+    stdout = _run_benchmark_script(tmp_path, 'stream_rounds.py', ['--tokens', '300', '--neighbors', '4', '--blocks',
+                                                                  '2', '--block-queries', '16', '--smooth', '0'])
+    line = stdout.splitlines()[-1]
+    assert '16 queries per block  K  4' in line and 'merge rounds per block' in line, stdout
+
+
 def test_host_overhead_script_times_both_call_paths(tmp_path):
     # benchmarks/host_overhead.py: the host side of a fused call (kernels stubbed out), eager and through the
     # dispatcher; the dispatcher route must really have gone through the custom op, the eager one around it

@@ -64,8 +64,8 @@ STREAM_BLOCK_QUERIES = 64
 # bitonic tl.topk (slower on the H200: 1.36 ms on 16 queries, 0.39 on 64, against 0.30 for packed rounds).
 # fwd_keys: what the row kernel ranks: 'exact' fp32 scores (rounds: a max and a smallest-id-at-the-max reduction per
 # round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the column
-# (rounds: one reduction per round; topk: a bitonic sort of half the width); None: packed for half / bf16 inputs, exact for
-# fp32 ones. Packed ranking is exact up to scores within 2**-15 relative of each other, far below what half / bf16
+# (rounds: one reduction per round; topk: a bitonic sort of half the width); None: packed for half / bf16 inputs,
+# exact for fp32 ones. Packed ranking is exact up to scores within 2**-15 relative of each other, far below what half / bf16
 # inputs resolve (a bf16 q or k element keeps 8 significant bits), and the softmax weights come from the packed scores.
 # On the H200 (B 64, 12 heads, n 197, K 16, bf16) packed rounds took 0.30 ms against 0.44 ms exact
 # (benchmarks/results/h200-kernel-sweep.json), and matched the PyTorch path in the CUDA tests; a throwaway
@@ -416,8 +416,19 @@ if triton is not None:
         on) and token ids. The L keys (all M tokens, or with CANDIDATES the L token ids in CAND plus each query itself,
         whose token id is ``qid``) stream in tiles of BLOCK_N through a running top-K buffer (score, id) per query; a
         tile is merged only while some query of the block has a tile score above its current K-th best (CTA-uniform
-        loop), so later tiles mostly cost one row max. Ties: the smallest id (with CANDIDATES, whose ids come in list
-        order, an exact tie at the K-th place keeps one of the tied)."""
+        loop), one insertion per query and merge round. Ties: the smallest id (with CANDIDATES, whose ids come in list
+        order, an exact tie at the K-th place keeps one of the tied).
+
+        Where the time goes (no GPU timing behind this, 2026-11-30): a query meets about K ln(n / K) insertions over
+        the stream (111 at n 16385, K 16), but a merge round serves every query of the block at once and runs as long
+        as the block's busiest query needs, so a block of 64 queries on random Gaussian features took 475 rounds
+        over 257 tiles at K 16 and 360 at K 9, 708 / 480 with the features smoothed along the token order like
+        image patches (``benchmarks/stream_rounds.py`` counts them on CPU). Compiled for sm_90 (triton 3.8, n 3137,
+        K 16) a tile costs about 200 instructions per thread and a merge round 289, and the tile loop is not
+        software-pipelined: the nested ``while`` keeps Triton's pipeliner from prefetching the next key tile (with an
+        ``if`` in its place the loop gets asynchronous copies), and ptxas wraps each shuffle of the loop in
+        warp-collective code (144 WARPSYNC / ENDCOLLECTIVE pairs), as it cannot tell that the loop's condition is
+        uniform."""
         kk = tl.arange(0, BLOCK_K)
         real = kk[None, :] < NUM_K
         # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
