@@ -357,26 +357,20 @@ triton_attention.CONFIG['fwd_block_m'] = None
 # a layer on random fp32 input: the same neighbours as the exact PyTorch path only where no two of a query's K + 1 best
 # scores share a packed bucket (at most 2**-17 of the score at 64 columns), so the input is the first of a fixed
 # series whose selection margin is 4x that (near-ties that close occur in about 1 random input in 100)
-def make_packed():
-    return ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1, grid_size=(7, 7))
+def compare_packed(name, make):
+    for seed in range(100):
+        x_packed = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(0)
+        layer = make()
+        if margin_of(lambda: layer(x_packed)) > 2 ** -15:
+            break
+    compare(name, make, x_packed)
 
-for seed in range(100):
-    x_packed = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(0)
-    layer = make_packed()
-    if margin_of(lambda: layer(x_packed)) > 2 ** -15:
-        break
-compare('dot_packed', make_packed, x_packed)
+compare_packed('dot_packed', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, num_prefix_tokens=1,
+                                                     grid_size=(7, 7)))
 # a candidate list ranked as one row (CONFIG fwd_listed='row') on packed keys: the list's columns, then the query's own
 triton_attention.CONFIG['fwd_listed'] = 'row'
-make_listed = sampled('random', 9, 20)
-for seed in range(100):
-    x_listed = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(0)
-    layer = make_listed()
-    if margin_of(lambda: layer(x_listed)) > 2 ** -15:
-        break
-compare('random_row_packed', make_listed, x_listed)
+compare_packed('random_row_packed', sampled('random', 9, 20))
 triton_attention.CONFIG['fwd_listed'] = None
 triton_attention.CONFIG['fwd_select'] = 'topk'
 results['packed_row_topk'] = packed_case(40, 6)
