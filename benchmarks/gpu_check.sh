@@ -12,10 +12,10 @@
 # its finished stages wrote), with the CUDA test log beside it; without $OUT, into ./gpu-out.
 # Device calls (two: one command runs at most 600 s):
 #   run(command='GPU_CHECK_STAGES="tests ops models select fp32" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=450)   # 8 files; 2026-11-30: 241 s of wall time without fp32 (40 s at most), and about 30 s for
+#       timeout_s=450)   # 2026-11-30: 241 s of wall time without fp32 (40 s at most), and about 30 s for
 #                        # the machine's start; its stage limits add up to 550 s
 #   run(command='GPU_CHECK_STAGES="sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
-#       timeout_s=595)   # 8 files; make it right after the first, while the machine is warm (it goes back after
+#       timeout_s=595)   # make it right after the first, while the machine is warm (it goes back after
 #                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30; its stage
 #                        # limits add up to 595 s (variants, untimed so far: 445)
 # Stage limits add up to 1145 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
@@ -90,7 +90,7 @@ want variants && timeout 120 python benchmarks/bench.py --ops --models --device 
 want variants && timeout 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
     --out "$out/contention.json" 2>&1; pack
 #    where the sampled core's time goes at n 16385, B 1 (kernels vs glue, and wall time against summed kernel time:
-#    whether the host is what the GPU waits on), built in and with the two opt-ins; printed, not written (8 files)
+#    whether the host is what the GPU waits on), built in and with the two opt-ins; printed
 want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 2>&1 \
     | grep -v "^USDT\|^ERROR\|^WARNING"; pack
 want variants && timeout 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 \

@@ -65,8 +65,9 @@ STREAM_BLOCK_QUERIES = 64
 # fwd_keys: what the row kernel ranks: 'exact' fp32 scores (rounds: a max and a smallest-id-at-the-max reduction per
 # round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the column
 # (rounds: one reduction per round; topk: a bitonic sort of half the width); None: packed for half / bf16 inputs,
-# exact for fp32 ones. Packed ranking is exact up to scores within 2**-15 relative of each other, far below what half / bf16
-# inputs resolve (a bf16 q or k element keeps 8 significant bits), and the softmax weights come from the packed scores.
+# exact for fp32 ones. Packed ranking is exact up to scores within 2**-15 relative of each other, far below what half /
+# bf16 inputs resolve (a bf16 q or k element keeps 8 significant bits), and the softmax weights come from the packed
+# scores.
 # On the H200 (B 64, 12 heads, n 197, K 16, bf16) packed rounds took 0.30 ms against 0.44 ms exact
 # (benchmarks/results/h200-kernel-sweep.json), and matched the PyTorch path in the CUDA tests; a throwaway
 # study on the project's H200 (shared/reference/triton_feasibility.md) timed int64 keys at 1.7-2.3x the selection
