@@ -42,7 +42,7 @@ tests="cuda and not compile"
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
 
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
-#    the selection kernel, model train steps, the two fp32 product precisions, the opt-in launches; 28 tests: 20 took
+#    the selection kernel, model train steps, the two fp32 product precisions, the opt-in launches; 30 tests: 20 took
 #    99 s on 2026-11-30, each new kernel variant compiled on first use)
 want tests && timeout 200 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8; pack
 
@@ -65,20 +65,22 @@ want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64
 # 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
 want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1; pack
 # 6. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
-#    the same launch timed 0.30 and 0.36 ms in two runs; rounds / bitonic selection, exact / packed keys, 16 / 32 / 64
-#    queries; backward incl. 8 queries on one warp and 1 vs 64 dw copies; streaming at n 3137)
-want sweep && timeout 150 python benchmarks/kernel_sweep.py --shapes 256x12x197 4x6x3137 --neighbors 16 \
+#    the same launch timed 0.30 and 0.36 ms in two runs; the launches that competed lately (--short): rounds one or
+#    two keys at a time / bitonic selection, 16 / 32 / 64 queries; backward incl. 8 queries on one warp; streaming at
+#    n 3137)
+want sweep && timeout 150 python benchmarks/kernel_sweep.py --short --shapes 256x12x197 4x6x3137 --neighbors 16 \
     --out "$out/sweep.json" 2>&1; pack
 # 7. ViT-B with the row kernel's bitonic selection on 64 queries and 8 warps, the fastest launch at batch 256 on
 #    2026-11-30 (0.94 ms against 1.21 for the built-in 16 queries on 4 warps, whose rounds have since lost their
 #    marking of taken keys: 3,336 -> 2,904 instructions and 130 -> 110 registers compiled by triton 3.6), against
-#    timm's ViT-B in the same run (the built-in: stage 3); and rounds on 64 x 8 (untimed; 166 registers under 3.6)
+#    timm's ViT-B in the same run (the built-in: stage 3); and the built-in launch with rounds two keys at a time
+#    (fwd_select=pairs, untimed: 80 registers, 30 barriers against 54, 3,064 instructions under triton 3.6)
 want variants && timeout 90 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
     --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
     --kernel-config fwd_block_m=64 fwd_warps=8 fwd_select=topk --out "$out/variant-topk64" 2>&1; pack
 want variants && timeout 75 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
     --iters 5 --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
-    --kernel-config fwd_block_m=64 fwd_warps=8 --out "$out/variant-rounds64" 2>&1; pack
+    --kernel-config fwd_select=pairs --out "$out/variant-pairs" 2>&1; pack
 #    and sampled candidates ranked as one score row (CONFIG fwd_listed='row') instead of streamed, with the backward's
 #    dense per-token sums (bwd_listed='dense'): the attention core at n 197 / 16385 and vit_tiny_convnn_random (the
 #    streamed list took 0.85 ms forward at n 16385, K 16, and the backward ~1.0 ms, on 2026-11-30), and the backward

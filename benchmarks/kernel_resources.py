@@ -17,12 +17,12 @@ does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row ke
 (head dim / similarity channels), dtype (bf16 | fp16 | fp32), cand (1: a candidate list of r tokens, default 128;
 streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'; bwd: the dense per-token sums of CONFIG
 bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), block_m (0: the built-in choice), warps
-(0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), packed (1: the row kernel ranks packed
-int32 keys, 0: exact ones; default: built in, packed for bf16 / fp16), dot (how fp32 features
-multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee), aligned (1, the default: compile as
-``triton.jit`` specialises the kernels at run time for head dims divisible by 16 (contiguous tensors or timm's permuted
-qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible by 16, which vectorises loads and
-atomics; 0: no such assumption, far more registers).
+(0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), pairs (1: its rounds two keys at a
+time, CONFIG fwd_select='pairs'), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in,
+packed for bf16 / fp16), dot (how fp32 features multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee),
+aligned (1, the default: compile as ``triton.jit`` specialises the kernels at run time for head dims divisible by 16
+(contiguous tensors or timm's permuted qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible
+by 16, which vectorises loads and atomics; 0: no such assumption, far more registers).
 """
 import argparse
 import os
@@ -38,6 +38,7 @@ from triton.compiler import ASTSource
 from timm_convnn.layers import triton_attention as ta
 
 DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', 'fwd:N=197,K=16,topk=1',
+                 'fwd:N=197,K=16,pairs=1', 'fwd:N=197,K=9,pairs=1', 'fwd:N=16385,K=16,cand=1,row=1,pairs=1',
                  'fwd:N=197,K=16,packed=1', 'fwd:N=197,K=16,topk=1,packed=1', 'fwd:N=3137,K=16',
                  'fwd:N=3137,K=16,cand=1', 'fwd:N=197,K=16,dtype=fp32', 'bwd:K=16', 'bwd:K=9',
                  'bwd:K=16,block_m=8,warps=1', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=9,dtype=fp32',
@@ -53,7 +54,7 @@ def _parse(case: str):
     kind, _, rest = case.partition(':')
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
-    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0,
+    opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0, pairs=0,
                 packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
@@ -83,7 +84,7 @@ def _signature(kind: str, o: dict):
                      BLOCK_DQ=ta._pow2(o['D']),
                      BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), F32=o['dtype'] == 'fp32',
                      DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']),
-                     TOPK=bool(o['topk']) and not stream and not o['cand'],
+                     TOPK=bool(o['topk']) and not stream and not o['cand'], PAIRS=bool(o['pairs']) and not stream,
                      PACKED=(bool(o['packed']) if o['packed'] >= 0 else ta._use_packed_keys(o['dtype'] == 'fp32'))
                      and not stream)
         fn = ta._convnn_fwd_kernel

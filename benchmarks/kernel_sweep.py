@@ -34,8 +34,8 @@ def main() -> None:
                         'N tokens: whether the dk / dv atomics on the shared rows serialise')
     p.add_argument('--short', action='store_true',
                    help='only the launches that competed on 2026-11-29 / 30 (row kernel: packed rounds on 16 / 32 / 64 '
-                        'queries, 64 x 8 and 16 x 8, packed topk on 64 x 8, exact on 16; backward: 16 x 4, 8 x 1, '
-                        '16 x 2, 32 x 4), e.g. at a GPU-bound batch')
+                        'queries, 64 x 8 and 16 x 8, rounds in pairs on 16 x 4 and 64 x 8, packed topk on 64 x 8, exact '
+                        'on 16; backward: 16 x 4, 8 x 1, 16 x 2, 32 x 4), e.g. at a GPU-bound batch')
     args = p.parse_args()
     import triton
     from timm_convnn.layers import triton_attention as ta
@@ -66,15 +66,17 @@ def main() -> None:
             elif N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
                 # (64 queries on 4 warps: Hopper's wgmma gives each warp 16 whole rows, so the ranking reductions
                 # stay inside a warp; exact-key rounds spill there, packed ones do not)
-                fwd_configs = [(16, 4, None, 'packed'), (64, 8, None, 'packed'), (64, 8, 'topk', 'packed'),
+                # ('pairs': the rounds take two keys at a time, packed keys only)
+                fwd_configs = [(16, 4, None, 'packed'), (16, 4, 'pairs', 'packed'), (64, 8, 'topk', 'packed'),
+                               (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'), (32, 4, 'pairs', 'packed'),
                                (32, 4, None, 'packed'), (16, 8, None, 'packed'), (64, 4, None, 'packed'),
                                (16, 4, None, 'exact'), (16, 4, 'topk', 'packed'), (64, 4, 'topk', 'packed'),
                                (16, 4, 'topk', 'exact'), (32, 4, None, 'exact'), (16, 8, None, 'exact'),
                                (64, 8, None, 'exact')]
                 if args.short:
-                    fwd_configs = [(16, 4, None, 'packed'), (64, 8, None, 'packed'), (64, 8, 'topk', 'packed'),
-                                   (32, 4, None, 'packed'), (64, 4, None, 'packed'), (16, 8, None, 'packed'),
-                                   (16, 4, None, 'exact')]
+                    fwd_configs = [(16, 4, None, 'packed'), (16, 4, 'pairs', 'packed'), (64, 8, 'topk', 'packed'),
+                                   (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'), (32, 4, None, 'packed'),
+                                   (64, 4, None, 'packed'), (16, 8, None, 'packed'), (16, 4, None, 'exact')]
                 fwd_configs = [c + (None,) for c in fwd_configs]
             else:  # the streaming kernel
                 fwd_configs = [c + (None, None, None) for c in itertools.product((16, 32, 64), (4, 8))]

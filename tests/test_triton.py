@@ -372,6 +372,13 @@ compare_packed('dot_packed', lambda: ConvNNAttention(32, num_heads=2, num_neighb
 triton_attention.CONFIG['fwd_listed'] = 'row'
 compare_packed('random_row_packed', sampled('random', 9, 20))
 triton_attention.CONFIG['fwd_listed'] = None
+# rounds that take two keys at a time (CONFIG fwd_select='pairs'), K even and odd, and on a listed row
+triton_attention.CONFIG['fwd_select'] = 'pairs'
+results['packed_row_pairs'] = packed_case(40, 6)
+results['packed_row_pairs_odd_k'] = packed_case(40, 5)
+triton_attention.CONFIG['fwd_listed'] = 'row'
+compare_packed('random_row_packed_pairs', sampled('random', 9, 20))
+triton_attention.CONFIG['fwd_listed'] = None
 triton_attention.CONFIG['fwd_select'] = 'topk'
 results['packed_row_topk'] = packed_case(40, 6)
 # 64 queries per program (two blocks, the second partial): the bitonic packed launch timed fastest at B 256 on the H200
@@ -533,12 +540,13 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     for case in ('dot', 'dot_d24', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream',
                  'stream_64', 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
                  'random_dense', 'random_dense_bf16', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide',
-                 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed', 'random_row_packed') + selects:
+                 'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed', 'random_row_packed',
+                 'random_row_packed_pairs') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
         # packed keys: softmax weights from scores with 2**-15 relative precision
-        packed = case in ('dot_packed', 'random_row_packed')
+        packed = case in ('dot_packed', 'random_row_packed', 'random_row_packed_pairs')
         tol = {'bf16': (3e-2, 3e-2), 'random_dense_bf16': (3e-2, 3e-2)}.get(
             case, (1e-3, 1e-3) if packed else (1e-5, 1e-4))
         # the comparison is defined: no query's ranking hangs on rounding (2e-6: about 30 fp32 roundings of the row's
@@ -552,7 +560,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
-    for case in ('packed_row', 'packed_row_64', 'packed_row_topk', 'packed_row_topk_64'):
+    for case in ('packed_row', 'packed_row_64', 'packed_row_pairs', 'packed_row_pairs_odd_k', 'packed_row_topk',
+                 'packed_row_topk_64'):
         c = r[case]
         assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model_margin'] > 2e-6 and r['model'] < 1e-5  # one fused call per block
@@ -754,13 +763,15 @@ def _set_launch(monkeypatch, launch):
     # would flip near-ties)
     (torch.bfloat16, dict(fwd_keys='packed')), (torch.bfloat16, dict(fwd_select='topk', fwd_keys='packed')),
     # the launches kernel_sweep.py times against the built-in 16 queries on 4 warps (64 on 8 warps with the bitonic
-    # selection: the fastest at B 256, 12 heads, n 197 on the H200, 2026-11-30; and with rounds, untimed)
+    # selection: the fastest at B 256, 12 heads, n 197 on the H200, 2026-11-30; and with rounds, untimed), and the
+    # rounds two keys at a time (untimed)
     (torch.bfloat16, dict(fwd_block_m=32)), (torch.bfloat16, dict(fwd_block_m=64)),
     (torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8, fwd_select='topk')),
-    (torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8))],
+    (torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8)), (torch.bfloat16, dict(fwd_select='pairs'))],
     ids=_launch_id)
 def test_fused_row_selection_variants_match_torch_on_cuda(dtype, launch, backend, monkeypatch):
-    # the row kernel's selections and launches (CONFIG fwd_select='topk': bitonic; fwd_keys='packed' / 'exact': int32
+    # the row kernel's selections and launches (CONFIG fwd_select='topk': bitonic, 'pairs': rounds two keys at a time;
+    # fwd_keys='packed' / 'exact': int32
     # keys or exact fp32 scores; None: packed for half / bf16; fwd_block_m / fwd_warps)
     _set_launch(monkeypatch, launch)
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
@@ -1034,7 +1045,8 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'bwd:K=16,N=3137', 'sel:K=9', 'sel:K=9,D=128', 'sel:K=64', 'sel:K=9,D=128,dtype=fp32',
                  'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
                  'bwd:N=16385,K=16,cand=1', 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32',
-                 'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=16,block_m=64,warps=8,topk=1'):
+                 'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=16,block_m=64,warps=8,topk=1',
+                 'fwd:N=197,K=16,pairs=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

@@ -60,8 +60,9 @@ STREAM_BLOCK_QUERIES = 64
 
 # Launch configuration. None: the built-in choice (``_fwd_block_m`` / BLOCK_QUERIES queries per program, 4 warps;
 # ``_bwd_launch`` for the backward). ``benchmarks/kernel_sweep.py`` times the alternatives on a GPU.
-# fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), or 'topk', one
-# bitonic tl.topk (slower on the H200: 1.36 ms on 16 queries, 0.39 on 64, against 0.30 for packed rounds).
+# fwd_select: how the row kernel picks its top K: None, K rounds of row max (the built-in choice), 'pairs', rounds
+# that take two packed keys at a time (``_rank``; exact keys keep single rounds; opt-in until timed on a GPU), or
+# 'topk', one bitonic tl.topk (slower on the H200: 1.36 ms on 16 queries, 0.39 on 64, against 0.30 for packed rounds).
 # fwd_keys: what the row kernel ranks: 'exact' fp32 scores (rounds: a max and a smallest-id-at-the-max reduction per
 # round; topk: int64 (score, id) keys), or 'packed', one int32 key per score holding 15 mantissa bits and the column
 # (rounds: one reduction per round; topk: a bitonic sort of half the width); None: packed for half / bf16 inputs,
@@ -235,8 +236,13 @@ if triton is not None:
         return _unordered(keys & -BLOCK_N), BLOCK_N - 1 - (keys & (BLOCK_N - 1))
 
     @triton.jit
+    def _two_smallest(a1, a2, b1, b2):
+        """Combine of a reduction to the two smallest values: (smallest, second smallest) of two such pairs."""
+        return tl.minimum(a1, b1), tl.minimum(tl.maximum(a1, b1), tl.minimum(a2, b2))
+
+    @triton.jit
     def _rank(s, ids, NO_ID: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-              PACKED: tl.constexpr, EXP: tl.constexpr):
+              PACKED: tl.constexpr, EXP: tl.constexpr, PAIRS: tl.constexpr = False):
         """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
         id) is rank r. Returns the (BLOCK_M, BLOCK_K) ids and values by rank (slots from NUM_K on: 0) and a row sum:
         values = the scores (sum 0), or with EXP their softmax numerators exp(score - best score) and the softmax
@@ -244,12 +250,36 @@ if triton is not None:
         (NO_ID = their BLOCK_N), so a round is one row reduction instead of two (max, then the smallest id at the
         max), and the keys already taken are skipped by value instead of being marked: from the second round on, the
         min of c - s below. Compiled for sm_90 by triton 3.6 (bf16, n 197, K 16, 16 queries on 4 warps) that took
-        the row kernel from 130 to 110 registers and from 3,336 to 2,904 instructions."""
+        the row kernel from 130 to 110 registers and from 3,336 to 2,904 instructions. PAIRS (packed keys only,
+        ``CONFIG['fwd_select'] = 'pairs'``): the rounds take two keys at a time, the two smallest of c - s in one
+        reduction of (value, second value) pairs: half the rounds and half their cross-warp exchanges (barriers), at
+        twice the work per key and round (the same compiled for sm_90: 80 registers, 3,064 instructions, 30 barriers
+        against 54)."""
         kk = tl.arange(0, BLOCK_K)
         m0 = tl.zeros([BLOCK_M], dtype=tl.float32)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         sel_idx = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
         sel_val = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        if PACKED and PAIRS:
+            # c = -1 at first (c - key = ~key: every key, in reverse order), then c = (second key taken) - 1 + 2**31
+            c = tl.full([BLOCK_M], -1, tl.int32)
+            for r in tl.static_range(0, NUM_K, 2):
+                t1, t2 = tl.reduce((tl.sub(c[:, None], s, sanitize_overflow=False),
+                                    tl.full(s.shape, 2147483647, tl.int32)), 1, _two_smallest)
+                k1 = tl.sub(c, t1, sanitize_overflow=False)
+                k2 = tl.sub(c, t2, sanitize_overflow=False)
+                c = tl.add(k2, 0x7FFFFFFF, sanitize_overflow=False)
+                for h in tl.static_range(2):
+                    if r + h < NUM_K:
+                        mr, jr = _unpack_keys(k2 if h else k1, NO_ID)
+                        if EXP:
+                            if r + h == 0:
+                                m0 = mr  # the best score: softmax reference
+                            mr = tl.exp(mr - m0)
+                            total += mr
+                        sel_idx = tl.where(kk[None, :] == r + h, jr[:, None], sel_idx)
+                        sel_val = tl.where(kk[None, :] == r + h, mr[:, None], sel_val)
+            return sel_idx, sel_val, total
         for r in tl.static_range(NUM_K):
             if PACKED:
                 if r == 0:
@@ -280,10 +310,10 @@ if triton is not None:
     def _rank_softmax_aggregate(
             s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr,
+            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr = False,
     ):
         """``_rank`` with softmax; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
-        sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
+        sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True, PAIRS)
         _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
                                  NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
 
@@ -480,7 +510,7 @@ if triton is not None:
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr,
-            CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr,
+            CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place; with CANDIDATES the row holds the L listed tokens in
@@ -511,7 +541,7 @@ if triton is not None:
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             if PACKED:
                 s = _packed_keys(s, cols, BLOCK_N)
-            sel_col, sel_e, denom = _rank(s, cols[None, :], BLOCK_N, NUM_K, BLOCK_M, BLOCK_K, PACKED, True)
+            sel_col, sel_e, denom = _rank(s, cols[None, :], BLOCK_N, NUM_K, BLOCK_M, BLOCK_K, PACKED, True, PAIRS)
             # columns -> token ids: the list's, or the query's own
             sel_idx = tl.where(sel_col == L, rows[:, None], tl.load(CAND + sel_col, mask=sel_col < L, other=0))
             _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
@@ -526,7 +556,7 @@ if triton is not None:
             elif PACKED:
                 _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, h, rows,
                                         row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N,
-                                        True)
+                                        True, PAIRS)
             else:
                 _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
                                         NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
@@ -881,6 +911,7 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None,
             TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
+            PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
             PACKED=_use_packed_keys(fp32) and not stream,
             num_warps=_fwd_warps(stream, fp32, candidates is not None), **COMPILE_OPTIONS)
     return out, idx, p
