@@ -241,6 +241,20 @@ if triton is not None:
         return tl.minimum(a1, b1), tl.minimum(tl.maximum(a1, b1), tl.minimum(a2, b2))
 
     @triton.jit
+    def _keep(r: tl.constexpr, mr, jr, m0, total, sel_idx, sel_val, kk, EXP: tl.constexpr):
+        """``_rank``'s bookkeeping for the key of rank r (value ``mr``, id ``jr`` per row): the value, or with EXP its
+        softmax numerator exp(value - best value), into slot r and the id beside it. Returns (best value, sum of the
+        numerators, ids, values)."""
+        if EXP:
+            if r == 0:
+                m0 = mr  # the best score: softmax reference
+            mr = tl.exp(mr - m0)
+            total += mr
+        sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
+        sel_val = tl.where(kk[None, :] == r, mr[:, None], sel_val)
+        return m0, total, sel_idx, sel_val
+
+    @triton.jit
     def _rank(s, ids, NO_ID: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
               PACKED: tl.constexpr, EXP: tl.constexpr, PAIRS: tl.constexpr = False):
         """K rounds over the candidate scores ``s`` (token ids ``ids``): the best remaining score (ties: the smallest
@@ -269,41 +283,31 @@ if triton is not None:
                 k1 = tl.sub(c, t1, sanitize_overflow=False)
                 k2 = tl.sub(c, t2, sanitize_overflow=False)
                 c = tl.add(k2, 0x7FFFFFFF, sanitize_overflow=False)
-                for h in tl.static_range(2):
-                    if r + h < NUM_K:
-                        mr, jr = _unpack_keys(k2 if h else k1, NO_ID)
-                        if EXP:
-                            if r + h == 0:
-                                m0 = mr  # the best score: softmax reference
-                            mr = tl.exp(mr - m0)
-                            total += mr
-                        sel_idx = tl.where(kk[None, :] == r + h, jr[:, None], sel_idx)
-                        sel_val = tl.where(kk[None, :] == r + h, mr[:, None], sel_val)
-            return sel_idx, sel_val, total
-        for r in tl.static_range(NUM_K):
-            if PACKED:
-                if r == 0:
-                    kr = tl.max(s, axis=1)
+                mr, jr = _unpack_keys(k1, NO_ID)
+                m0, total, sel_idx, sel_val = _keep(r, mr, jr, m0, total, sel_idx, sel_val, kk, EXP)
+                if r + 1 < NUM_K:
+                    mr, jr = _unpack_keys(k2, NO_ID)
+                    m0, total, sel_idx, sel_val = _keep(r + 1, mr, jr, m0, total, sel_idx, sel_val, kk, EXP)
+        else:
+            for r in tl.static_range(NUM_K):
+                if PACKED:
+                    if r == 0:
+                        kr = tl.max(s, axis=1)
+                    else:
+                        # the largest key below the previous one kr, without marking the taken keys: with wrapping
+                        # int32 arithmetic and c = kr - 1 + 2**31, c - key maps the keys below kr onto
+                        # [-2**31, kr - 1] in reverse order and the taken ones (>= kr) above, so the min of c - s
+                        # picks it (one subtraction per key and a min, where a compare, a select and a max had
+                        # marked the taken key)
+                        c = tl.add(kr, 0x7FFFFFFF, sanitize_overflow=False)
+                        kr = tl.sub(c, tl.min(tl.sub(c[:, None], s, sanitize_overflow=False), axis=1),
+                                    sanitize_overflow=False)
+                    mr, jr = _unpack_keys(kr, NO_ID)
                 else:
-                    # the largest key below the previous one kr, without marking the taken keys: with wrapping int32
-                    # arithmetic and c = kr - 1 + 2**31, c - key maps the keys below kr onto [-2**31, kr - 1] in
-                    # reverse order and the taken ones (>= kr) above, so the min of c - s picks it (one subtraction
-                    # per key and a min, where a compare, a select and a max had marked the taken key)
-                    c = tl.add(kr, 0x7FFFFFFF, sanitize_overflow=False)
-                    kr = tl.sub(c, tl.min(tl.sub(c[:, None], s, sanitize_overflow=False), axis=1),
-                                sanitize_overflow=False)
-                mr, jr = _unpack_keys(kr, NO_ID)
-            else:
-                mr = tl.max(s, axis=1)
-                jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
-                s = tl.where(ids == jr[:, None], float('-inf'), s)
-            if EXP:
-                if r == 0:
-                    m0 = mr  # the best score: softmax reference
-                mr = tl.exp(mr - m0)
-                total += mr
-            sel_idx = tl.where(kk[None, :] == r, jr[:, None], sel_idx)
-            sel_val = tl.where(kk[None, :] == r, mr[:, None], sel_val)
+                    mr = tl.max(s, axis=1)
+                    jr = tl.min(tl.where(s == mr[:, None], ids, NO_ID), axis=1)
+                    s = tl.where(ids == jr[:, None], float('-inf'), s)
+                m0, total, sel_idx, sel_val = _keep(r, mr, jr, m0, total, sel_idx, sel_val, kk, EXP)
         return sel_idx, sel_val, total
 
     @triton.jit
