@@ -14,15 +14,16 @@
 #   run(command='GPU_CHECK_STAGES="tests ops models select fp32" bash benchmarks/gpu_check.sh', carry=[".whl"],
 #       timeout_s=450)   # 2026-11-30: 241 s of wall time without fp32 (40 s at most), and about 30 s for
 #                        # the machine's start; its stage limits add up to 550 s
-#   run(command='GPU_CHECK_STAGES="sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
+#   run(command='GPU_CHECK_STAGES="threshold sweep variants" bash benchmarks/gpu_check.sh', carry=[".whl"],
 #       timeout_s=595)   # make it right after the first, while the machine is warm (it goes back after
 #                        # 30 s idle); "fp32 sweep" with the old sweep shapes took 225 s on 2026-11-30; its stage
-#                        # limits add up to 595 s (variants, untimed so far: 445)
-# Stage limits add up to 1145 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
+#                        # limits add up to 850 s (threshold 255, variants 445, both untimed so far): what the
+#                        # call's limit cuts is the last of the variants
+# Stage limits add up to 1400 s. GPU_CHECK_STAGES picks stages (default: all), so that a 15-minute device budget can be
 # split as above, or spent on a re-run after a fix. GPU_CHECK_COMPILE=1 adds the torch.compile test and the model
 # level under torch.compile (about 3 more minutes).
 set -uo pipefail
-stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 sweep variants} "
+stages=" ${GPU_CHECK_STAGES:-tests ops models select fp32 threshold sweep variants} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 if [ -n "${OUT:-}" ]; then
   out="$(mktemp -d)"
@@ -64,13 +65,26 @@ want select && timeout 45 python benchmarks/kernel_sweep.py --shapes --select 64
     --out "$out/select-fp32.json" 2>&1; pack
 # 5. fp32 inputs (timm's validate.py / benchmark.py without AMP): the row kernel on 4 warps (spills) vs 8 (does not)
 want fp32 && timeout 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 --out "$out/sweep-fp32.json" 2>&1; pack
-# 6. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
+# 6. CONFIG fwd_stream='threshold' (untimed): the streamed forward over all tokens as a threshold pass and a pass
+#    collecting the keys above it, no merge rounds (the built-in merge loop took 3.69 ms forward at n 16385, B 1,
+#    K 16 on 2026-11-30 (3d2dbfa), against 1.08 for SDPA's). The attention core at n 3137 / 16385 against SDPA in the
+#    same run; its launches against the merge loop (64 / 32 queries, 4 / 8 warps; the selection's in the select
+#    stage); and ResNet-50 whose stage-1 selections stream (its 3 x 3 convs as ConvNN2d) against timm's resnet50
+want threshold && timeout 90 python benchmarks/bench.py --ops --device cuda --amp --backends triton --tokens 3137 16385 \
+    --modes all --op-batches 3137:4 16385:1 --warmup 2 --iters 5 --kernel-config fwd_stream=threshold \
+    --out "$out/variant-threshold" 2>&1; pack
+want threshold && timeout 90 python benchmarks/kernel_sweep.py --short --shapes 1x6x16385 --neighbors 16 9 \
+    --out "$out/sweep-threshold.json" 2>&1; pack
+want threshold && timeout 75 python benchmarks/bench.py --models --device cuda --amp --backends triton --warmup 2 \
+    --iters 5 --pairs resnet50_convnn_branch:resnet50 --kernel-config fwd_stream=threshold \
+    --out "$out/variant-threshold-resnet" 2>&1; pack
+# 7. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
 #    the same launch timed 0.30 and 0.36 ms in two runs; the launches that competed lately (--short): rounds one or
 #    two keys at a time / bitonic selection, 16 / 32 / 64 queries; backward incl. 8 queries on one warp; streaming at
-#    n 3137)
+#    n 3137: the merge loop and the threshold passes)
 want sweep && timeout 150 python benchmarks/kernel_sweep.py --short --shapes 256x12x197 4x6x3137 --neighbors 16 \
     --out "$out/sweep.json" 2>&1; pack
-# 7. ViT-B with the row kernel's bitonic selection on 64 queries and 8 warps, the fastest launch at batch 256 on
+# 8. ViT-B with the row kernel's bitonic selection on 64 queries and 8 warps, the fastest launch at batch 256 on
 #    2026-11-30 (0.94 ms against 1.21 for the built-in 16 queries on 4 warps, whose rounds have since lost their
 #    marking of taken keys: 3,336 -> 2,904 instructions and 130 -> 110 registers compiled by triton 3.6), against
 #    timm's ViT-B in the same run (the built-in: stage 3); and the built-in launch with rounds two keys at a time

@@ -18,7 +18,8 @@ does not cover use on CUDA). Case keys: N (tokens; <= ROW_TOKENS runs the row ke
 streamed, or with row=1 ranked as one row like CONFIG fwd_listed='row'; bwd: the dense per-token sums of CONFIG
 bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), block_m (0: the built-in choice), warps
 (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), pairs (1: its rounds two keys at a
-time, CONFIG fwd_select='pairs'), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in,
+time, CONFIG fwd_select='pairs'), thr (1: a streamed case over all tokens takes the threshold passes of CONFIG
+fwd_stream='threshold'), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in,
 packed for bf16 / fp16), dot (how fp32 features multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee),
 aligned (1, the default: compile as ``triton.jit`` specialises the kernels at run time for head dims divisible by 16
 (contiguous tensors or timm's permuted qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible
@@ -55,7 +56,7 @@ def _parse(case: str):
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
     opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0, pairs=0,
-                packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0)
+                packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0, thr=0)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -75,10 +76,11 @@ def _streams(kind: str, o: dict) -> bool:
 def _signature(kind: str, o: dict):
     p = '*' + o['dtype']
     if kind == 'fwd':
-        sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', N='i32', M='i32', L='i32',
-                   H='i32', q_scale='fp32')
+        sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', SCR_S='*fp32',
+                   SCR_I='*i32', N='i32', M='i32', L='i32', H='i32', q_scale='fp32')
         stream = _streams(kind, o)
-        block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
+        block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']),
+                                                  _per_tile(stream, o) > 0)
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['r'] + 1 if o['cand'] else o['N']),
                      BLOCK_DQ=ta._pow2(o['D']),
@@ -86,15 +88,17 @@ def _signature(kind: str, o: dict):
                      DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']),
                      TOPK=bool(o['topk']) and not stream and not o['cand'], PAIRS=bool(o['pairs']) and not stream,
                      PACKED=(bool(o['packed']) if o['packed'] >= 0 else ta._use_packed_keys(o['dtype'] == 'fp32'))
-                     and not stream)
+                     and not stream, PER_TILE=_per_tile(stream, o), CAP=ta._stream_cap(o['K']))
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
-        sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', N='i32', M='i32', L='i32', G='i32')
-        block_m = o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']))
+        sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', SCR_S='*fp32', SCR_I='*i32', N='i32',
+                   M='i32', L='i32', G='i32')
+        block_m = o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']),
+                                                  _per_tile(True, o) > 0)
         const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
                      F32=o['dtype'] == 'fp32', DOT_F32=o['dot'],
-                     CANDIDATES=bool(o['cand']))
+                     CANDIDATES=bool(o['cand']), PER_TILE=_per_tile(True, o), CAP=ta._stream_cap(o['K']))
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
@@ -111,6 +115,11 @@ def _signature(kind: str, o: dict):
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})
     return fn, sig, const
+
+
+def _per_tile(stream: bool, o: dict) -> int:
+    """PER_TILE of a forward / selection case: with thr=1 (CONFIG fwd_stream='threshold') what the launch passes."""
+    return ta._tile_values(o['N'], o['K']) if o['thr'] and stream and not o['cand'] else 0
 
 
 def _bwd_launch(o: dict):

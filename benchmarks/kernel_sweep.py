@@ -33,9 +33,10 @@ def main() -> None:
                         'tokens, as with candidates=random, r 128) against the same op on neighbours spread over all '
                         'N tokens: whether the dk / dv atomics on the shared rows serialise')
     p.add_argument('--short', action='store_true',
-                   help='only the launches that competed on 2026-11-29 / 30 (row kernel: packed rounds on 16 / 32 / 64 '
-                        'queries, 64 x 8 and 16 x 8, rounds in pairs on 16 x 4 and 64 x 8, packed topk on 64 x 8, exact '
-                        'on 16; backward: 16 x 4, 8 x 1, 16 x 2, 32 x 4), e.g. at a GPU-bound batch')
+                   help='only the launches that competed on 2026-11-29 / 30 (row kernel: packed rounds on 16 / 32 / '
+                        '64 queries, 64 x 8 and 16 x 8, rounds in pairs on 16 x 4 and 64 x 8, packed topk on 64 x 8, '
+                        'exact on 16; streaming kernel: the merge loop on 64 x 4, the threshold passes on 64 x 4, '
+                        '32 x 4, 64 x 8, 16 x 4; backward: 16 x 4, 8 x 1, 16 x 2, 32 x 4), e.g. at a GPU-bound batch')
     args = p.parse_args()
     import triton
     from timm_convnn.layers import triton_attention as ta
@@ -59,10 +60,11 @@ def main() -> None:
         print(f'{shape}: sdpa fwd {sdpa_f:.4f} ms  fwd+bwd {sdpa_fb:.4f} ms', flush=True)
         for K in args.neighbors:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
-            # (block_m, warps, selection, keys); the most informative first (a stage cut short keeps what it
-            # timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps, but spill at n 197.
+            # (block_m, warps, selection, keys, fp32 products, streaming); the most informative first (a stage cut
+            # short keeps what it timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps,
+            # but spill at n 197.
             if args.fp32:  # and how fp32 features multiply (triton_attention.FP32_DOT)
-                fwd_configs = [(16, nw, None, None, dot) for nw in (4, 8) for dot in ('tf32x3', 'ieee')]
+                fwd_configs = [(16, nw, None, None, dot, None) for nw in (4, 8) for dot in ('tf32x3', 'ieee')]
             elif N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
                 # (64 queries on 4 warps: Hopper's wgmma gives each warp 16 whole rows, so the ranking reductions
                 # stay inside a warp; exact-key rounds spill there, packed ones do not)
@@ -77,11 +79,19 @@ def main() -> None:
                     fwd_configs = [(16, 4, None, 'packed'), (16, 4, 'pairs', 'packed'), (64, 8, 'topk', 'packed'),
                                    (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'), (32, 4, None, 'packed'),
                                    (64, 4, None, 'packed'), (16, 8, None, 'packed'), (16, 4, None, 'exact')]
-                fwd_configs = [c + (None,) for c in fwd_configs]
-            else:  # the streaming kernel
-                fwd_configs = [c + (None, None, None) for c in itertools.product((16, 32, 64), (4, 8))]
-            for bm, nw, select, keys, dot in fwd_configs:
-                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select, fwd_keys=keys, fp32_dot=dot)
+                fwd_configs = [c + (None, None) for c in fwd_configs]
+            else:  # the streaming kernel: the merge loop, or the threshold passes (CONFIG fwd_stream='threshold';
+                # 64 queries on 4 warps keep 243-246 registers compiled for sm_90 under triton 3.6 / 3.8, 32 on 4
+                # warps 128-201, 64 on 8 warps 175-182)
+                fwd_configs = [(64, 4, 'merge'), (64, 4, 'threshold'), (32, 4, 'threshold'), (64, 8, 'threshold'),
+                               (16, 4, 'threshold')]
+                if not args.short:
+                    fwd_configs += [(bm, nw, stream) for bm, nw, stream in itertools.product(
+                        (16, 32, 64), (4, 8), ('merge', 'threshold')) if (bm, nw, stream) not in fwd_configs]
+                fwd_configs = [(bm, nw, None, None, None, stream) for bm, nw, stream in fwd_configs]
+            for bm, nw, select, keys, dot, stream in fwd_configs:
+                ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fwd_select=select, fwd_keys=keys, fp32_dot=dot,
+                                 fwd_stream=stream if stream == 'threshold' else None)
                 try:
                     t = triton.testing.do_bench(lambda: op(qs, ks, v, w, K))
                 except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
@@ -90,14 +100,15 @@ def main() -> None:
                     err = None
                 packed = ta._use_packed_keys(args.fp32) and N <= ta.ROW_TOKENS  # what the kernel ranked
                 rows.append(dict(shape=shape, dtype=str(dtype)[6:], K=K, kernel='fwd', block_m=bm, warps=nw,
-                                 select=select or 'rounds', keys='packed' if packed else 'exact', dot=dot, ms=t,
-                                 x_sdpa=t / sdpa_f, error=err))
+                                 select=select or stream or 'rounds', keys='packed' if packed else 'exact', dot=dot,
+                                 ms=t, x_sdpa=t / sdpa_f, error=err))
                 save()
-                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {select or "rounds":6s} {rows[-1]["keys"]:6s}'
+                print(f'  fwd K {K:2d} BM {bm:2d} warps {nw} {rows[-1]["select"]:9s} {rows[-1]["keys"]:6s}'
                       + (f' {dot:6s}' if dot else '') + ': '
                       f'{t:.4f} ms  x{t / sdpa_f:.2f} SDPA fwd'
                       + (f'  {err}' if err else ''), flush=True)
-            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, fp32_dot=None)
+            ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, fp32_dot=None,
+                             fwd_stream=None)
             out, idx, pr = op(qs, ks, v, w, K)
             bwd = torch.ops.timm_convnn.convnn_attention_backward
             # dw copies: 1 is one (H, K, DV) block updated by every program (the layout before DW_COPIES).
@@ -196,12 +207,14 @@ def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
         rows.append(dict(shape=shape, K=K, kernel='select', impl='torch', ms=base))
         save()
         print(f'{shape} select K {K:2d} PyTorch (score slices, torch.topk): {base:.4f} ms', flush=True)
-        configs = [(bm, nw, None) for bm, nw in ((None, None), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
+        # (block_m, warps, fp32 products, CONFIG fwd_stream)
+        configs = [(bm, nw, None, None) for bm, nw in ((None, None), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
+        configs += [(None, None, None, 'threshold'), (32, 4, None, 'threshold'), (64, 8, None, 'threshold')]
         if fp32:
-            configs = [(None, None, 'tf32x3'), (None, None, 'ieee'), (64, 4, 'tf32x3'), (32, 4, 'tf32x3'),
-                       (64, 8, 'tf32x3')]
-        for bm, nw, dot in configs:
-            ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fp32_dot=dot)
+            configs = [(None, None, 'tf32x3', None), (None, None, 'ieee', None), (64, 4, 'tf32x3', None),
+                       (32, 4, 'tf32x3', None), (64, 8, 'tf32x3', None), (None, None, 'tf32x3', 'threshold')]
+        for bm, nw, dot, stream in configs:
+            ta.CONFIG.update(fwd_block_m=bm, fwd_warps=nw, fp32_dot=dot, fwd_stream=stream)
             try:
                 t = triton.testing.do_bench(lambda: ta.fused_select(qs, ks, K))
             except Exception as e:  # noqa: BLE001  (report and go on: a config can exceed resources)
@@ -209,12 +222,14 @@ def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
             else:
                 err = None
             rows.append(dict(shape=shape, K=K, kernel='select', impl='fused', block_m=bm or 'default',
-                             warps=nw or 4, dtype=str(ks.dtype)[6:], dot=dot, ms=t, x_torch=t / base, error=err))
+                             warps=nw or 4, dtype=str(ks.dtype)[6:], dot=dot, stream=stream or 'merge', ms=t,
+                             x_torch=t / base, error=err))
             save()
             print(f'  fused BM {bm or "default"} warps {nw or 4}' + (f' {dot}' if dot else '')
+                  + (f' {stream}' if stream else '')
                   + f': {t:.4f} ms  x{t / base:.3f} PyTorch'
                   + (f'  {err}' if err else ''), flush=True)
-        ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fp32_dot=None)
+        ta.CONFIG.update(fwd_block_m=None, fwd_warps=None, fp32_dot=None, fwd_stream=None)
         # a sampled candidate list (what ConvNN2d(candidates='random') selects from): r = 64 tokens shared by all
         # queries, plus each query's own; built-in configuration only
         cand = torch.randperm(M, device='cuda', generator=g)[:64]

@@ -212,6 +212,17 @@ def test_stream_rounds_counts_a_blocks_merge_rounds(tmp_path):
                                                                   '2', '--block-queries', '16', '--smooth', '0'])
     line = stdout.splitlines()[-1]
     assert '16 queries per block  K  4' in line and 'merge rounds per block' in line, stdout
+    # --threshold: the keys that CONFIG fwd_stream='threshold' keeps per query, at least those scoring the K-th
+    # largest of the tiles' best values (1 or 2 per tile here); from too few values, all keys; equal values once
+    assert module.threshold_counts(up[None], 4, 8, 1).tolist() == [25]  # tile maxima 7, 15, 23, 31: >= 7
+    assert module.threshold_counts(up[None], 4, 8, 2).tolist() == [10]  # 7, 6, 15, 14, ..., 31, 30: >= 22
+    assert module.threshold_counts(up[None, :16], 4, 8, 1).tolist() == [16]  # 2 values for K 4
+    assert module.threshold_counts(torch.ones(1, 8), 2, 4, 2).tolist() == [8]  # values 1, -inf, 1, -inf
+    stdout = _run_benchmark_script(tmp_path, 'stream_rounds.py', ['--tokens', '300', '--neighbors', '4', '--blocks',
+                                                                  '2', '--block-queries', '16', '--smooth', '0',
+                                                                  '--threshold'])
+    line = stdout.splitlines()[-1]
+    assert '4 per tile, keeps' in line and 'of blocks over 64' in line, stdout
 
 
 def test_host_overhead_script_times_both_call_paths(tmp_path):

@@ -460,6 +460,41 @@ results['select_listed_ties'] = select_listed_tie_case(30, 90, 40, 9)
 results['select_listed_ties_tiles'] = select_listed_tie_case(40, 120, 80, 16)  # 80 candidates: two key tiles
 results['select_listed_ties_wide'] = select_listed_tie_case(30, 90, 40, 9, d=80)  # the query's own token last
 
+# CONFIG fwd_stream='threshold': a pass bounding each query's K-th best score, then every key scoring at least the
+# bound collected into a scratch of STREAM_CAP per query and ranked; a block with a query over that takes the merge
+# loop. ``kept``: the most keys a query keeps (benchmarks/stream_rounds.py models the kernel's bound)
+import importlib.util
+spec = importlib.util.spec_from_file_location('stream_rounds', STREAM_ROUNDS)
+stream_rounds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stream_rounds)
+
+def most_kept(qs, ks, kk):
+    s = (qs.double() @ ks.double().transpose(-1, -2)).reshape(-1, ks.shape[-2])
+    per_tile = triton_attention._tile_values(ks.shape[-2], kk)
+    return int(stream_rounds.threshold_counts(s, kk, triton_attention.STREAM_BLOCK_N, per_tile).max())
+
+def threshold_tie_case(n, kk):
+    g = torch.Generator().manual_seed(n)
+    qs, ks = (torch.randint(-2, 3, (1, 2, n, 16), generator=g).float() for _ in range(2))
+    return dict(tie_case(n, kk), kept=most_kept(qs, ks, kk))  # tie_case draws the same features
+
+triton_attention.CONFIG['fwd_stream'] = 'threshold'
+compare('stream_threshold', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1,
+        grid_size=(17, 17)), torch.randn(1, 290, 32))
+triton_attention.CONFIG['fwd_block_m'] = 64
+compare('stream_threshold_64', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1,
+        grid_size=(17, 17)), torch.randn(1, 290, 32))
+triton_attention.CONFIG['fwd_block_m'] = None
+results['ties_stream_threshold'] = threshold_tie_case(triton_attention.ROW_TOKENS + 14, 16)
+# every block over a scratch of 16: the merge loop's answer, through the scratch
+triton_attention.STREAM_CAP = 16
+results['ties_stream_threshold_over'] = threshold_tie_case(triton_attention.ROW_TOKENS + 14, 16)
+triton_attention.STREAM_CAP = 64
+results['select_ties_threshold'] = select_tie_case(30, 300, 9)
+compare('cnn_depthwise_position_threshold', lambda: ConvNN2d(8, 8, num_neighbors=16, similarity='dot',
+        aggregation='depthwise', neighbor_order='position'), torch.randn(1, 8, 17, 17))
+triton_attention.CONFIG['fwd_stream'] = None
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
@@ -534,14 +569,16 @@ def run_interpreted(code: str, tmp_path, what: str) -> dict:
 
 
 def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
-    r = run_interpreted(_INTERPRETED, tmp_path, 'checked')
+    stream_rounds = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'benchmarks', 'stream_rounds.py')
+    r = run_interpreted(f'STREAM_ROUNDS = {stream_rounds!r}\n' + _INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
-               'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
+               'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide',
+               'cnn_depthwise_position_threshold')
     for case in ('dot', 'dot_d24', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream',
                  'stream_64', 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
                  'random_dense', 'random_dense_bf16', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide',
                  'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed', 'random_row_packed',
-                 'random_row_packed_pairs') + selects:
+                 'random_row_packed_pairs', 'stream_threshold', 'stream_threshold_64') + selects:
         c = r[case]
         assert c['torch_calls'] == 0, (case, c)  # each path really ran: the fused forward, or the selection alone
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
@@ -554,9 +591,13 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         assert c['margin'] > (2 ** -15 if packed else 2e-6), (case, c)
         assert c['out'] <= tol[0] * max(1., c['scale']), (case, c)
         assert c['grad'] <= tol[1], (case, c)
-    for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed'):
+    for case in ('ties_row', 'ties_stream', 'ties_row_topk', 'ties_row_topk_packed', 'ties_stream_threshold',
+                 'ties_stream_threshold_over'):
         c = r[case]
         assert c['ties'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
+    # CONFIG fwd_stream='threshold' kept every query's superset in the scratch (ties at the K-th place included),
+    # then with a scratch of 16 the blocks with a query over it took the merge loop
+    assert 16 < r['ties_stream_threshold']['kept'] <= 64 and r['ties_stream_threshold_over']['kept'] > 16
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
@@ -566,8 +607,9 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         assert c['rows_unlike_exact'] > 10 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
     assert r['model_calls'] == 2 and r['model_margin'] > 2e-6 and r['model'] < 1e-5  # one fused call per block
     assert r['conv_identity']['select_calls'] == 1 and r['conv_identity']['err'] < 1e-5, r['conv_identity']
-    c = r['select_ties']
-    assert c['ties'] > 1000 and c['ids_equal'] and c['scores'] == 0 and c['dtype'] == 'torch.int64', c
+    for case in ('select_ties', 'select_ties_threshold'):
+        c = r[case]
+        assert c['ties'] > 1000 and c['ids_equal'] and c['scores'] == 0 and c['dtype'] == 'torch.int64', (case, c)
     for shape, case in (([2, 1, 30, 9], 'select_listed_ties'), ([2, 1, 40, 16], 'select_listed_ties_tiles'),
                         ([2, 1, 30, 9], 'select_listed_ties_wide')):
         c = r[case]
@@ -777,6 +819,18 @@ def test_fused_row_selection_variants_match_torch_on_cuda(dtype, launch, backend
     _fused_vs_torch_on_cuda(dtype, 14, backend, monkeypatch)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype,side,launch', [
+    (torch.float32, 28, {}), (torch.bfloat16, 28, {}), (torch.bfloat16, 64, {}),
+    (torch.bfloat16, 28, dict(fwd_block_m=32)), (torch.bfloat16, 64, dict(fwd_block_m=64, fwd_warps=8))],
+    ids=_launch_id)
+def test_fused_threshold_stream_matches_torch_on_cuda(dtype, side, launch, backend, monkeypatch):
+    # CONFIG fwd_stream='threshold' (a bound, then every key above it): 785 tokens (4 values per key tile) and 4097
+    # (one), and the launches kernel_sweep.py times
+    _set_launch(monkeypatch, dict(launch, fwd_stream='threshold'))
+    _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch)
+
+
 def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
     # fp32 inputs with CUDA-core products: the fp32 tolerance allows no near-tie to flip, and the default 3xTF32
     # products (scores ~1e-6 off) flipped one or two of the 9,456 (query, head) selections here on the H200, which
@@ -830,7 +884,9 @@ def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monke
     # the sampled candidates ranked as one score row (CONFIG fwd_listed='row'), packed keys in bf16, and the backward's
     # dense per-token sums (bwd_listed='dense')
     ('vit_tiny_convnn_random', 'fused_attention', dict(fwd_listed='row', bwd_listed='dense')),
-    ('resnet50_convnn_branch', 'fused_select', {})],
+    ('resnet50_convnn_branch', 'fused_select', {}),
+    # the selections over all tokens through CONFIG fwd_stream='threshold' (stage 1's 26 x 26 padded map streams)
+    ('resnet50_convnn_branch', 'fused_select', dict(fwd_stream='threshold'))],
     ids=_launch_id)
 def test_fused_model_train_step_on_cuda(name, kernel, launch, backend, monkeypatch):
     import timm
@@ -881,11 +937,14 @@ def test_fused_model_under_compile_on_cuda(backend):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('listed', [False, True], ids=['all', 'random'])
+@pytest.mark.parametrize('listed', [False, True, 'threshold'], ids=['all', 'random', 'threshold'])
 def test_fused_select_matches_torch_on_cuda(dtype, listed, backend, monkeypatch):
     # a ResNet stage-1 map: 56 x 56 queries against the 58 x 58 zero-padded map, 64 channels, K 9; all candidates, or
-    # 100 random pixels of the map (two key tiles) and each query's own
+    # 100 random pixels of the map (two key tiles) and each query's own; or all through CONFIG fwd_stream='threshold'
     from timm_convnn.layers.functional import select_scored_neighbors, similarity_features
+    if listed == 'threshold':
+        monkeypatch.setitem(triton_attention.CONFIG, 'fwd_stream', 'threshold')
+        listed = False
     calls = []
     real = triton_attention.fused_select
     monkeypatch.setattr(triton_attention, 'fused_select', lambda *a: calls.append(1) or real(*a))
@@ -970,6 +1029,35 @@ def test_built_in_launch_choices(monkeypatch):
     assert ta._row_copies(100) == 8 and ta._row_copies(2) == 2
 
 
+def test_threshold_launch_choices(monkeypatch):
+    # CONFIG fwd_stream='threshold' (opt-in): streamed launches over all tokens take it, candidate lists and the row
+    # kernel do not; values per tile 1 from 4K tiles, 2 from 2K, else 4; 16 queries for fp32 features (64 spill)
+    ta = triton_attention
+    assert ta._per_tile(True, 16385, 16, False) == 0  # the merge loop unless asked for
+    monkeypatch.setitem(ta.CONFIG, 'fwd_stream', 'threshold')
+    assert ta._per_tile(True, 16385, 16, True) == ta._per_tile(False, 197, 16, False) == 0
+    assert ta._per_tile(True, 16385, 16, False) == 1 and ta._per_tile(True, 4096, 16, False) == 1  # 257, 64 tiles
+    assert ta._per_tile(True, 4032, 16, False) == 2 and ta._per_tile(True, 2048, 16, False) == 2  # 63, 32 tiles
+    assert ta._per_tile(True, 1984, 16, False) == 4 and ta._per_tile(True, 257, 64, False) == 4  # 31, 5 tiles
+    assert ta._fwd_block_m(True, True, 16, 64, False, True) == ta.BLOCK_QUERIES
+    assert ta._fwd_block_m(True, False, 16, 64, False, True) == ta.STREAM_BLOCK_QUERIES
+    # the scratch: STREAM_CAP slots per query (at least K), at most SCRATCH_BYTES a launch down to one batch entry
+    assert ta._stream_cap(9) == ta._stream_cap(64) == ta.STREAM_CAP == 64
+    monkeypatch.setattr(ta, 'STREAM_CAP', 16)
+    assert ta._stream_cap(9) == 16 and ta._stream_cap(20) == 32
+    monkeypatch.setattr(ta, 'STREAM_CAP', 64)
+    meta = torch.device('meta')
+    per_tile, most, scores, ids = ta._scratch(2, 8, 12 * 50, 64, 16, meta)  # 12 heads x 50 blocks of 64: 18.75 MiB
+    assert (per_tile, most) == (2, 3) and scores.numel() == ids.numel() == 3 * 12 * 50 * 64 * 64
+    assert ids.dtype == torch.int32
+    assert ta._scratch(1, 2, 12 * 257, 64, 16, meta)[:2] == (1, 1)  # one entry: 96 MiB
+    assert ta._scratch(0, 8, 12 * 50, 64, 16, meta)[:2] == (0, ta._GRID_Z)
+    # slots of one entry past int32 offsets (2**18 tokens, 128 heads): the merge loop
+    assert ta._scratch(1, 1, 128 * 4096, 64, 16, meta)[:2] == (0, ta._GRID_Z)
+    q = torch.empty(8, 12, 3137, 64, device=meta)
+    assert ta._batch_chunks(8, q, most=most) == [(0, 3), (3, 6), (6, 8)]
+
+
 def test_fused_forward_dispatch(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
     backend('auto')
@@ -1046,7 +1134,7 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
                  'bwd:N=16385,K=16,cand=1', 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32',
                  'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=16,block_m=64,warps=8,topk=1',
-                 'fwd:N=197,K=16,pairs=1'):
+                 'fwd:N=197,K=16,pairs=1', 'fwd:N=16385,K=16,thr=1', 'sel:K=9,D=128,N=3137,dtype=fp32,thr=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

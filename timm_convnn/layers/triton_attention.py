@@ -9,7 +9,9 @@ Forward, one program per (batch x head, block of queries), scores by ``tl.dot`` 
   packed int32 (score, column) keys for half / bf16 inputs, each round the largest key below the last; or one
   bitonic top-K, ``CONFIG``);
 * above, key tiles stream through a running top-K buffer (score, token id) per query, merged only while a tile
-  holds a score above some query's current K-th best; then the same K ranking rounds over the buffer.
+  holds a score above some query's current K-th best; then the same K ranking rounds over the buffer. Opt-in
+  (``CONFIG['fwd_stream'] = 'threshold'``, all tokens): one pass over the tiles bounds every query's K-th best
+  score, a second collects the keys at or above the bound into a scratch, which the rounds then rank.
 Ties go to the smallest token id. The program stores the K indices and softmax weights per query, then (after a
 barrier) reads them back slot by slot for the weighted depthwise gather of the K value rows: the selection and the
 aggregation do not hold registers at the same time, and the gather needs no per-slot layout conversion. Nothing of
@@ -78,8 +80,19 @@ STREAM_BLOCK_QUERIES = 64
 # kernel (the r listed tokens and the query's own token, r + 1 <= ROW_TOKENS), ranked in K rounds (packed keys for
 # half / bf16 as above). Opt-in until timed on a GPU: the streaming listed forward at n 16385 (B 1, 6 heads, r 128,
 # K 16) took 0.85 ms on the H200, where the row kernel ranks ViT-B's 605k query rows (batch 256) in 1.2 ms.
+# fwd_stream: how a streamed forward or selection over all tokens finds each query's K best: None, the merge loop
+# (``_stream_top_k``; the built-in choice), or 'threshold', a pass bounding every query's K-th best score, then one
+# collecting the keys above the bound into a scratch of STREAM_CAP per query, ranked like a row
+# (``_threshold_top_k``). Opt-in until timed on a GPU: no data-dependent rounds (at n 16385, K 16 the merge loop runs
+# 475 rounds over 257 tiles per 64-query block, benchmarks/stream_rounds.py) at the price of scoring every tile twice.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
-              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None, bwd_listed=None)
+              bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None, bwd_listed=None,
+              fwd_stream=None)
+# CONFIG fwd_stream='threshold': keys kept per query between the passes (a block in which some query has more
+# runs the merge loop instead), and the most scratch one launch takes (8 bytes per slot; the batch is split to fit,
+# down to one entry)
+STREAM_CAP = 64
+SCRATCH_BYTES = 64 << 20
 # How the score kernels multiply fp32 similarity features (what ``F.normalize`` returns under CUDA autocast, so every
 # cosine ConvNN2d of a ResNet in bf16 training, and every layer without AMP): 'tf32x3' splits each operand into two
 # TF32 halves and sums three tensor-core products, about fp32's accuracy (relative error near 2**-21 per product;
@@ -442,6 +455,16 @@ if triton is not None:
         return tl.where(upd, score[:, None], best), tl.where(upd, idx[:, None], best_i)
 
     @triton.jit
+    def _empty_top_k(NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """An empty running top-K buffer for ``_replace_worst``: (BLOCK_M, BLOCK_K) scores and ids. Padding slots (from
+        NUM_K on) hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with distinct
+        negative ids so that "the largest id among the minima" is one slot)."""
+        kk = tl.arange(0, BLOCK_K)
+        best = tl.where(kk[None, :] < NUM_K, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K],
+                                                                                     dtype=tl.float32)
+        return best, -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+
+    @triton.jit
     def _stream_top_k(
             q, Kf, kbase, CAND, qid, row_ok, dq, stride_kn, M, L,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -466,10 +489,7 @@ if triton is not None:
         uniform."""
         kk = tl.arange(0, BLOCK_K)
         real = kk[None, :] < NUM_K
-        # padding slots hold +inf so that they are never the buffer minimum; real slots start empty (-inf, with
-        # distinct negative ids so that "the largest id among the minima" is one slot)
-        best = tl.where(real, float('-inf'), float('inf')) + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        best_i = -1 - kk[None, :] + tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        best, best_i = _empty_top_k(NUM_K, BLOCK_M, BLOCK_K)
         # the query itself is always a candidate. It starts in slot 0; with fp32 features of more than 64 channels it
         # enters after the loop instead (replacing the worst kept entry if it beats it). Compiled for sm_90 (triton
         # 3.6 and 3.8): loading its row before the loop made ptxas keep 32 registers and spill 3 KB per thread for such
@@ -506,8 +526,81 @@ if triton is not None:
         return best, best_i
 
     @triton.jit
+    def _tile_threshold(
+            q, Kf, kbase, dq, stride_kn, M,
+            DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, PER_TILE: tl.constexpr,
+    ):
+        """A lower bound of every query's K-th best score over all M keys, from one pass over the key tiles: the K-th
+        largest of the tiles' PER_TILE best scores (each of those K values stands for a distinct key scoring at least
+        as much; a score tied with a larger one taken from the same tile counts as the next smaller one, which only
+        lowers the bound). -inf when the tiles hold fewer than K such values. No data-dependent loop: a tile's values
+        enter the running top-K buffer in PER_TILE masked replacements."""
+        best, best_i = _empty_top_k(NUM_K, BLOCK_M, BLOCK_K)
+        thr = tl.min(best, axis=1)
+        for start in range(0, M, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            s = _scores(q, Kf, kbase, pos, pos < M, dq, stride_kn, DQ, F32, DOT_F32)
+            for t in tl.static_range(PER_TILE):
+                mx = tl.max(s, axis=1)
+                best, best_i = _replace_worst(best, best_i, thr, mx > thr, mx,
+                                              tl.full([BLOCK_M], start + t, tl.int32), BLOCK_K)
+                thr = tl.min(best, axis=1)
+                if t + 1 < PER_TILE:
+                    s = tl.where(s == mx[:, None], float('-inf'), s)
+        return thr
+
+    @triton.jit
+    def _threshold_top_k(
+            q, Kf, kbase, SCR_S, SCR_I, rows, row_ok, dq, stride_kn, M,
+            DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, PER_TILE: tl.constexpr,
+            CAP: tl.constexpr,
+    ):
+        """``_stream_top_k`` over all M tokens in two loop passes without data-dependent rounds
+        (``CONFIG['fwd_stream'] = 'threshold'``): the first bounds every query's K-th best score from below
+        (``_tile_threshold``); the second writes each query's keys scoring at least that bound (a superset of its K
+        best, ties included), scores and token ids, to this program's slots of the scratch ``SCR_S`` / ``SCR_I``
+        (CAP per query; positions by a running count and a prefix sum over the tile). Returns (BLOCK_M, CAP) scores
+        (-inf in the unused slots) and token ids for ``_rank``. A block in which some query has more than CAP such
+        keys (near-equal scores, a cluster of similar tokens) runs ``_stream_top_k``'s merge loop instead and ranks its
+        K kept. Both passes score every tile (twice the products of the merge loop), and each tile's body is straight
+        code that Triton can software-pipeline; at n 16385 a query's bound leaves about K to 2K keys (Gaussian
+        features; more for clustered ones, ``benchmarks/stream_rounds.py --threshold``)."""
+        thr = _tile_threshold(q, Kf, kbase, dq, stride_kn, M, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32,
+                              PER_TILE)
+        pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        slots = pid * (BLOCK_M * CAP) + tl.arange(0, BLOCK_M) * CAP  # this program's scratch, a row per query
+        count = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start in range(0, M, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            valid = pos < M
+            s = _scores(q, Kf, kbase, pos, valid, dq, stride_kn, DQ, F32, DOT_F32)
+            take = (s >= thr[:, None]) & valid[None, :] & row_ok[:, None]
+            at = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
+            keep = take & (at < CAP)
+            tl.store(SCR_S + slots[:, None] + at, s, mask=keep)
+            tl.store(SCR_I + slots[:, None] + at, pos[None, :] + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32),
+                     mask=keep)
+            count += tl.sum(take.to(tl.int32), axis=1)
+        if tl.max(count, axis=0) > CAP:  # CTA-uniform: some query's superset does not fit
+            tl.debug_barrier()  # (the stores below land after every thread's stores above)
+            best, best_i = _stream_top_k(q, Kf, kbase, Kf, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
+                                         BLOCK_N, BLOCK_K, F32, DOT_F32, False)
+            kk = tl.arange(0, BLOCK_K)
+            tl.store(SCR_S + slots[:, None] + kk[None, :], best, mask=kk[None, :] < NUM_K)
+            tl.store(SCR_I + slots[:, None] + kk[None, :], best_i, mask=kk[None, :] < NUM_K)
+            count = tl.full([BLOCK_M], NUM_K, tl.int32)
+        tl.debug_barrier()  # the scratch stores are visible to every thread of the program
+        c = tl.arange(0, CAP)
+        used = c[None, :] < count[:, None]
+        best = tl.load(SCR_S + slots[:, None] + c[None, :], mask=used, other=float('-inf'))
+        best_i = tl.load(SCR_I + slots[:, None] + c[None, :], mask=used, other=0)
+        return best, tl.where(used, best_i, M + c[None, :])
+
+    @triton.jit
     def _convnn_fwd_kernel(
-            Q, Kf, V, W, O, IDX, P, CAND,
+            Q, Kf, V, W, O, IDX, P, CAND, SCR_S, SCR_I,
             N, M, L, H, q_scale,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_on,
@@ -515,11 +608,14 @@ if triton is not None:
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr,
             CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr,
+            PER_TILE: tl.constexpr = 0, CAP: tl.constexpr = 64,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place; with CANDIDATES the row holds the L listed tokens in
         columns 0 .. L - 1 and each query's own token in column L (L + 1 <= BLOCK_N). STREAM=True: the keys stream
-        through a running top-K buffer (``_stream_top_k``), which is then ranked.
+        through a running top-K buffer (``_stream_top_k``), which is then ranked; with PER_TILE (all tokens,
+        ``CONFIG['fwd_stream'] = 'threshold'``) a threshold pass and a pass collecting every key above it into the
+        scratch SCR_S / SCR_I come first (``_threshold_top_k``).
 
         Grid: (query blocks, heads, batch). q, k, v and the output are read and written in place through their
         (batch, head, token) strides (timm's attention hands over permuted views of one qkv buffer: no copies); offsets
@@ -529,8 +625,12 @@ if triton is not None:
                                                   BLOCK_M, BLOCK_DQ)
         q = _times(q, q_scale)  # similarity features q * q_scale (dot similarity: d ** -0.5), not stored apart
         if STREAM:
-            best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
+            if PER_TILE:
+                best, best_i = _threshold_top_k(q, Kf, kbase, SCR_S, SCR_I, rows, row_ok, dq, stride_kn, M, DQ, NUM_K,
+                                                BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32, PER_TILE, CAP)
+            else:
+                best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K,
+                                             BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
                                     BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
@@ -567,17 +667,18 @@ if triton is not None:
 
     @triton.jit
     def _convnn_select_kernel(
-            Q, Kf, IDX, S, CAND, QIDX, N, M, L, G,
+            Q, Kf, IDX, S, CAND, QIDX, SCR_S, SCR_I, N, M, L, G,
             stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, stride_kn,
             DQ: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_DQ: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr,
-            CANDIDATES: tl.constexpr,
+            CANDIDATES: tl.constexpr, PER_TILE: tl.constexpr = 0, CAP: tl.constexpr = 64,
     ):
         """Top-K selection alone, one program per (batch x group, block of queries): the N queries against all M
         keys, or with CANDIDATES against the L token ids in CAND plus each query's own token (its id in QIDX), through
         ``_stream_top_k``, ranked best first (ties: the smallest id); stores the K token ids and their fp32 scores per
         query. For the ConvNN layers whose weighting or aggregation the fused forward does not cover (``ConvNN2d``,
-        ``ones`` weights, standard aggregation): they aggregate in PyTorch."""
+        ``ones`` weights, standard aggregation): they aggregate in PyTorch. PER_TILE (all tokens): through
+        ``_threshold_top_k`` instead, as the forward."""
         q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qg, stride_qn, stride_kb, stride_kg, DQ,
                                                   BLOCK_M, BLOCK_DQ)
         # two calls rather than one with (qid, key count) picked by CANDIDATES: all tokens pass M as the key count,
@@ -586,6 +687,9 @@ if triton is not None:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, tl.load(QIDX + rows, mask=row_ok, other=0), row_ok, dq,
                                          stride_kn, M, L, DQ, NUM_K, BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32,
                                          True)
+        elif PER_TILE:
+            best, best_i = _threshold_top_k(q, Kf, kbase, SCR_S, SCR_I, rows, row_ok, dq, stride_kn, M, DQ, NUM_K,
+                                            BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32, PER_TILE, CAP)
         else:
             best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, M, DQ, NUM_K, BLOCK_M,
                                          BLOCK_N, BLOCK_K, F32, DOT_F32, False)
@@ -762,12 +866,12 @@ def _in_place(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _batch_chunks(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, int]]:
-    """Batch ranges, one launch each: at most ``_GRID_Z`` entries, and few enough that every offset inside a launch
-    fits the kernels' int32 arithmetic in every tensor (one launch at any usual size)."""
-    if batch <= _GRID_Z and all(_storage_fits(t) for t in tensors):
+def _batch_chunks(batch: int, *tensors: torch.Tensor, most: int = _GRID_Z) -> List[Tuple[int, int]]:
+    """Batch ranges, one launch each: at most ``most`` (<= ``_GRID_Z``) entries, and few enough that every offset
+    inside a launch fits the kernels' int32 arithmetic in every tensor (one launch at any usual size)."""
+    if batch <= most and all(_storage_fits(t) for t in tensors):
         return [(0, batch)] if batch > 0 else []
-    step = _GRID_Z
+    step = most
     for t in tensors:
         if t.stride(0) > 0:
             step = min(step, (_INT32_MAX - _entry_span(t)) // t.stride(0) + 1)
@@ -775,10 +879,11 @@ def _batch_chunks(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, int]]:
     return [(s, min(batch, s + step)) for s in range(0, batch, step)]
 
 
-def _batch_slices(batch: int, *tensors: torch.Tensor) -> List[Tuple[int, Tuple[torch.Tensor, ...]]]:
+def _batch_slices(batch: int, *tensors: torch.Tensor,
+                  most: int = _GRID_Z) -> List[Tuple[int, Tuple[torch.Tensor, ...]]]:
     """One (batch entries, tensors) per launch: the ``_batch_chunks`` ranges, every tensor sliced to its range, or
     as they are when one launch covers the batch (the usual case: no slicing on the host)."""
-    chunks = _batch_chunks(batch, *tensors)
+    chunks = _batch_chunks(batch, *tensors, most=most)
     if len(chunks) == 1:
         return [(batch, tensors)]
     return [(e - s, tuple(t[s:e] for t in tensors)) for s, e in chunks]
@@ -800,10 +905,12 @@ def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
     return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
-def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool) -> int:
+def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool, threshold: bool = False) -> int:
     """The built-in queries per program of the forward / selection kernels (``fp32``: the scores multiply fp32
-    operands; ``channels``: of the similarity features; ``listed``: a candidate list), see STREAM_BLOCK_QUERIES."""
-    if not stream or num_kept > 32:
+    operands; ``channels``: of the similarity features; ``listed``: a candidate list; ``threshold``: the passes of
+    CONFIG fwd_stream='threshold', which on 64 queries spill for fp32 features: compiled for sm_90, 216-320 bytes per
+    thread under triton 3.6 / 3.8 at 64 or 32 queries, none at 16), see STREAM_BLOCK_QUERIES."""
+    if not stream or num_kept > 32 or threshold and fp32:
         return BLOCK_QUERIES
     if fp32 and (_dot_f32() == 'ieee' or channels > 64 and listed):
         return BLOCK_QUERIES
@@ -824,6 +931,41 @@ def _fwd_warps(stream: bool, fp32: bool, listed: bool) -> int:
     fwd_listed='row') with fp32 products, which compiled for sm_90 spill 280-312 bytes per thread on 4 warps (triton
     3.6 / 3.8) and keep 186-188 registers on 8."""
     return CONFIG['fwd_warps'] or (8 if listed and fp32 and not stream else 4)
+
+
+def _tile_values(num_tokens: int, num_kept: int) -> int:
+    """The threshold pass's values per key tile (``_tile_threshold``): the fewer tiles per kept neighbour, the more
+    values each tile gives (1 from 4K tiles up, else 2 from 2K, else 4), as a bound from few values leaves more keys
+    above it (``benchmarks/stream_rounds.py --threshold``)."""
+    tiles = _cdiv(num_tokens, STREAM_BLOCK_N)
+    return 1 if tiles >= 4 * num_kept else 2 if 2 * tiles >= 4 * num_kept else 4
+
+
+def _per_tile(stream: bool, num_tokens: int, num_kept: int, listed: bool) -> int:
+    """PER_TILE of the forward / selection launches: ``_tile_values`` with ``CONFIG['fwd_stream'] = 'threshold'`` for
+    streamed ones over all tokens, else 0 (the merge loop)."""
+    if CONFIG['fwd_stream'] != 'threshold' or not stream or listed:
+        return 0
+    return _tile_values(num_tokens, num_kept)
+
+
+def _stream_cap(num_kept: int) -> int:
+    """CAP of the threshold kernels: STREAM_CAP slots per query, at least the K kept (a power of two)."""
+    return max(STREAM_CAP, _pow2(num_kept, 2))
+
+
+def _scratch(per_tile: int, batch: int, programs_per_entry: int, block_m: int, num_kept: int,
+             device: torch.device) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(PER_TILE, most batch entries per launch, scores, token ids): the threshold kernels' scratch, ``_stream_cap``
+    slots per query of a launch, at most SCRATCH_BYTES unless one batch entry needs more; with ``per_tile`` 0, or
+    where one batch entry's slots would not fit the kernels' int32 offsets (PER_TILE 0 then: the merge loop),
+    one-element placeholders that the kernels never read."""
+    per_entry = programs_per_entry * block_m * _stream_cap(num_kept)
+    if not per_tile or per_entry > _INT32_MAX:
+        return 0, _GRID_Z, torch.empty(1, device=device), torch.empty(1, device=device, dtype=torch.int32)
+    most = max(1, min(batch, _GRID_Z, SCRATCH_BYTES // (8 * per_entry)))
+    return (per_tile, most, torch.empty(most * per_entry, device=device),
+            torch.empty(most * per_entry, device=device, dtype=torch.int32))
 
 
 def _use_packed_keys(fp32: bool) -> bool:
@@ -907,16 +1049,18 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
     stream = _streams(M, num_keys if candidates is not None else None)
     block_n = STREAM_BLOCK_N if stream else _pow2(num_keys + 1 if candidates is not None else M)
     fp32 = _fp32_products(q, k)
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None)
-    for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p) if H * N > 0 else ():
+    per_tile = _per_tile(stream, M, K, candidates is not None)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None, per_tile > 0)
+    per_tile, most, scr_s, scr_i = _scratch(per_tile, B, H * _cdiv(N, block_m), block_m, K, v.device)
+    for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p, most=most) if H * N > 0 else ():
         _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
-            qb, kb, vb, w, ob, ib, pb, cand, N, M, num_keys, H, q_scale, *_strides(q),
+            qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, N, M, num_keys, H, q_scale, *_strides(q),
             *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
             CANDIDATES=candidates is not None,
             TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
             PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
-            PACKED=_use_packed_keys(fp32) and not stream,
+            PACKED=_use_packed_keys(fp32) and not stream, PER_TILE=per_tile, CAP=_stream_cap(K),
             num_warps=_fwd_warps(stream, fp32, candidates is not None), **COMPILE_OPTIONS)
     return out, idx, p
 
@@ -1069,12 +1213,15 @@ def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: 
     listed = candidates is not None  # with query_index (select_unsupported)
     cand, qidx = _int32_ids(candidates, q.device), _int32_ids(query_index if listed else None, q.device)
     fp32 = _fp32_products(q, k)
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed)
-    for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores) if G * N * K > 0 else ():
+    per_tile = _per_tile(True, M, K, listed)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed, per_tile > 0)
+    per_tile, most, scr_s, scr_i = _scratch(per_tile, B, G * _cdiv(N, block_m), block_m, K, q.device)
+    for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores, most=most) if G * N * K > 0 else ():
         _convnn_select_kernel[(_cdiv(N, block_m), G, nb)](
-            qb, kb, ib, sb, cand, qidx, N, M, cand.numel() if listed else M, G,
+            qb, kb, ib, sb, cand, qidx, scr_s, scr_i, N, M, cand.numel() if listed else M, G,
             *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
             BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
+            PER_TILE=per_tile, CAP=_stream_cap(K),
             num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
     return idx, scores
 
