@@ -491,6 +491,27 @@ triton_attention.STREAM_CAP = 64
 results['select_ties_threshold'] = select_tie_case(30, 300, 9)
 triton_attention.CONFIG.update(fwd_stream=None, fwd_block_m=None)
 
+# a query whose features are NaN (what fp16 overflow hands over): no key beats its buffer's empty slots, whose ids lie
+# outside the tokens; every id stored is still a token's (the aggregation and the backward gather with them) and that
+# query's output is NaN, as on the PyTorch path; the others are untouched. Forward and selection alone.
+def nan_case(n):
+    g = torch.Generator().manual_seed(3)
+    qs, ks, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    w = torch.randn(32, 1, 9, generator=g)
+    qs[0, 1, 5] = float('nan')
+    out, idx, _ = triton_attention._convnn_attention(qs, ks, v, w, 9)
+    sel = triton_attention.fused_select(qs, ks, 9)[0]
+    rest = torch.ones(2, n, dtype=torch.bool)
+    rest[1, 5] = False
+    return dict(ids=bool(all(((i >= 0) & (i < n)).all() for i in (idx, sel))), nan=bool(out[0, 1, 5].isnan().all()),
+                rest=bool(out[0][rest].isfinite().all()))
+
+results['nan_row'] = nan_case(40)
+results['nan_stream'] = nan_case(290)
+triton_attention.CONFIG.update(fwd_stream='threshold', fwd_block_m=64)
+results['nan_stream_threshold'] = nan_case(290)
+triton_attention.CONFIG.update(fwd_stream=None, fwd_block_m=None)
+
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
 w = torch.randn(32, 1, 5, requires_grad=True)
@@ -593,6 +614,8 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     # CONFIG fwd_stream='threshold' kept every query's superset in the scratch (ties at the K-th place included),
     # then with a scratch of 16 the blocks with a query over it took the merge loop
     assert 16 < r['ties_stream_threshold']['kept'] <= 64 and r['ties_stream_threshold_over']['kept'] > 16
+    for case in ('nan_row', 'nan_stream', 'nan_stream_threshold'):
+        assert r[case] == dict(ids=True, nan=True, rest=True), (case, r[case])
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c

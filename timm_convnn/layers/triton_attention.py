@@ -325,30 +325,33 @@ if triton is not None:
 
     @triton.jit
     def _rank_softmax_aggregate(
-            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr = False,
     ):
         """``_rank`` with softmax; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
         sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True, PAIRS)
-        _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
-                                 NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+        _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
+                                 DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _softmax_store_aggregate(
-            sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr,
     ):
         """The K kept ids and softmax numerators ``sel_e`` (denominators ``denom``) of a block of queries: stores ids
         and weights, then out = sum_r w[:, r] * p_r * v[id_r]."""
         denom = tl.where(row_ok, denom, 1.)
-        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, NUM_K, BLOCK_K)
+        _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, M, NUM_K, BLOCK_K)
         _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
 
     @triton.jit
-    def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The K ids and softmax weights of a block of queries."""
+    def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, M, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The K ids and softmax weights of a block of queries. Ids are clamped to the M tokens: a query whose scores
+        are all NaN (what fp16 overflow hands over) ranks nothing but the buffer's empty slots, whose ids lie outside
+        them; its weights are NaN then, as on the PyTorch path, and its ids must still be safe to gather with."""
+        sel_idx = tl.minimum(tl.maximum(sel_idx, 0), M - 1)
         kk = tl.arange(0, BLOCK_K)
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
         sel_off = rows[:, None] * NUM_K + kk[None, :]
@@ -363,7 +366,7 @@ if triton is not None:
 
     @triton.jit
     def _topk_softmax_aggregate(
-            s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr,
     ):
@@ -385,7 +388,7 @@ if triton is not None:
         m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
         e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
         _softmax_store_aggregate(sel_idx, e, tl.sum(e, axis=1), V, W, O, IDX, P, h, rows, row_ok, stride_vn,
-                                 stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+                                 stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
 
     @triton.jit
     def _aggregate_stored(
@@ -632,8 +635,8 @@ if triton is not None:
                 best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K,
                                              BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
-            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
-                                    BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
+            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M, DV,
+                                    NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
         elif CANDIDATES:
             cols = tl.arange(0, BLOCK_N)
             listed = cols < L
@@ -649,21 +652,21 @@ if triton is not None:
             # columns -> token ids: the list's, or the query's own
             sel_idx = tl.where(sel_col == L, rows[:, None], tl.load(CAND + sel_col, mask=sel_col < L, other=0))
             _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
-                                     DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+                                     M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, F32, DOT_F32)
             V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
             if TOPK:
-                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K,
-                                        BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
+                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M, DV,
+                                        NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
             elif PACKED:
                 _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, h, rows,
-                                        row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N,
-                                        True, PAIRS)
+                                        row_ok, stride_vn, stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
+                                        BLOCK_N, True, PAIRS)
             else:
-                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV,
-                                        NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
+                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
+                                        DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
 
     @triton.jit
     def _convnn_select_kernel(
@@ -695,7 +698,8 @@ if triton is not None:
                                          BLOCK_N, BLOCK_K, F32, DOT_F32, False)
         sel_idx, score, _ = _rank(best, best_i, M, NUM_K, BLOCK_M, BLOCK_K, False, False)
         bg = tl.program_id(2) * G + tl.program_id(1)
-        _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, NUM_K, BLOCK_K)
+        _store_selection(sel_idx, score, IDX + bg * N * NUM_K, S + bg * N * NUM_K, rows, row_ok, M, NUM_K,
+                         BLOCK_K)
 
     @triton.jit
     def _convnn_bwd_kernel(
