@@ -1052,6 +1052,9 @@ def test_threshold_launch_choices(monkeypatch):
     # kernel do not; values per tile 1 from 4K tiles, 2 from 2K, else 4; 16 queries for fp32 features (64 spill)
     ta = triton_attention
     assert ta._per_tile(True, 16385, 16, False) == 0  # the merge loop unless asked for
+    spare = (torch.empty(1, device='meta'), torch.empty(1, device='meta', dtype=torch.int32))
+    launch = ta._top_k_launch(True, False, 16, 64, False, 3137, 8, 12, 3137, spare)
+    assert launch[1:3] == (0, ta._GRID_Z) and launch[3] is spare[0] and launch[4] is spare[1]  # no scratch
     monkeypatch.setitem(ta.CONFIG, 'fwd_stream', 'threshold')
     assert ta._per_tile(True, 16385, 16, True) == ta._per_tile(False, 197, 16, False) == 0
     assert ta._per_tile(True, 16385, 16, False) == 1 and ta._per_tile(True, 4096, 16, False) == 1  # 257, 64 tiles
@@ -1064,15 +1067,15 @@ def test_threshold_launch_choices(monkeypatch):
     monkeypatch.setattr(ta, 'STREAM_CAP', 16)
     assert ta._stream_cap(9) == 16 and ta._stream_cap(20) == 32
     monkeypatch.setattr(ta, 'STREAM_CAP', 64)
-    meta = torch.device('meta')
-    per_tile, most, scores, ids = ta._scratch(2, 8, 12 * 50, 64, 16, meta)  # 12 heads x 50 blocks of 64: 18.75 MiB
-    assert (per_tile, most) == (2, 3) and scores.numel() == ids.numel() == 3 * 12 * 50 * 64 * 64
-    assert ids.dtype == torch.int32
-    assert ta._scratch(1, 2, 12 * 257, 64, 16, meta)[:2] == (1, 1)  # one entry: 96 MiB
-    assert ta._scratch(0, 8, 12 * 50, 64, 16, meta)[:2] == (0, ta._GRID_Z)
-    # slots of one entry past int32 offsets (2**18 tokens, 128 heads): the merge loop
-    assert ta._scratch(1, 1, 128 * 4096, 64, 16, meta)[:2] == (0, ta._GRID_Z)
-    q = torch.empty(8, 12, 3137, 64, device=meta)
+    launch = ta._top_k_launch(True, False, 16, 64, False, 3137, 8, 12, 3137, spare)  # 12 x 50 blocks of 64: 18.75 MiB
+    block_m, per_tile, most, scores, ids = launch
+    assert (block_m, per_tile, most) == (64, 2, 3) and scores.numel() == ids.numel() == 3 * 12 * 50 * 64 * 64
+    assert ids.dtype == torch.int32 and scores.device == ids.device == torch.device('meta')
+    assert ta._top_k_launch(True, False, 16, 64, False, 16385, 2, 12, 16385, spare)[1:3] == (1, 1)  # one entry: 96 MiB
+    # slots of one entry past int32 offsets (2**18 tokens, 128 heads): the merge loop, and the spare tensors
+    launch = ta._top_k_launch(True, False, 16, 64, False, 2 ** 18, 1, 128, 2 ** 18, spare)
+    assert launch[1:3] == (0, ta._GRID_Z) and launch[3] is spare[0] and launch[4] is spare[1]
+    q = torch.empty(8, 12, 3137, 64, device='meta')
     assert ta._batch_chunks(8, q, most=most) == [(0, 3), (3, 6), (6, 8)]
 
 

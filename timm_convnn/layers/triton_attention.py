@@ -958,17 +958,22 @@ def _stream_cap(num_kept: int) -> int:
     return max(STREAM_CAP, _pow2(num_kept, 2))
 
 
-def _scratch(per_tile: int, batch: int, programs_per_entry: int, block_m: int, num_kept: int,
-             device: torch.device) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
-    """(PER_TILE, most batch entries per launch, scores, token ids): the threshold kernels' scratch, ``_stream_cap``
-    slots per query of a launch, at most SCRATCH_BYTES unless one batch entry needs more; with ``per_tile`` 0, or
-    where one batch entry's slots would not fit the kernels' int32 offsets (PER_TILE 0 then: the merge loop),
-    one-element placeholders that the kernels never read."""
-    per_entry = programs_per_entry * block_m * _stream_cap(num_kept)
+def _top_k_launch(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool, num_tokens: int, batch: int,
+                  heads: int, queries: int, spare: Tuple[torch.Tensor, torch.Tensor],
+                  ) -> Tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """(queries per program, PER_TILE, most batch entries per launch, scratch scores, scratch token ids) of a forward
+    or selection launch (``_fwd_block_m``, ``_per_tile``). The threshold kernels' scratch holds ``_stream_cap`` slots
+    per query of a launch, at most SCRATCH_BYTES unless one batch entry needs more; where one batch entry's slots
+    would not fit the kernels' int32 offsets, PER_TILE is 0 (the merge loop). Without scratch the kernels get
+    ``spare``, an fp32 and an int32 tensor of the launch that they never read there (no allocation per call)."""
+    per_tile = _per_tile(stream, num_tokens, num_kept, listed)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, num_kept, channels, listed, per_tile > 0)
+    per_entry = heads * _cdiv(queries, block_m) * block_m * _stream_cap(num_kept)
     if not per_tile or per_entry > _INT32_MAX:
-        return 0, _GRID_Z, torch.empty(1, device=device), torch.empty(1, device=device, dtype=torch.int32)
+        return (block_m, 0, _GRID_Z) + spare
     most = max(1, min(batch, _GRID_Z, SCRATCH_BYTES // (8 * per_entry)))
-    return (per_tile, most, torch.empty(most * per_entry, device=device),
+    device = spare[0].device
+    return (block_m, per_tile, most, torch.empty(most * per_entry, device=device),
             torch.empty(most * per_entry, device=device, dtype=torch.int32))
 
 
@@ -1053,9 +1058,8 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
     stream = _streams(M, num_keys if candidates is not None else None)
     block_n = STREAM_BLOCK_N if stream else _pow2(num_keys + 1 if candidates is not None else M)
     fp32 = _fp32_products(q, k)
-    per_tile = _per_tile(stream, M, K, candidates is not None)
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, K, DQ, candidates is not None, per_tile > 0)
-    per_tile, most, scr_s, scr_i = _scratch(per_tile, B, H * _cdiv(N, block_m), block_m, K, v.device)
+    block_m, per_tile, most, scr_s, scr_i = _top_k_launch(stream, fp32, K, DQ, candidates is not None, M, B, H, N,
+                                                          (p, idx))
     for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p, most=most) if H * N > 0 else ():
         _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
             qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, N, M, num_keys, H, q_scale, *_strides(q),
@@ -1217,9 +1221,7 @@ def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: 
     listed = candidates is not None  # with query_index (select_unsupported)
     cand, qidx = _int32_ids(candidates, q.device), _int32_ids(query_index if listed else None, q.device)
     fp32 = _fp32_products(q, k)
-    per_tile = _per_tile(True, M, K, listed)
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(True, fp32, K, DQ, listed, per_tile > 0)
-    per_tile, most, scr_s, scr_i = _scratch(per_tile, B, G * _cdiv(N, block_m), block_m, K, q.device)
+    block_m, per_tile, most, scr_s, scr_i = _top_k_launch(True, fp32, K, DQ, listed, M, B, G, N, (scores, idx))
     for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores, most=most) if G * N * K > 0 else ():
         _convnn_select_kernel[(_cdiv(N, block_m), G, nb)](
             qb, kb, ib, sb, cand, qidx, scr_s, scr_i, N, M, cand.numel() if listed else M, G,
