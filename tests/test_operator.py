@@ -439,6 +439,51 @@ def test_timm_vit_runs_with_convnn_attention_as_attn_layer():
     out.sum().backward()
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_with_options_configures_the_layer_class_for_timm_models(tmp_path):
+    # timm's VisionTransformer takes attn_layer as a class (it calls issubclass: a functools.partial fails there);
+    # with_options gives one whose instances carry the options, and pickle, deep-copy and script like the layer
+    import copy
+    import functools
+    import pickle
+    from timm_convnn.layers import ConvNNBranchAttention
+    vit_args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    with pytest.raises(TypeError):
+        timm.models.VisionTransformer(**vit_args, attn_layer=functools.partial(ConvNNAttention, num_neighbors=3))
+    layer = ConvNNAttention.with_options(num_neighbors=3, candidates='random', num_samples=8, num_prefix_tokens=1)
+    assert issubclass(layer, ConvNNAttention) and layer.__name__ == 'ConvNNAttention'
+    torch.manual_seed(0)
+    model = timm.models.VisionTransformer(**vit_args, attn_layer=layer).eval()
+    attn = model.blocks[1].attn
+    assert (attn.num_neighbors, attn.candidates, attn.num_samples, attn.num_prefix_tokens) == (3, 'random', 8, 1)
+    assert (attn.num_heads, attn.dim) == (2, 32)  # the model's own arguments
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+        torch.save(model, tmp_path / 'model.pt')  # whole-model pickling (torch.save / load)
+        for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model),
+                      torch.load(tmp_path / 'model.pt', weights_only=False)):
+            assert type(other.blocks[1].attn).__doc__ == type(attn).__doc__
+            assert other.blocks[1].attn.num_samples == 8 and torch.equal(other(x), y)
+        scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), y)
+    assert timm.models.get_graph_node_names(model)[1].count('blocks.1.attn') == 1  # an FX leaf like the layer
+    branch = ConvNNBranchAttention.with_options(branch_ratio=0.25, num_neighbors=4)(64, num_heads=2)
+    assert (branch.branch_ratio, branch.num_neighbors, branch.convnn_head_channels) == (0.25, 4, 8)
+    with pytest.raises(TypeError, match=r'takes the ConvNN arguments num_neighbors, .*; got num_heads'):
+        ConvNNAttention.with_options(num_heads=4)  # the model's to set
+    with pytest.raises(TypeError, match='got candidate '):
+        ConvNNAttention.with_options(candidate='all')
+    with pytest.raises(TypeError, match='got branch_ratio'):
+        ConvNNAttention.with_options(branch_ratio=0.5)  # the branch layer's
+    with pytest.raises(ValueError, match=r'num_neighbors \(K\) must be >= 1; got 0'):
+        ConvNNAttention.with_options(num_neighbors=0)  # values are checked where they are given
+    with pytest.raises(ValueError, match='branch_ratio'):
+        ConvNNBranchAttention.with_options(branch_ratio=2.)
+    with pytest.raises(TypeError, match='set grid_size already'):
+        ConvNNAttention.with_options(grid_size=(4, 4))(32, num_heads=2, grid_size=(2, 2))
+
+
 @pytest.mark.parametrize('candidates', ['all', 'random'])
 def test_torch_compile_fullgraph(candidates):
     # the PyTorch path traces as one graph (custom autograd Functions included): no graph breaks

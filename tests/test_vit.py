@@ -179,20 +179,11 @@ def test_readme_model_stats_are_current():
         assert row in block, (row, block)
 
 
-def _attn_layer(**options):
-    """A ConvNNAttention class with ``options`` (timm's VisionTransformer takes attn_layer as a class)."""
-    from timm_convnn.layers import ConvNNAttention
-
-    class Layer(ConvNNAttention):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs, **options)
-    return Layer
-
-
 def test_timm_vit_with_convnn_attn_layer_and_the_token_layout():
     # timm's own VisionTransformer with attn_layer=ConvNNAttention (the README's example): 'all' candidates need no
     # layout; spatial candidates do, and the layer cannot tell that 65 tokens are a class token and 8 x 8 patches: a
-    # warning says so and what to pass; given num_prefix_tokens and grid_size it computes what our ViT computes
+    # warning says so and what to pass; given num_prefix_tokens and grid_size (through with_options: timm's
+    # VisionTransformer takes the layer as a class) it computes what our ViT computes
     import warnings
     from timm_convnn.layers import ConvNNAttention
     torch.manual_seed(0)
@@ -204,10 +195,10 @@ def test_timm_vit_with_convnn_attn_layer_and_the_token_layout():
     ours = timm.create_model('vit_tiny_convnn_spatial', **vit_args, num_samples=16).eval()
     assert all(bool((p == 1).all()) for n, p in ours.named_parameters() if 'aggregate' in n)  # timm's Block: ones
     unknown = timm.models.VisionTransformer(
-        **vit_args, attn_layer=_attn_layer(candidates='spatial', num_samples=16)).eval()
+        **vit_args, attn_layer=ConvNNAttention.with_options(candidates='spatial', num_samples=16)).eval()
     told = timm.models.VisionTransformer(
-        **vit_args, attn_layer=_attn_layer(candidates='spatial', num_samples=16, num_prefix_tokens=1,
-                                           grid_size=(8, 8))).eval()
+        **vit_args, attn_layer=ConvNNAttention.with_options(
+            candidates='spatial', num_samples=16, num_prefix_tokens=1, grid_size=(8, 8))).eval()
     for model in (unknown, told):
         model.load_state_dict(ours.state_dict())
     with torch.no_grad():

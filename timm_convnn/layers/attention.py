@@ -14,13 +14,14 @@ scrambles tokens for more than one head); softmax is over the K slots; random ca
 a fixed hashed draw in eval (deterministic); the query token and the prefix (class / register) tokens are always
 candidates; depthwise weights are per channel (not shared across heads).
 """
+import inspect
 import warnings
-from typing import Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.layers import Attention, register_notrace_module
 
 from . import triton_attention
 from .common import CandidateCache, NeighborAggregation, check_convnn_args
@@ -162,6 +163,45 @@ class ConvNNAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def with_options(cls, **options: Any) -> Type['ConvNNAttention']:
+        """This layer class with other defaults for its ConvNN arguments, as a class: for model constructors that
+        take the attention layer as a class and build it with their own arguments (dim, num_heads, qkv_bias, ...).
+        timm's ``VisionTransformer(attn_layer=...)`` is one, and it calls ``issubclass`` on it, so a
+        ``functools.partial`` fails there::
+
+            attn_layer = ConvNNAttention.with_options(
+                num_neighbors=9, candidates='spatial', num_samples=64, num_prefix_tokens=1, grid_size=(14, 14))
+            vit = timm.models.VisionTransformer(img_size=224, attn_layer=attn_layer)
+
+        ``options`` are the arguments this class adds to timm's ``Attention`` (K, candidates, similarity, ...,
+        ``num_prefix_tokens``, ``grid_size``; ``branch_ratio`` for the branch layer); the ones the model passes are
+        the model's to set, and a name that is not one of them raises a ``TypeError`` naming the valid ones. The
+        values are checked here too. Instances pickle and deep-copy (they are rebuilt through this method); the
+        class itself is local and does not pickle."""
+        valid = _convnn_options(cls)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(
+                f'{cls.__name__}.with_options() takes the ConvNN arguments {", ".join(valid)}; got '
+                f'{", ".join(unknown)} (the model passes dim, num_heads, qkv_bias, norms, dropouts itself)')
+        base = cls
+
+        class Configured(base):
+            def __init__(self, dim: int, *args, **kwargs) -> None:
+                given = sorted(set(options) & set(kwargs))
+                if given:
+                    raise TypeError(f'{base.__name__}.with_options() set {", ".join(given)} already')
+                super().__init__(dim, *args, **options, **kwargs)
+
+            def __reduce_ex__(self, protocol):
+                return _configured_instance, (base, dict(options)), dict(self.__dict__)
+
+        Configured.__name__ = base.__name__  # (module reprs read ConvNNAttention(...); the qualname stays local)
+        Configured.__doc__ = f'{base.__name__}.with_options({", ".join(f"{k}={v!r}" for k, v in options.items())})'
+        Configured(512, num_heads=8, device='meta')  # the values, checked where they are given (no memory)
+        return Configured
 
     def _patch_grid(self, num_patches: int) -> Tuple[int, int]:
         if not torch.jit.is_scripting():
@@ -349,6 +389,25 @@ class ConvNNAttention(nn.Module):
         if self.coords != 'none':
             s += f', coords={self.coords!r}'
         return s
+
+
+def _convnn_options(cls: type) -> Tuple[str, ...]:
+    """The constructor arguments of ``cls`` (a ConvNNAttention class) that timm's ``Attention`` does not take."""
+    timm_args = set(inspect.signature(Attention.__init__).parameters) | {'self', 'dim', 'device', 'dtype'}
+    names: Dict[str, None] = {}
+    for klass in cls.__mro__:
+        if klass is ConvNNAttention.__mro__[1]:
+            break
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if name not in timm_args and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                names[name] = None
+    return tuple(names)
+
+
+def _configured_instance(base: Type[ConvNNAttention], options: Dict[str, Any]) -> ConvNNAttention:
+    """An empty instance of ``base.with_options(**options)`` for pickle / deepcopy to fill with the state."""
+    cls = base.with_options(**options)
+    return cls.__new__(cls)
 
 
 @register_notrace_module
