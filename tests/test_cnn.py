@@ -135,6 +135,30 @@ def test_vgg_filter_converts_torchvision_checkpoints():
         torch.testing.assert_close(reference(x), tv(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('name, stem', [('vgg11_convnn', 'features.0.aggregate.weight'),
+                                        ('vgg11_convnn_branch', 'features.0.convnn.aggregate.weight')])
+def test_vgg_pretrained_weights_adapt_to_in_chans(name, stem, tmp_path, caplog):
+    # VGG's first layer is a ConvNN layer: its pretrained aggregation weight (out, in, K) gets another in_chans by
+    # timm's stem rule (timm.models.adapt_input_conv: the sum over RGB for 1 channel; repeated and scaled by 3 / n
+    # otherwise), which timm itself only applies to 4-D conv weights (it would drop this one: random init)
+    import logging
+    torch.manual_seed(0)
+    src = timm.create_model(name, mlp_ratio=0.01, num_classes=3)  # (a small pre-logits MLP: a light checkpoint)
+    torch.save(src.state_dict(), tmp_path / 'w.pth')
+    w = src.state_dict()[stem]
+    for in_chans, expect in ((1, w.sum(1, keepdim=True)), (4, torch.cat([w, w[:, :1]], 1) * 3 / 4)):
+        with caplog.at_level(logging.INFO):
+            model = timm.create_model(name, mlp_ratio=0.01, num_classes=3, in_chans=in_chans, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.pth'), num_classes=3))
+        assert torch.allclose(model.state_dict()[stem], expect)
+        assert 'Unable to convert' not in caplog.text and 'Loading unchanged' not in caplog.text
+        assert f'{stem} pretrained weights from 3 to {in_chans} channel(s)' in caplog.text
+        rest = {k: v for k, v in model.state_dict().items() if k != stem and 'features.0.conv.weight' not in k}
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in rest.items())
+        assert model(torch.randn(1, in_chans, 32, 32)).shape == (1, 3)
+        caplog.clear()
+
+
 @pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn_branch'])
 def test_branch_ratio_limits_in_models(name):
     zero = timm.create_model(name, branch_ratio=0.0, device='meta')

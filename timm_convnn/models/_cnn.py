@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv
 
 from ..layers import ConvNN2d, ConvNNBranch2d
 
@@ -99,8 +100,31 @@ def cnn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Modu
     new = [k for k in own if k not in out and k.startswith(prefixes)]
     for k in new:
         out[k] = own[k].detach().clone()
+    _adapt_input_aggregates(out, own, model, prefixes)
     if new:
         dropped = len(state_dict) - (len(out) - len(new))
         _logger.info(f'ConvNN warm start: {len(out) - len(new)} tensors loaded, {dropped} replaced-conv tensors '
                      f'dropped, {len(new)} new ConvNN tensors keep their initialisation')
     return out
+
+
+def _adapt_input_aggregates(
+        state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], model: nn.Module, prefixes: tuple) -> None:
+    """A ConvNN layer on the image (VGG's first layer) gets the pretrained weights of another input channel count
+    (``in_chans``) as timm gets them for a stem conv (``timm.models.adapt_input_conv``: summed over the source
+    channels for 1, repeated and rescaled otherwise). timm adapts 4-D conv weights only; it would drop an
+    aggregation weight, (out, in, K), and leave the layer at random init. So it is adapted here, and the cfgs'
+    ``first_conv`` lists the plain conv stems only. Source channels: the pretrained cfg's ``input_size`` (3)."""
+    in_chans = getattr(model, 'in_chans', None)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    base = (cfg.get('input_size') or (3,))[0]
+    if not isinstance(in_chans, int) or in_chans == base:
+        return
+    for key, target in own.items():
+        weight = state_dict.get(key)
+        if (key.endswith('aggregate.weight') and key.startswith(prefixes) and weight is not None
+                and weight.dim() == 3 and target.dim() == 3 and target.shape[1] == in_chans
+                and weight.shape[1] == base and weight.shape[::2] == target.shape[::2]):
+            adapted = adapt_input_conv(in_chans, weight.unsqueeze(-1), base_chans=base).squeeze(-1)
+            state_dict[key] = adapted.to(weight.dtype)
+            _logger.info(f'Converted input layer {key} pretrained weights from {base} to {in_chans} channel(s)')

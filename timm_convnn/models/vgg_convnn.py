@@ -85,7 +85,8 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': ('features.0.conv', 'features.0.convnn.aggregate'), 'classifier': 'head.fc',
+        # (timm adapts these stem convs to other in_chans; the ConvNN stems' weights: checkpoint_filter_fn)
+        'first_conv': 'features.0.conv', 'classifier': 'head.fc',
         'license': 'apache-2.0',
         'paper_ids': 'arXiv:2511.14137', 'paper_name': 'Attention Via Convolutional Nearest Neighbors',
         'origin_url': 'https://github.com/mingikang31/Convolutional-Nearest-Neighbor',
@@ -97,7 +98,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 _NEW = 'the ConvNN layers that replace every 3x3 conv'
 _TAG = f'{WARM_START_PREFIX}tv_in1k'
 default_cfgs = generate_default_cfgs({
-    f'vgg11_convnn.{_TAG}': warm_start_cfg(_cfg(first_conv='features.0.aggregate'), 'vgg11_bn.tv_in1k', _NEW),
+    f'vgg11_convnn.{_TAG}': warm_start_cfg(_cfg(first_conv=()), 'vgg11_bn.tv_in1k', _NEW),
     f'vgg11_convnn_branch.{_TAG}': warm_start_cfg(_cfg(), 'vgg11_bn.tv_in1k', _NEW),
     f'vgg11_convnn_branch_pe.{_TAG}': warm_start_cfg(_cfg(), 'vgg11_bn.tv_in1k', _NEW),
 })
