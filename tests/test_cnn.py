@@ -159,6 +159,30 @@ def test_vgg_pretrained_weights_adapt_to_in_chans(name, stem, tmp_path, caplog):
         caplog.clear()
 
 
+def test_outputs_keep_the_input_memory_format_and_empty_batches_run():
+    # like timm's resnet18: NCHW in, contiguous NCHW features out (view(B, -1) works); channels-last in and out;
+    # an empty batch gives empty logits, forward and backward
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_convnn', num_classes=5).eval()
+    layer = ConvNN2d(8, 16, stride=2)
+    x = torch.randn(2, 8, 7, 7)
+    assert layer(x).is_contiguous()
+    assert layer(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(img)
+        assert feats.is_contiguous() and feats.view(2, -1).shape == (2, 512 * 2 * 2)
+        assert all(t.is_contiguous() for t in model.forward_intermediates(img, intermediates_only=True))
+        model_cl = model.to(memory_format=torch.channels_last)
+        out_cl = model_cl.forward_features(img.to(memory_format=torch.channels_last))
+        assert out_cl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out_cl, feats)
+    model.train()
+    empty = model(torch.randn(0, 3, 64, 64))
+    assert empty.shape == timm.create_model('resnet18', num_classes=5)(torch.randn(0, 3, 64, 64)).shape == (0, 5)
+    empty.sum().backward()
+
+
 @pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn_branch'])
 def test_branch_ratio_limits_in_models(name):
     zero = timm.create_model(name, branch_ratio=0.0, device='meta')

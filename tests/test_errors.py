@@ -65,6 +65,9 @@ def test_conv_bad_inputs():
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 7, padding=3))
     with pytest.raises(ValueError, match='needs padding=1'):
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=0))
+    for mode in ('reflect', 'replicate', 'circular'):  # (ConvNN's border is zero pixels: it would compute another conv)
+        with pytest.raises(ValueError, match=f"needs padding_mode='zeros'; got padding_mode='{mode}'"):
+            ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=1, padding_mode=mode))
 
 
 @pytest.mark.parametrize('ratio,exc', [(-0.1, ValueError), (1.5, ValueError), ('half', TypeError),
@@ -72,6 +75,54 @@ def test_conv_bad_inputs():
 def test_branch_ratio_range(ratio, exc):
     with pytest.raises(exc, match=r'branch_ratio \(lambda\) must be'):
         ConvNNBranch2d(8, 8, branch_ratio=ratio)
+
+
+def test_layer_arguments_are_checked_where_given():
+    # bad layout / scale arguments fail at construction with their name and range, not deep inside a forward
+    cases = [
+        (lambda: ConvNNAttention(64, 4, coords='append', coord_scale='x'), TypeError, "coord_scale must be a finite"),
+        (lambda: ConvNN2d(8, 8, coord_scale=float('nan')), ValueError, 'coord_scale must be a finite real number'),
+        (lambda: ConvNNAttention(64, 4, grid_size=5), TypeError, r'grid_size must be None or \(rows, cols\)'),
+        (lambda: ConvNNAttention(64, 4, grid_size=(2, 0)), ValueError, r'two positive ints; got \(2, 0\)'),
+        (lambda: ConvNNAttention(64, 4, candidates='spatial', num_samples=16, num_prefix_tokens=-1), ValueError,
+         'num_prefix_tokens must be >= 0; got -1'),
+        (lambda: ConvNNAttention(64, 4, attn_head_dim=0), ValueError, 'attn_head_dim must be >= 1; got 0'),
+        # the branch layer checks the ConvNN options also when it builds no ConvNN path (lambda 0, or rounding to 0)
+        (lambda: ConvNNBranch2d(8, 16, branch_ratio=0, num_neighbors=0), ValueError, r'num_neighbors \(K\)'),
+        (lambda: ConvNNBranch2d(8, 16, branch_ratio=0.01, candidates='foo'), ValueError, "got 'foo'"),
+        (lambda: ConvNNBranch2d('8', 16, branch_ratio=0), TypeError, "in_channels must be an int >= 1; got str '8'"),
+        (lambda: ConvNNBranch2d(8, 8, aggregation='depthwise'), ValueError,
+         r"depthwise' needs the ConvNN branch's output channels, round\(branch_ratio \* out_channels\) = 4, to equal "
+         'in_channels=8'),
+    ]
+    for build, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            build()
+    assert ConvNNBranch2d(8, 16, aggregation='depthwise', num_neighbors=3).convnn_channels == 8
+
+
+@pytest.mark.parametrize('build, shape', [
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3), (0, 10, 32)),
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3), (2, 0, 32)),
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=4), (0, 10, 32)),
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=4), (0, 16, 32)),
+    (lambda: ConvNN2d(8, 16), (0, 8, 5, 5)),
+    (lambda: ConvNN2d(8, 8, aggregation='depthwise', weighting='softmax', stride=2), (0, 8, 5, 5)),
+    (lambda: ConvNN2d(8, 16, candidates='random', num_samples=9), (0, 8, 5, 5)),
+    (lambda: ConvNNBranch2d(8, 16), (0, 8, 5, 5)),
+])
+def test_empty_inputs_give_empty_outputs(build, shape):
+    # as timm's Attention and nn.Conv2d: an empty batch (or token set) gives an empty result of the right shape, and
+    # a backward through it (zero gradients), in training and in eval
+    layer = build()
+    reference = nn.Conv2d(8, layer.out_channels, 3, stride=getattr(layer, 'stride', 1), padding=1) \
+        if len(shape) == 4 else nn.Identity()
+    for train in (True, False):
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer.train(train)(x)
+        assert y.shape == reference(x).shape and y.numel() == 0
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_branch_even_kernel_rejected():

@@ -15,6 +15,7 @@ a fixed hashed draw in eval (deterministic); the query token and the prefix (cla
 candidates; depthwise weights are per channel (not shared across heads).
 """
 import inspect
+import numbers
 import warnings
 from typing import Any, Dict, Optional, Tuple, Type
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, register_notrace_module
 
 from . import triton_attention
-from .common import CandidateCache, NeighborAggregation, check_convnn_args
+from .common import CandidateCache, NeighborAggregation, _check_int, check_convnn_args
 from .functional import (
     coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
     similarity_features, softmax_weights)
@@ -123,7 +124,17 @@ class ConvNNAttention(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         check_convnn_args(
-            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order)
+            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order,
+            coord_scale)
+        _check_int('num_prefix_tokens', num_prefix_tokens, 0)
+        if grid_size is not None:
+            if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
+                    and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in grid_size)):
+                raise TypeError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
+            if min(grid_size) < 1:
+                raise ValueError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
+        if attn_head_dim is not None:
+            _check_int('attn_head_dim', attn_head_dim, 1)
         if attn_head_dim is None:
             if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
                 raise ValueError(f'num_heads must be a positive divisor of dim={dim}; got num_heads={num_heads}')

@@ -41,6 +41,7 @@ def check_convnn_args(
         aggregation: str,
         coords: str,
         neighbor_order: str,
+        coord_scale: float = 1.0,
 ) -> None:
     """Validate the ConvNN options; raises ValueError/TypeError naming the argument and the valid range."""
     _check_int('num_neighbors (K)', num_neighbors, 1)
@@ -56,6 +57,10 @@ def check_convnn_args(
     _check_choice('aggregation', aggregation, AGGREGATIONS)
     _check_choice('coords', coords, COORD_MODES)
     _check_choice('neighbor_order', neighbor_order, NEIGHBOR_ORDERS)
+    if isinstance(coord_scale, bool) or not isinstance(coord_scale, (int, float)):
+        raise TypeError(f'coord_scale must be a finite real number; got {type(coord_scale).__name__} {coord_scale!r}')
+    if not math.isfinite(coord_scale):
+        raise ValueError(f'coord_scale must be a finite real number; got {coord_scale}')
 
 
 class CandidateCache:

@@ -85,7 +85,8 @@ class ConvNN2d(nn.Module):
         if neighbor_order is None:
             neighbor_order = 'position' if coords == 'only' else 'rank'
         check_convnn_args(
-            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order)
+            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order,
+            coord_scale)
         _check_int('in_channels', in_channels, 1)
         _check_int('out_channels', out_channels, 1)
         _check_int('stride', stride, 1)
@@ -115,7 +116,7 @@ class ConvNN2d(nn.Module):
 
         Coordinate-only euclidean similarity picks each pixel's k x k window, ``ones`` weighting and raster slot
         order make the aggregation the conv itself. Supports square odd kernels k in (1, 3, 5) (for larger k the
-        k x k window is not a euclidean ball), padding k // 2, no dilation or groups.
+        k x k window is not a euclidean ball), padding k // 2 with zeros, no dilation or groups.
         """
         k = conv.kernel_size[0]
         if conv.kernel_size != (k, k) or k not in (1, 3, 5):
@@ -126,6 +127,8 @@ class ConvNN2d(nn.Module):
                 f'dilation={conv.dilation}, groups={conv.groups}')
         if conv.stride[0] != conv.stride[1]:
             raise ValueError(f'from_conv2d needs equal strides; got stride={conv.stride}')
+        if conv.padding_mode != 'zeros':  # ConvNN2d's border candidates are zero pixels
+            raise ValueError(f"from_conv2d needs padding_mode='zeros'; got padding_mode={conv.padding_mode!r}")
         w = conv.weight
         m = cls(
             conv.in_channels, conv.out_channels, num_neighbors=k * k, stride=conv.stride[0], padding=k // 2,
@@ -172,6 +175,7 @@ class ConvNN2d(nn.Module):
         if C != self.in_channels:
             raise ValueError('ConvNN2d expects ' + str(self.in_channels) + ' input channels, got ' + str(C))
         p, s = self.padding, self.stride
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if p > 0:
             x = F.pad(x, (p, p, p, p))
         hp, wp = H + 2 * p, W + 2 * p
@@ -197,7 +201,10 @@ class ConvNN2d(nn.Module):
         if self.weighting == 'softmax':
             rho = softmax_weights(gather_dot(qs, ks, idx, scores=scores))
         out = self.aggregate(tokens, idx, rho)  # (B, 1, Nq, out)
-        return out.view(B, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        out = out.view(B, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (channels-last strides)
+        if channels_last:
+            return out
+        return out.contiguous()  # the input's memory format, as nn.Conv2d returns it (view(B, -1) works)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, num_neighbors={self.num_neighbors}, stride={self.stride}, '
@@ -251,13 +258,23 @@ class ConvNNBranch2d(nn.Module):
         _check_int('kernel_size', kernel_size, 1)
         if kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be odd (same padding); got {kernel_size}')
+        _check_int('in_channels', in_channels, 1)
         _check_int('out_channels', out_channels, 1)
         _check_int('dilation', dilation, 1)
+        # (checked here too: without ConvNN channels, at lambda 0 or a lambda that rounds to none, ConvNN2d is not built)
+        check_convnn_args(
+            num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords,
+            neighbor_order or 'rank', coord_scale)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.branch_ratio = float(branch_ratio)
         self.convnn_channels = int(round(branch_ratio * out_channels))
         self.conv_channels = out_channels - self.convnn_channels
+        if aggregation == 'depthwise' and 0 < self.convnn_channels != in_channels:
+            raise ValueError(
+                f"aggregation='depthwise' needs the ConvNN branch's output channels, round(branch_ratio * "
+                f'out_channels) = {self.convnn_channels}, to equal in_channels={in_channels} (use aggregation='
+                f'"standard")')
         pad = kernel_size // 2
         self.convnn = ConvNN2d(
             in_channels, self.convnn_channels, num_neighbors=num_neighbors, stride=stride, padding=pad,

@@ -163,8 +163,8 @@ def _capturing() -> bool:
 
 def _ranges(total: int, step: int) -> List[Tuple[int, int]]:
     """[start, end) pieces of ``range(total)`` of ``step`` items (the last one shorter); one piece for a size-free
-    ``total`` (see ``symbolic``)."""
-    if size_free(total):
+    ``total`` (see ``symbolic``), and one empty piece for none (an empty result keeps its shape)."""
+    if size_free(total) or total == 0:
         return [(0, total)]
     return [(s, min(total, s + step)) for s in range(0, total, step)]
 
@@ -307,6 +307,8 @@ def _query_blocks(
     one slice (at least 64 queries, so a block is never a handful of rows); blocks of a run are balanced in size."""
     slice_bytes = num_queries * query_bytes
     blocks: List[Tuple[int, int, int, int]] = []
+    if num_slices == 0 or num_queries == 0:  # (an empty batch or map: nothing to gather)
+        return blocks
     if slice_bytes <= budget_bytes:
         step = _balanced(num_slices, max(1, budget_bytes // max(1, slice_bytes)))
         for s in range(0, num_slices, step):
@@ -462,9 +464,10 @@ def _apply_weight(g: torch.Tensor, weight: torch.Tensor, s: int, e: int, depthwi
         return (g * weight[:, :, s:e].transpose(1, 2).unsqueeze(1)).sum(-2)
     # weight (G, Cout, C, K): contract slots and input channels in one (G, B * N, ks * C) @ (G, ks * C, Cout) product
     B, G, N, ks, C = g.shape
-    w = weight[:, :, :, s:e].permute(0, 3, 2, 1).reshape(G, ks * C, -1)
+    cout = weight.shape[1]
+    w = weight[:, :, :, s:e].permute(0, 3, 2, 1).reshape(G, ks * C, cout)
     y = torch.bmm(g.reshape(B, G, N * ks * C).transpose(0, 1).reshape(G, B * N, ks * C), w)
-    return y.view(G, B, N, -1).transpose(0, 1)
+    return y.view(G, B, N, cout).transpose(0, 1)
 
 
 def _aggregate_eager(
