@@ -261,7 +261,7 @@ class ConvNNBranch2d(nn.Module):
         _check_int('in_channels', in_channels, 1)
         _check_int('out_channels', out_channels, 1)
         _check_int('dilation', dilation, 1)
-        # (checked here too: without ConvNN channels, at lambda 0 or a lambda that rounds to none, ConvNN2d is not built)
+        # (checked here too: without ConvNN channels, at lambda 0 or one that rounds to none, no ConvNN2d is built)
         check_convnn_args(
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords,
             neighbor_order or 'rank', coord_scale)
