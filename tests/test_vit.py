@@ -217,6 +217,7 @@ def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
     # does not determine it (144 patches: 12 x 12, or 9 x 16 from a 144 x 256 image), so the patch embedding records
     # it for the layers. Each layer must then compute what it computes when built for that grid.
     import copy
+    import warnings
     torch.manual_seed(0)
     model = timm.create_model(name, dynamic_img_size=True, depth=2, num_classes=3, **kwargs).eval()
     seen = {}
@@ -240,7 +241,18 @@ def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
     with torch.no_grad():
         twin(torch.randn(1, 3, 160, 224))
     assert twin.blocks[0].attn.token_grid.hw == (10, 14) and model.blocks[0].attn.token_grid.hw == (6, 6)
-    assert torch.jit.script(model)(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+    # TorchScript runs no hook: at the size the model was built for it computes what eager does; at another size it
+    # cannot tell the grid and says so (a square map is assumed: right for 192 x 192, not for 160 x 256; both have
+    # more patches than the spatial model's 128 candidates, so its grid matters)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            torch.testing.assert_close(scripted(x), model(x))
+        for hw in ((192, 192), (160, 256)):
+            with pytest.warns(UserWarning, match='under TorchScript cannot see the patch grid'):
+                assert scripted(torch.randn(1, 3, *hw)).shape == (1, 3)
     # fixed-size models take the grid at build time and record nothing
     fixed = timm.create_model(name, img_size=(144, 256), depth=1, **kwargs)
     assert fixed.blocks[0].attn.grid_size == (9, 16) and fixed.blocks[0].attn.token_grid is None

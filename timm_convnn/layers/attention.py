@@ -89,6 +89,7 @@ class ConvNNAttention(nn.Module):
         sample_seed: key of the fixed eval-mode random draw (models give each layer its own).
     """
     grid_size: Optional[Tuple[int, int]]
+    dynamic_grid: bool
     # read only outside TorchScript (_recorded_grid, _cached_candidate_ids)
     __jit_ignored_attributes__ = ['token_grid', '_id_cache']
 
@@ -160,6 +161,7 @@ class ConvNNAttention(nn.Module):
         self.sample_seed = sample_seed
         self.grid_size = (int(grid_size[0]), int(grid_size[1])) if grid_size is not None else None
         self.token_grid = None  # a TokenGrid: the grid of the forward in progress, when a model records it
+        self.dynamic_grid = False  # whether the model's inputs change size (it records their grids; TorchScript can't)
         self._id_cache = CandidateCache()
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
@@ -222,6 +224,14 @@ class ConvNNAttention(nn.Module):
         grid = self.grid_size
         if grid is not None and grid[0] * grid[1] == num_patches:
             return grid[0], grid[1]
+        if torch.jit.is_scripting() and self.dynamic_grid:
+            # (TorchScript runs no forward hook: the grid of this image size is unknown, and a square token count
+            # need not be a square map: 64 patches are 8 x 8 or 4 x 16)
+            warnings.warn(
+                'ConvNNAttention under TorchScript cannot see the patch grid of an input of another size ('
+                + str(num_patches) + ' patches; built for ' + str(grid) + '): spatial candidates and coordinates '
+                'assume a square map (or one raster row), which differs from eager for non-square inputs. Use '
+                'eager mode, torch.compile or torch.export with dynamic_img_size.')
         side = int(round(num_patches ** 0.5))
         if side * side == num_patches:
             return side, side

@@ -128,6 +128,7 @@ class VisionTransformerConvNN(VisionTransformer):
         for m in self._convnn_layers():
             m.num_prefix_tokens = self.num_prefix_tokens
             m.token_grid = token_grid
+            m.dynamic_grid = token_grid is not None
         self._set_patch_grid()
 
     def _convnn_layers(self) -> List[ConvNNAttention]:
