@@ -75,3 +75,106 @@ def test_digits_into_an_unwritable_path_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('timm-convnn digits: error: cannot write the digits ImageFolder to ') and 'a_file' in err
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f'timm-convnn {command}: error: '), err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_unknown_pretrained_tag_names_the_valid_tags(tmp_path, capsys):
+    # timm raises "RuntimeError: Invalid pretrained tag", naming no valid tag
+    assert cli.main(['info', 'vit_tiny_convnn_all.bogus_tag']) == 2
+    err = _one_line_error(capsys, 'info')
+    assert "unknown pretrained tag 'bogus_tag' for vit_tiny_convnn_all; its tags: from_timm_augreg_in21k_ft_in1k" in err
+    assert cli.main(['neighbors', 'resnet18_convnn.bogus', '--img-size', '32', '--out', str(tmp_path / 'x.png')]) == 2
+    assert "unknown pretrained tag 'bogus' for resnet18_convnn; its tags: from_timm_a1_in1k" in _one_line_error(
+        capsys, 'neighbors')
+    assert not (tmp_path / 'x.png').exists()
+    assert cli.main(['info', 'vit_tiny_convnn_all.from_timm_augreg_in21k_ft_in1k', '--json']) == 0
+
+
+def test_neighbors_model_kwargs_the_model_does_not_take(tmp_path, capsys):
+    argv = ['neighbors', 'vit_tiny_convnn_random', '--out', str(tmp_path / 'x.png'), '--model-kwargs', 'foo=1']
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, 'neighbors')
+    assert 'cannot create vit_tiny_convnn_random with foo=1: ' in err and "unexpected keyword argument 'foo'" in err
+    assert cli.main(['neighbors', 'resnet18_convnn', '--out', str(tmp_path / 'x.png'), '--model-kwargs',
+                     'img_size=64']) == 2  # CNNs take no img_size
+    assert "unexpected keyword argument 'img_size'" in _one_line_error(capsys, 'neighbors')
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_files_that_are_not_checkpoints_are_one_line_errors(tmp_path, capsys):
+    import torch
+    (tmp_path / 'junk.pth').write_bytes(b'junk\n')  # torch's weights-only unpickler: KeyError
+    torch.save([torch.ones(2)], tmp_path / 'list.pth')  # timm's loader: 'list' object has no attribute 'items'
+    cases = [('junk.pth', 'is not a readable'), ('list.pth', 'is not a')]
+    for name, message in cases:
+        path = str(tmp_path / name)
+        neighbors = ['neighbors', 'resnet18_convnn', '--img-size', '32', '--checkpoint', path,
+                     '--out', str(tmp_path / 'x.png')]
+        for argv in (neighbors, ['export', path, str(tmp_path / 'out')], ['push', path, 'org/x', '--dry-run']):
+            assert cli.main(argv) == 2, argv
+            err = _one_line_error(capsys, argv[0])
+            assert message in err and path in err
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_img_size_must_be_positive(tmp_path, capsys):
+    from timm_convnn.data import write_digits_imagefolder
+    digits = ['digits', str(tmp_path / 'd')]
+    neighbors = ['neighbors', 'resnet18_convnn', '--out', str(tmp_path / 'x.png')]
+    for argv, size in ((digits, '0'), (digits, '-3'), (neighbors, '0')):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv + ['--img-size', size])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f'argument --img-size: must be a positive number of pixels, got {size}' in err and 'Traceback' not in err
+    with pytest.raises(ValueError, match='img_size must be a positive whole number of pixels, got 0'):
+        write_digits_imagefolder(tmp_path / 'd', img_size=0)
+    assert not (tmp_path / 'd').exists() and not (tmp_path / 'x.png').exists()
+
+
+def test_neighbors_feeds_models_of_one_channel_grayscale(tmp_path, capsys):
+    from PIL import Image
+    from timm_convnn.viz import figure_size
+    out = tmp_path / 'grey.png'
+    base = ['neighbors', 'resnet18_convnn', '--img-size', '32', '--layers', 'layer1.0.conv1', '--out', str(out)]
+    assert cli.main(base + ['--model-kwargs', 'in_chans=1']) == 0  # the conv rejected the 3-channel input
+    assert Image.open(out).size == figure_size(1)
+    out.unlink()
+    assert cli.main(base + ['--model-kwargs', 'in_chans=4']) == 2
+    assert 'the model takes 4 input channels (in_chans=4); images convert to 3 (RGB) or 1 (grayscale) only' in \
+        _one_line_error(capsys, 'neighbors')
+    assert not out.exists()
+
+
+def test_neighbors_img_size_builds_the_vit_for_it(tmp_path, capsys):
+    import torch
+    # --img-size alone builds a fixed-size ViT for that size; --model-kwargs img_size=N alone makes the input N
+    small = ['patch_size=4', 'depth=1']
+    runs = {'img-size': ['--img-size', '32', '--model-kwargs'] + small,
+            'model-kwargs': ['--model-kwargs', 'img_size=32'] + small,
+            'both': ['--img-size', '32', '--model-kwargs', 'img_size=32'] + small}
+    for run, extra in runs.items():
+        torch.manual_seed(0)  # the same random init in every run
+        assert cli.main(['neighbors', 'vit_tiny_convnn_random', '--out', str(tmp_path / f'{run}.png')] + extra) == 0
+        assert 'query pixel (16, 16)' in capsys.readouterr().out
+    assert (tmp_path / 'img-size.png').read_bytes() == (tmp_path / 'both.png').read_bytes()
+    assert (tmp_path / 'model-kwargs.png').read_bytes() == (tmp_path / 'both.png').read_bytes()
+    assert cli.main(['neighbors', 'vit_tiny_convnn_random', '--out', str(tmp_path / 'x.png'), '--img-size', '64',
+                     '--model-kwargs', 'img_size=32'] + small) == 2
+    assert 'Conflicting input image sizes' in _one_line_error(capsys, 'neighbors')
+
+
+def test_neighbors_img_size_with_pretrained_vit_weights(tmp_path, monkeypatch, capsys):
+    # timm resamples the 224 px position embedding of the warm-start weights to the 64 px model
+    from .hub_cache import add_timm_stand_in, use_cache
+    add_timm_stand_in(use_cache(monkeypatch, tmp_path / 'hub'), tmp_path, 'vit_tiny_patch16_224.augreg_in21k_ft_in1k')
+    argv = ['neighbors', 'vit_tiny_convnn_all', '--pretrained', '--img-size', '64', '--layers', 'blocks.0.attn',
+            '--out', str(tmp_path / 'x.png')]
+    assert cli.main(argv) == 0
+    assert 'query pixel (32, 32)' in capsys.readouterr().out

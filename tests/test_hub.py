@@ -325,16 +325,22 @@ def test_export_train_checkpoint_cli(ema, cache, tmp_path):
     assert _same_weights(ema_model if ema else model, loaded)
 
 
-def test_export_ema_missing_is_a_clear_error(tmp_path):
+def test_export_ema_missing_is_a_clear_error(tmp_path, capsys):
     _, _, run = _train_checkpoint(tmp_path, ema=False)
     with pytest.raises(ValueError, match='has no state_dict_ema .*--model-ema'):
         hub.export_checkpoint(run / 'model_best.pth.tar', tmp_path / 'out', use_ema=True)
+    # a model kwarg the architecture does not take: one line naming it, not timm's TypeError traceback
+    assert cli_main(['export', str(run / 'model_best.pth.tar'), str(tmp_path / 'out'), '--model-kwargs', 'foo=1']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('timm-convnn export: error: cannot build vit_tiny_convnn_random with ') and "'foo': 1" in err
+    assert 'Traceback' not in err and not (tmp_path / 'out').exists()
 
 
 def test_export_of_unreadable_checkpoints_fails_in_one_line(tmp_path, capsys):
     _, _, run = _train_checkpoint(tmp_path, ema=False)
     good = (run / 'model_best.pth.tar').read_bytes()
-    files = {'garbage.pth': b'not a checkpoint\n', 'truncated.pth': good[:len(good) // 2], 'empty.pth': b''}
+    files = {'garbage.pth': b'not a checkpoint\n', 'truncated.pth': good[:len(good) // 2], 'empty.pth': b'',
+             'junk.pth': b'junk\n'}  # (junk: the weights-only unpickler raises KeyError)
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     torch.save({'weights': torch.ones(2)}, tmp_path / 'plain.pth')

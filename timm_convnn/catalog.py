@@ -28,11 +28,16 @@ def convnn_model_names(pattern: str = '') -> List[str]:
 
 def check_model_name(name: str) -> str:
     """``name`` if timm can build it (a registered name, optionally ``.tag``, or an ``hf-hub:`` id), else a ValueError
-    that suggests the closest registered names."""
+    that suggests the closest registered names, or for an unknown tag names the architecture's tags (timm's
+    RuntimeError names none)."""
     if name.startswith(('hf-hub:', 'local-dir:')):
         return name
-    arch = name.split('.', 1)[0]
+    arch, tag = timm.models.split_model_name_tag(name)
     if timm.is_model(arch):
+        tags = [full.split('.', 1)[1] for full in timm.models.get_arch_pretrained_cfgs(arch)]
+        if tag and tag not in tags:
+            valid = f'its tags: {", ".join(tags)}' if tags else 'it has none'
+            raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; {valid} (or no tag: {arch})')
         return name
     close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
     hint = f'; did you mean: {", ".join(close)}?' if close else '; `timm-convnn list` shows the ConvNN models'

@@ -1,7 +1,8 @@
 """ ``timm-convnn`` command line. """
 import argparse
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 from .models._pretrained import PretrainedWeightsError
 from .version import __version__
@@ -29,6 +30,16 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     print(f'wrote scikit-learn digits to {root}: train/ {counts["train"]} and validation/ {counts["validation"]} '
           f'images, 10 classes, {args.img_size} px')
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive whole number, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive number of pixels, got {value}')
+    return value
 
 
 def _kv(text: str):
@@ -119,11 +130,48 @@ def _parse_query(text: str):
         raise ValueError(f'--query must be X,Y in pixels of the model input (e.g. 112,80); got {text!r}') from None
 
 
-def _cmd_neighbors(args: argparse.Namespace) -> int:
+def _create_model(name: str, pretrained: bool, img_size: Optional[int], kwargs: Dict[str, Any]):
+    """timm.create_model with ``--img-size`` passed on as ``img_size`` to models built for a fixed input size (ViTs;
+    timm resamples the position embedding of pretrained weights) unless ``--model-kwargs`` sets it; a ValueError
+    naming the kwargs the model does not take."""
     import timm
+    create_args = timm.models.resolve_model_input_args(name, dict(img_size=img_size), **kwargs)
+    try:
+        return timm.create_model(pretrained=pretrained, **create_args)
+    except TypeError as e:  # a kwarg the model does not take, or a value of the wrong type
+        given = {k: v for k, v in create_args.items() if k not in ('model_name', 'pretrained_cfg')}
+        if not given:
+            raise
+        text = ' '.join(f'{k}={v!r}' for k, v in given.items())
+        raise ValueError(f'cannot create {name} with {text}: {e}') from e
+
+
+def _load_checkpoint(model, path: str, name: str) -> None:
+    """Load ``path`` into ``model`` as create_model(checkpoint_path=...) does (EMA weights first), with one-line errors
+    for a file that is no checkpoint and for weights that do not fit."""
+    import timm
+    from .hub import is_unreadable_checkpoint, unreadable_checkpoint
+    if Path(path).suffix.lower() in ('.npz', '.npy'):  # timm hands these to the model's own loader
+        timm.models.load_checkpoint(model, path)
+        return
+    try:
+        state_dict = timm.models.load_state_dict(path)
+    except Exception as e:  # reading the file and picking its state dict: whatever fails, the file is the cause
+        if is_unreadable_checkpoint(e):
+            raise unreadable_checkpoint(path, e) from e
+        raise ValueError(f'{path} is not a readable timm checkpoint or state dict (a torch.save file of a dict of '
+                         f'tensors, or of a dict with a state_dict / state_dict_ema / model entry): '
+                         f'{type(e).__name__}: {e}') from e
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise ValueError(f'the checkpoint {path} does not fit {name}: {e}') from e
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> int:
     from PIL import Image
     from .catalog import check_model_name
-    from .hub import CHECKPOINT_LOAD_ERRORS, is_unreadable_checkpoint, require_checkpoint_file, unreadable_checkpoint
+    from .hub import require_checkpoint_file
     from .viz import neighbor_map
 
     name = check_model_name(args.model)
@@ -133,21 +181,15 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     kwargs = dict(args.model_kwargs or [])
     if args.checkpoint:
         require_checkpoint_file(args.checkpoint)
-        kwargs['checkpoint_path'] = args.checkpoint
     image = None
     if args.image:
         try:
             image = Image.open(args.image)
         except OSError as e:  # missing, or not an image PIL reads
             raise ValueError(f'cannot read the image {args.image}: {e}') from e
-    try:
-        model = timm.create_model(name, pretrained=args.pretrained, **kwargs).eval()
-    except CHECKPOINT_LOAD_ERRORS as e:
-        if not args.checkpoint:
-            raise
-        if is_unreadable_checkpoint(e):
-            raise unreadable_checkpoint(args.checkpoint, e) from e
-        raise ValueError(f'the checkpoint {args.checkpoint} does not fit {name}: {e}') from e
+    model = _create_model(name, args.pretrained, args.img_size, kwargs).eval()
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint, name)
     (w, h), records, (qx, qy) = neighbor_map(model, args.out, image, query, args.layers, args.img_size)
     shown = len(args.layers) if args.layers else len(records)
     print(f'wrote {args.out} ({w}x{h} px): {shown} ConvNN layers of {name}, query pixel ({qx}, {qy})')
@@ -177,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('digits', help='write scikit-learn digits as an ImageFolder (train/, validation/)')
     p.add_argument('out_dir')
-    p.add_argument('--img-size', type=int, default=32)
+    p.add_argument('--img-size', type=_positive_int, default=32)
     p.set_defaults(func=_cmd_digits, friendly_errors=True)
 
     def export_args(p):
@@ -237,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--query', help='X,Y pixel of the model input (after resize and crop); default: the centre')
     p.add_argument('--out', default='neighbors.png', help='output PNG (default: neighbors.png)')
     p.add_argument('--layers', nargs='+', help='only these ConvNN layers (module names)')
-    p.add_argument('--img-size', type=int, help='input size (default: the model\'s pretrained cfg)')
+    p.add_argument('--img-size', type=_positive_int,
+                   help='input size in pixels; a fixed-size model (ViT) is built for it (default: the model\'s own '
+                        'size, which --model-kwargs img_size=N sets)')
     p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='KEY=VALUE', help='create_model kwargs')
     p.set_defaults(func=_cmd_neighbors, friendly_errors=True)
     return parser

@@ -35,6 +35,8 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> Tuple[np.ndarray, 
 
 
 def _resize(images: np.ndarray, img_size: int) -> torch.Tensor:
+    if img_size < 1:
+        raise ValueError(f'img_size must be a positive whole number of pixels, got {img_size!r}')
     x = torch.from_numpy(images).float().div_(255.).unsqueeze(1)
     return F.interpolate(x, size=(img_size, img_size), mode='bicubic', align_corners=False).clamp_(0, 1)
 

@@ -215,8 +215,9 @@ def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueErro
             reason = str(err).split('WeightsUnpickler error:')[-1].strip()
             break
     else:
-        reason = str(e).strip()
-    reason = reason.splitlines()[0] if reason else type(e).__name__
+        # (what else torch.load raises on bytes that are not its format names no file: KeyError: 174812789)
+        reason = f'{type(e).__name__}: {str(e).strip()}' if str(e).strip() else type(e).__name__
+    reason = reason.splitlines()[0]
     return ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
                       f'than tensors and train.py arguments): {reason}')
 
@@ -231,7 +232,7 @@ def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tupl
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except CHECKPOINT_LOAD_ERRORS as e:
+    except Exception as e:  # (the weights-only unpickler lets KeyError, IndexError, ... escape on junk bytes)
         raise unreadable_checkpoint(path, e) from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(f'{path} is not a timm train.py checkpoint (no state_dict entry)')
@@ -272,7 +273,10 @@ def export_checkpoint(
     if args.get('img_size') is not None and timm.models.get_pretrained_cfg_value(arch, 'fixed_input_size'):
         kwargs.setdefault('img_size', args['img_size'])
     kwargs.update(model_kwargs or {})
-    model = timm.create_model(arch, **kwargs)
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except TypeError as e:  # a model kwarg (recorded by train.py, or given) that the architecture does not take
+        raise ValueError(f'cannot build {arch} with {kwargs}: {e}') from e
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

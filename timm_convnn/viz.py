@@ -122,16 +122,24 @@ def render_neighbor_maps(image: Image.Image, records: Dict[str, LayerNeighbors],
 
 def model_input(model: nn.Module, image: Optional[Image.Image] = None, img_size: Optional[int] = None):
     """``image`` (default: ``sample_image()``) through timm's eval transform for ``model`` ->
-    (batch of one, the same image as the model sees it, before normalisation)."""
+    (batch of one, the same image as the model sees it, before normalisation).
+
+    The input size is ``img_size``, else the model's (a ViT built with ``img_size=N`` takes N); a model built for a
+    fixed size other than ``img_size`` is a ValueError. The image becomes grayscale for a model with ``in_chans=1``.
+    """
     import timm.data
-    cfg = timm.data.resolve_data_config({}, model=model)
-    if img_size:
-        cfg['input_size'] = (cfg['input_size'][0], img_size, img_size)
-    x = timm.data.create_transform(**cfg)((image if image is not None else sample_image()).convert('RGB'))
+    import timm.models
+    channels = timm.models.get_model_input_config(model)['input_size'][0]
+    if channels not in (1, 3):
+        raise ValueError(f'the model takes {channels} input channels (in_chans={channels}); images convert to 3 '
+                         f'(RGB) or 1 (grayscale) only')
+    cfg = timm.data.resolve_input_data_config(model, dict(img_size=img_size) if img_size else {})
+    image = (image if image is not None else sample_image()).convert('RGB' if channels == 3 else 'L')
+    x = timm.data.create_transform(**cfg)(image)
     mean = torch.tensor(cfg['mean']).view(-1, 1, 1)
     std = torch.tensor(cfg['std']).view(-1, 1, 1)
     shown = (x * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    return x.unsqueeze(0), Image.fromarray(shown)
+    return x.unsqueeze(0), Image.fromarray(shown[..., 0] if channels == 1 else shown)
 
 
 def neighbor_map(model: nn.Module, out_path: str, image: Optional[Image.Image] = None,
