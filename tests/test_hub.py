@@ -241,11 +241,17 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
     kw = dict(img_size=32, patch_size=4)
     good = hub.save(timm.create_model('vit_tiny_convnn_all', num_neighbors=16, **kw), tmp_path / 'k16')
 
-    # config.json but no weights file
+    # config.json but no weights file: a FileNotFoundError as well (timm's and huggingface_hub's own error there)
     cache.add_repo('org/no-weights', {'config.json': good / 'config.json'})
-    with pytest.raises(RuntimeError, match=r'org/no-weights.*not in the local Hugging Face cache \(cached files of '
-                                           r'this repo: config.json\)'):
+    with pytest.raises(FileNotFoundError, match=r'org/no-weights.*not in the local Hugging Face cache \(cached files '
+                                                r'of this repo: config.json\)') as info:
         timm.create_model('hf-hub:org/no-weights', pretrained=True)
+    assert isinstance(info.value, RuntimeError)  # (and a PretrainedWeightsError, as every loading failure)
+
+    # a local weights file that is not there
+    with pytest.raises(FileNotFoundError, match=r'from /nonexistent/w.pth: no such file\.$'):
+        timm.create_model('vit_tiny_convnn_all', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent/w.pth'),
+                          **kw)
 
     # truncated safetensors file
     blob = (good / 'model.safetensors').read_bytes()
@@ -267,7 +273,7 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
                           **kw)
 
     # offline, nothing cached
-    with pytest.raises(RuntimeError, match=r'timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k.*nothing of this repo '
+    with pytest.raises(FileNotFoundError, match=r'timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k.*nothing of this repo '
                                            r'is cached.*HF_HUB_OFFLINE'):
         timm.create_model('vit_base_convnn_all_k16', pretrained=True)
 

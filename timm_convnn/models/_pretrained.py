@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, Optional
 import timm
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
-__all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'WARM_START_PREFIX']
+__all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'PretrainedWeightsNotFoundError', 'WARM_START_PREFIX']
 
 WARM_START_PREFIX = 'from_timm_'
 _DATA_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode',
@@ -22,6 +22,12 @@ _DATA_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'crop_pct', 'te
 class PretrainedWeightsError(RuntimeError):
     """``pretrained=True`` found no weights to load, or could not load them; the message says which and what to do.
     A ``RuntimeError``, as timm raises for an unknown pretrained tag."""
+
+
+class PretrainedWeightsNotFoundError(PretrainedWeightsError, FileNotFoundError):
+    """No weights file where the pretrained cfg points (a local file, or a Hub file not in the cache while offline):
+    also a ``FileNotFoundError`` (an ``OSError``), which timm and huggingface_hub raise there, so that code catching
+    those keeps working."""
 
 
 def warm_start_cfg(base_cfg: Dict[str, Any], source: str, new_tensors: str) -> Dict[str, Any]:
@@ -129,6 +135,9 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
                    'network access, or point HF_HUB_CACHE at a cache that holds it')
         elif 'EntryNotFound' in text or 'does not exist' in text or 'No such file' in text or '404' in text:
             why = 'the weights file is missing (expected model.safetensors or pytorch_model.bin)'
+        elif isinstance(e, FileNotFoundError) and cfg.get('file'):  # (timm raises it without a message)
+            why = 'no such file'
         else:
             why = text  # unforeseen: the loader's own words
-        raise PretrainedWeightsError(f'Could not load pretrained weights for {variant} from {source}: {why}.') from e
+        error = PretrainedWeightsNotFoundError if isinstance(e, FileNotFoundError) else PretrainedWeightsError
+        raise error(f'Could not load pretrained weights for {variant} from {source}: {why}.') from e
