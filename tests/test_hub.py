@@ -250,8 +250,8 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
 
     # a local weights file that is not there
     with pytest.raises(FileNotFoundError, match=r'from /nonexistent/w.pth: no such file\.$'):
-        timm.create_model('vit_tiny_convnn_all', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent/w.pth'),
-                          **kw)
+        timm.create_model('vit_tiny_convnn_all', pretrained=True,
+                          pretrained_cfg_overlay=dict(file='/nonexistent/w.pth'), **kw)
 
     # truncated safetensors file
     blob = (good / 'model.safetensors').read_bytes()
@@ -273,8 +273,8 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
                           **kw)
 
     # offline, nothing cached
-    with pytest.raises(FileNotFoundError, match=r'timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k.*nothing of this repo '
-                                           r'is cached.*HF_HUB_OFFLINE'):
+    with pytest.raises(FileNotFoundError, match=r'timm/vit_base_patch16_224\.augreg2_in21k_ft_in1k.*nothing of this '
+                                                r'repo is cached.*HF_HUB_OFFLINE'):
         timm.create_model('vit_base_convnn_all_k16', pretrained=True)
 
 

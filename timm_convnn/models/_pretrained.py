@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator, Optional
 import timm
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 
-__all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'PretrainedWeightsNotFoundError', 'WARM_START_PREFIX']
+__all__ = ['warm_start_cfg', 'explain_load_errors', 'PretrainedWeightsError', 'PretrainedWeightsNotFoundError',
+           'WARM_START_PREFIX']
 
 WARM_START_PREFIX = 'from_timm_'
 _DATA_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode',
