@@ -128,3 +128,17 @@ def test_empty_inputs_give_empty_outputs(build, shape):
 def test_branch_even_kernel_rejected():
     with pytest.raises(ValueError, match='kernel_size must be odd'):
         ConvNNBranch2d(8, 8, kernel_size=2)
+
+
+def test_plain_fx_tracing_says_what_to_use_instead():
+    # torch.fx.symbolic_trace cannot trace through the data-dependent selection: a TypeError naming timm's FX helpers
+    # (which keep the layers as leaves), where it had been "attn_mask ... not supported" (timm's ViT hands its
+    # attn_mask input on, a proxy) or a TraceError on the input-rank check
+    import timm
+    import timm_convnn  # noqa: F401
+    for module in (ConvNNAttention(32, 4), ConvNN2d(8, 8), ConvNNBranch2d(8, 8),
+                   timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=8, depth=1)):
+        with pytest.raises(TypeError, match=r'cannot be traced through by torch.fx.symbolic_trace .*get_graph_node_names'):
+            torch.fx.symbolic_trace(module)
+    names = timm.models.get_graph_node_names(timm.create_model('resnet18_convnn'))[1]
+    assert 'layer1.0.conv1' in names  # a leaf there

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, register_notrace_module
 
 from . import triton_attention
-from .common import CandidateCache, NeighborAggregation, _check_int, check_convnn_args
+from .common import CandidateCache, NeighborAggregation, _check_int, check_convnn_args, refuse_fx_proxies
 from .functional import (
     coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
     similarity_features, softmax_weights)
@@ -308,6 +308,8 @@ class ConvNNAttention(nn.Module):
         return self.attn_dim
 
     def _check_input(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+        if not torch.jit.is_scripting():
+            self._refuse_fx(x, attn_mask)
         if attn_mask is not None or is_causal:
             raise ValueError('ConvNNAttention selects neighbours itself; attn_mask and is_causal are not supported')
         if x.dim() != 3:
@@ -315,6 +317,10 @@ class ConvNNAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(
                 'ConvNNAttention expects ' + str(self.dim) + ' input channels, got ' + str(x.shape[-1]))
+
+    @torch.jit.unused
+    def _refuse_fx(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> None:
+        refuse_fx_proxies(type(self).__name__, x, attn_mask)  # (timm's ViT hands its attn_mask input on: a proxy)
 
     def convnn_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """ConvNN token mixing of per-head (B, H, N, d) q, k, v -> (B, H, N, d)."""

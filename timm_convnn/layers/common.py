@@ -10,7 +10,7 @@ from .functional import neighbor_aggregate
 from .symbolic import capturing
 
 __all__ = ['CANDIDATE_MODES', 'SIMILARITIES', 'WEIGHTINGS', 'AGGREGATIONS', 'COORD_MODES', 'NEIGHBOR_ORDERS',
-           'check_convnn_args', 'NeighborAggregation', 'CandidateCache']
+           'check_convnn_args', 'NeighborAggregation', 'CandidateCache', 'refuse_fx_proxies']
 
 CANDIDATE_MODES = ('all', 'random', 'spatial')
 SIMILARITIES = ('cosine', 'dot', 'euclidean')
@@ -61,6 +61,17 @@ def check_convnn_args(
         raise TypeError(f'coord_scale must be a finite real number; got {type(coord_scale).__name__} {coord_scale!r}')
     if not math.isfinite(coord_scale):
         raise ValueError(f'coord_scale must be a finite real number; got {coord_scale}')
+
+
+def refuse_fx_proxies(layer: str, *values) -> None:
+    """A TypeError that says what to use instead when ``torch.fx.symbolic_trace`` traces into a ConvNN layer (its
+    inputs are then FX proxies): its neighbour selection runs over data-dependent sizes, which FX cannot record."""
+    if any(isinstance(v, torch.fx.Proxy) for v in values):
+        raise TypeError(
+            f'{layer} cannot be traced through by torch.fx.symbolic_trace (its neighbour selection runs over '
+            'data-dependent sizes). timm\'s FX helpers keep ConvNN layers as leaf modules: '
+            'timm.models.get_graph_node_names / create_feature_extractor, features_only=True with feature_cls=\'fx\', '
+            'or a torch.fx.Tracer whose is_leaf_module is true for them; torch.export and torch.compile capture them')
 
 
 class CandidateCache:

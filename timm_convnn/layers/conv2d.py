@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .common import CandidateCache, NeighborAggregation, check_convnn_args, _check_int
+from .common import CandidateCache, NeighborAggregation, check_convnn_args, _check_int, refuse_fx_proxies
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
     similarity_features, softmax_weights, split_raster)
@@ -168,7 +168,13 @@ class ConvNN2d(nn.Module):
         row, col = split_raster(flat, width)
         return (row + p) * wp + col + p
 
+    @torch.jit.unused
+    def _refuse_fx(self, x: torch.Tensor) -> None:
+        refuse_fx_proxies('ConvNN2d', x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._refuse_fx(x)
         if x.dim() != 4:
             raise ValueError('ConvNN2d expects (B, C, H, W) input, got a ' + str(x.dim()) + '-D tensor')
         B, C, H, W = x.shape
