@@ -55,6 +55,37 @@ def test_launcher_runs_a_script_as_main_with_models_registered(tmp_path):
     assert missing.returncode != 0 and 'no such script' in missing.stderr
 
 
+def test_launcher_gives_randaugment_its_zero_bit_posterize_on_every_pillow():
+    # timm's RandAugment posterizes to 0 bits at level 10 (PosterizeIncreasing), which Pillow < 13 made a black image
+    # and Pillow >= 13 refuses: the launcher gives timm's op the black image back there, and leaves other bits alone
+    # (a subprocess: the patch is the launched script's, not this test process's)
+    code = '''
+import PIL, numpy as np
+from PIL import Image, ImageOps
+from timm.data.auto_augment import AugmentOp
+from timm_convnn.run import posterize_zero_bits_as_black
+img = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+def op(level):
+    return np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=level)(img))
+try:
+    ImageOps.posterize(img, 0)
+    refuses = False
+except ValueError:
+    refuses = True
+    try:
+        op(10)
+        raise AssertionError('timm posterized to 0 bits on a Pillow that refuses them')
+    except ValueError:
+        pass
+assert posterize_zero_bits_as_black() == refuses
+assert op(10).shape == (4, 4, 3) and not op(10).any()  # 0 bits: black
+assert (op(5) == np.asarray(ImageOps.posterize(img, 2))).all()  # other levels: Pillow's own
+print('pillow', PIL.__version__, 'refuses 0 bits:', refuses)
+'''
+    out = _run([sys.executable, '-c', code])
+    assert 'refuses 0 bits' in out.stdout
+
+
 @pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
 def test_config_names_a_registered_model(config):
     cfg = yaml.safe_load(config.read_text())
@@ -149,6 +180,49 @@ def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
     assert [r['epoch'] for r in _summary(run)] == ['0', '1']
     from timm_convnn.hub import read_train_summary
     assert read_train_summary(run / 'summary.csv')['epochs'] == 2
+
+
+@pytest.fixture(scope='module')
+def digits_subset(digits_dir, tmp_path_factory):
+    """8 training and 4 validation images per class: a recipe's first epoch in seconds."""
+    import shutil
+    root = tmp_path_factory.mktemp('digits_subset')
+    for split, count in (('train', 8), ('validation', 4)):
+        for cls in sorted((digits_dir / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for image in sorted(cls.iterdir())[:count]:
+                shutil.copy(image, root / split / cls.name / image.name)
+    return root
+
+
+# per recipe: what makes its first epoch small here (data, batch, and for the large models a small model)
+RECIPE_OVERRIDES = {
+    'cifar10_vgg11_convnn_branch_paper': [],
+    'cifar10_vit_tiny_convnn_paper': ['--input-size', '3', '32', '32', '--model-kwargs', 'num_heads=1', 'img_size=32',
+                                      'patch_size=4', 'depth=2'],
+    'digits_vit_tiny_convnn': [],
+    'imagenet_resnet50_convnn_branch': ['--img-size', '32'],
+    'imagenet_vit_base_convnn_all_k16': ['--img-size', '32', '--model-kwargs', 'img_size=32', 'patch_size=4',
+                                         'depth=1', 'embed_dim=64', 'num_heads=2'],
+}
+
+
+@needs_scripts
+@pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
+def test_every_recipe_trains_an_epoch_with_train_py(config, digits_subset, tmp_path):
+    # each recipe, unchanged but for data and size, through the launcher: one epoch and its evaluation. The paper
+    # recipes' constant lr is sched 'constant' (timm 1.0.31's train.py fails on 'none'); the ImageNet recipes'
+    # RandAugment runs under the launcher's posterize fix on Pillow >= 13
+    args = [sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/train.py', '-c', str(config), '--dataset', '',
+            '--data-dir', str(digits_subset), '--train-split', 'train', '--val-split', 'validation',
+            '--num-classes', '10', '--epochs', '1', '--warmup-epochs', '0', '-b', '16', '--workers', '0',
+            '--device', 'cpu', '--output', str(tmp_path), '--experiment', 'run', '--amp-dtype', 'bfloat16',
+            *RECIPE_OVERRIDES[config.stem]]
+    _run(args, timeout=600)
+    rows = _summary(tmp_path / 'run')
+    assert len(rows) == 1 and float(rows[0]['eval_top1']) >= 0
+    if 'paper' in config.stem:
+        assert float(rows[0]['lr']) == yaml.safe_load(config.read_text())['lr']  # held constant
 
 
 @needs_scripts
