@@ -186,10 +186,6 @@ def _drop_num_classes_from_model_args(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
-# what torch.load (and timm's loading around it) raise for a file it cannot read
-CHECKPOINT_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError)
-
-
 def require_checkpoint_file(path: Union[str, Path]) -> None:
     """FileNotFoundError naming ``path`` when no file is there (timm's checkpoint loader raises one without a
     message)."""
@@ -216,8 +212,8 @@ def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueErro
             break
     else:
         # (what else torch.load raises on bytes that are not its format names no file: KeyError: 174812789)
-        reason = f'{type(e).__name__}: {str(e).strip()}' if str(e).strip() else type(e).__name__
-    reason = reason.splitlines()[0]
+        reason = f'{type(e).__name__}: {str(e).strip()}' if str(e).strip() else ''
+    reason = reason.splitlines()[0] if reason else type(e).__name__
     return ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
                       f'than tensors and train.py arguments): {reason}')
 

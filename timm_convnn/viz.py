@@ -128,12 +128,11 @@ def model_input(model: nn.Module, image: Optional[Image.Image] = None, img_size:
     fixed size other than ``img_size`` is a ValueError. The image becomes grayscale for a model with ``in_chans=1``.
     """
     import timm.data
-    import timm.models
-    channels = timm.models.get_model_input_config(model)['input_size'][0]
+    cfg = timm.data.resolve_input_data_config(model, dict(img_size=img_size) if img_size else {})
+    channels = cfg['input_size'][0]
     if channels not in (1, 3):
         raise ValueError(f'the model takes {channels} input channels (in_chans={channels}); images convert to 3 '
                          f'(RGB) or 1 (grayscale) only')
-    cfg = timm.data.resolve_input_data_config(model, dict(img_size=img_size) if img_size else {})
     image = (image if image is not None else sample_image()).convert('RGB' if channels == 3 else 'L')
     x = timm.data.create_transform(**cfg)(image)
     mean = torch.tensor(cfg['mean']).view(-1, 1, 1)
