@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm_convnn.inspect import neighbors
 from timm_convnn.layers import ConvNN2d, ConvNNAttention, get_backend, set_backend
 from timm_convnn.layers import triton_attention
+from timm_convnn.layers.functional import select_scored_neighbors
 
 
 @pytest.fixture
@@ -491,26 +492,53 @@ triton_attention.STREAM_CAP = 64
 results['select_ties_threshold'] = select_tie_case(30, 300, 9)
 triton_attention.CONFIG.update(fwd_stream=None, fwd_block_m=None)
 
-# a query whose features are NaN (what fp16 overflow hands over): no key beats its buffer's empty slots, whose ids lie
-# outside the tokens; every id stored is still a token's (the aggregation and the backward gather with them) and that
-# query's output is NaN, as on the PyTorch path; the others are untouched. Forward and selection alone.
-def nan_case(n):
+# Non-finite features (what fp16 overflow hands over), forward and selection alone. NaN scores rank first, as
+# torch.topk ranks them on the PyTorch path (triton_attention._nan_first): a query whose features are NaN keeps the
+# first K tokens and its output is NaN; a NaN key is every query's first neighbour, so its head's outputs are NaN, as
+# on the PyTorch path and in attention. A query whose scores are all -inf leaves buffer slots empty in the streaming
+# kernels, whose ids lie outside the tokens: every id stored is still a token's (the aggregation and the backward
+# gather with them) and that query's output is NaN, as on the PyTorch path. The rest stays finite.
+def nan_case(n, what, listed=None):
     g = torch.Generator().manual_seed(3)
     qs, ks, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
     w = torch.randn(32, 1, 9, generator=g)
-    qs[0, 1, 5] = float('nan')
-    out, idx, _ = triton_attention._convnn_attention(qs, ks, v, w, 9)
-    sel = triton_attention.fused_select(qs, ks, 9)[0]
-    rest = torch.ones(2, n, dtype=torch.bool)
-    rest[1, 5] = False
-    return dict(ids=bool(all(((i >= 0) & (i < n)).all() for i in (idx, sel))), nan=bool(out[0, 1, 5].isnan().all()),
-                rest=bool(out[0][rest].isfinite().all()))
+    cand = None if listed is None else torch.randperm(n, generator=g)[:listed]
+    if cand is not None:
+        cand[0] = 5  # the NaN key is listed
+    bad = torch.zeros(2, n, dtype=torch.bool)
+    if what == 'key':
+        ks[0, 1, 5] = float('nan')
+        bad[1] = True
+    else:
+        bad[1, 5] = True
+        if what == 'query':
+            qs[0, 1, 5] = float('nan')
+        else:  # every score -inf
+            ks[0, 1, :, 0] = ks[0, 1, :, 0].abs() + 0.1
+            qs[0, 1, 5] = 0.
+            qs[0, 1, 5, 0] = float('-inf')
+    qid = None if cand is None else torch.arange(n)
+    out, idx, _ = triton_attention._convnn_attention(qs, ks, v, w, 9, cand)
+    sel = triton_attention.fused_select(qs, ks, 9, cand, qid)[0]
+    set_backend('torch')
+    ref = convnn_attention.select_scored_neighbors(qs, ks, 9, cand, qid)[0]
+    set_backend('triton')
+    r = dict(ids=bool(all(((i >= 0) & (i < n)).all() for i in (idx, sel))), nan=bool(out[0][bad].isnan().all()),
+             rest=bool(out[0][~bad].isfinite().all()))
+    if what == 'key':
+        r['first'] = [bool((i[0, 1, :, 0] == 5).all()) for i in (idx, sel, ref)]
+    return r
 
-results['nan_row'] = nan_case(40)
-results['nan_stream'] = nan_case(290)
-triton_attention.CONFIG.update(fwd_stream='threshold', fwd_block_m=64)
-results['nan_stream_threshold'] = nan_case(290)
-triton_attention.CONFIG.update(fwd_stream=None, fwd_block_m=None)
+for launch, config in (('row', {}), ('row_packed', dict(fwd_keys='packed')), ('row_topk', dict(fwd_select='topk')),
+                       ('stream', {}), ('stream_threshold', dict(fwd_stream='threshold', fwd_block_m=64)),
+                       ('listed', {}), ('listed_row', dict(fwd_listed='row'))):
+    triton_attention.CONFIG.update(config)
+    n, listed = (260, None) if launch.startswith('stream') else (40, 20 if launch.startswith('listed') else None)
+    # a NaN key on every launch; -inf scores (empty slots) where the buffer streams; a NaN query once
+    for what in ('key',) + (('inf',) if launch in ('stream', 'stream_threshold', 'listed') else ()) + (
+            ('query',) if launch == 'stream' else ()):
+        results[f'nan_{what}_{launch}'] = nan_case(n, what, listed)
+    triton_attention.CONFIG.update({key: None for key in config})
 
 # the custom op's schema, fake (meta) and autograd registrations, as torch.library checks them
 qs, ks, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
@@ -614,8 +642,11 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     # CONFIG fwd_stream='threshold' kept every query's superset in the scratch (ties at the K-th place included),
     # then with a scratch of 16 the blocks with a query over it took the merge loop
     assert 16 < r['ties_stream_threshold']['kept'] <= 64 and r['ties_stream_threshold_over']['kept'] > 16
-    for case in ('nan_row', 'nan_stream', 'nan_stream_threshold'):
-        assert r[case] == dict(ids=True, nan=True, rest=True), (case, r[case])
+    nan_cases = [case for case in r if case.startswith('nan_')]
+    assert len(nan_cases) == 11, nan_cases
+    for case in nan_cases:
+        first = {'first': [True] * 3} if case.startswith('nan_key') else {}
+        assert r[case] == dict(ids=True, nan=True, rest=True, **first), (case, r[case])
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
@@ -800,6 +831,30 @@ def test_eager_rule_leaves_graphs_and_subclasses_to_the_custom_op():
 @pytest.mark.parametrize('side', [14, 28])  # 197 tokens: the row kernel; 785: the streaming kernel
 def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
     _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '
+                                                          'kernel logic on every machine)')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('n,listed', [(197, None), (785, None), (197, 64)])  # row, streaming, candidate list
+def test_fused_nan_key_ranks_first_as_on_the_torch_path_on_cuda(dtype, n, listed, backend):
+    # NaN as the GPU makes it (the interpreter uses numpy's): a NaN key is every query's first neighbour on both
+    # paths and its head's outputs are NaN, as attention's; the other head is untouched
+    g = torch.Generator(device='cuda').manual_seed(0)
+    qs, ks, v = (torch.randn(2, 2, n, 64, device='cuda', generator=g).to(dtype) for _ in range(3))
+    w = torch.randn(128, 1, 16, device='cuda', generator=g).to(dtype)
+    cand = None if listed is None else torch.randperm(n, device='cuda', generator=g)[:listed]
+    if cand is not None:
+        cand[0] = 5
+    ks[1, 1, 5] = float('nan')
+    out, idx, _ = triton_attention._attention_forward(qs, ks, v, w, 16, cand)
+    qid = None if cand is None else torch.arange(n, device='cuda')
+    sel = triton_attention.fused_select(qs, ks, 16, cand, qid)[0]
+    backend('torch')
+    ref = select_scored_neighbors(qs, ks, 16, cand, qid)[0]
+    for ids in (idx, sel, ref):
+        assert (ids[1, 1, :, 0] == 5).all()
+    assert out[1, 1].isnan().all() and out[0].isfinite().all() and out[1, 0].isfinite().all()
 
 
 def _launch_id(value):

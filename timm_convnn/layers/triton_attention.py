@@ -208,6 +208,14 @@ def _pow2(x: int, minimum: int = 16) -> int:
 if triton is not None:
 
     @triton.jit
+    def _nan_first(s):
+        """NaN scores as +inf: a NaN ranks first, as ``torch.topk`` (the PyTorch path) ranks it, and the softmax over
+        the kept scores turns NaN (exp(inf - inf)), so a NaN key or query yields NaN outputs on both paths, as in
+        attention (AMP's gradient scaler counts on seeing them). Left alone, NaN compares false: the merge loop and the
+        exact rounds skipped such keys, packed keys ranked a NaN by its sign bit."""
+        return tl.where(s == s, s, float('inf'))
+
+    @triton.jit
     def _scores(q, Kf, kbase, ids, valid, dq, stride_kn, DQ: tl.constexpr, F32: tl.constexpr,
                 DOT_F32: tl.constexpr):
         """(BLOCK_M, BLOCK_N) fp32 scores of the query block against the key rows ``ids`` of the (batch, head) slice
@@ -222,7 +230,7 @@ if triton is not None:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=DOT_F32)
         else:
             s = tl.dot(q, kt, out_dtype=tl.float32)
-        return tl.where(valid[None, :], s, float('-inf'))
+        return tl.where(valid[None, :], _nan_first(s), float('-inf'))
 
     @triton.jit
     def _ordered(s):
@@ -348,9 +356,10 @@ if triton is not None:
 
     @triton.jit
     def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, M, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The K ids and softmax weights of a block of queries. Ids are clamped to the M tokens: a query whose scores
-        are all NaN (what fp16 overflow hands over) ranks nothing but the buffer's empty slots, whose ids lie outside
-        them; its weights are NaN then, as on the PyTorch path, and its ids must still be safe to gather with."""
+        """The K ids and softmax weights of a block of queries. Ids are clamped to the M tokens: in the streaming
+        kernels a query whose scores are all -inf (what fp16 overflow can hand over; NaN scores rank as +inf,
+        ``_nan_first``) keeps nothing but the buffer's empty slots, whose ids lie outside them; its weights are NaN
+        then, as on the PyTorch path, and its ids must still be safe to gather with."""
         sel_idx = tl.minimum(tl.maximum(sel_idx, 0), M - 1)
         kk = tl.arange(0, BLOCK_K)
         sel_mask = row_ok[:, None] & (kk[None, :] < NUM_K)
@@ -441,7 +450,7 @@ if triton is not None:
         """(BLOCK_M,) fp32 scores of the query block against the queries' own tokens (ids ``qid``)."""
         kself = tl.load(Kf + kbase + qid[:, None] * stride_kn + dq[None, :],
                         mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.)
-        return tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1)
+        return _nan_first(tl.sum(q.to(tl.float32) * kself.to(tl.float32), axis=1))
 
     @triton.jit
     def _times(x, scale):
