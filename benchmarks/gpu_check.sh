@@ -43,8 +43,8 @@ tests="cuda and not compile"
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
 
 # 1. the fused kernels against the PyTorch path on the GPU (fp32 / bf16, row and streaming kernels, sampled candidates,
-#    the selection kernel, model train steps, the two fp32 product precisions, the opt-in launches; 38 tests: 20 took
-#    99 s on 2026-11-30, each new kernel variant compiled on first use)
+#    the selection kernel, model train steps, the two fp32 product precisions, the opt-in launches, NaN keys; 44
+#    tests: 20 took 99 s on 2026-11-30, each new kernel variant compiled on first use)
 want tests && timeout 260 python -m pytest -q -rs -k "$tests" tests/test_triton.py 2>&1 | tee "$out/test.log" | tail -8; pack
 
 # 2. operator level (n up to 16385, bf16), PyTorch path and fused kernels
