@@ -290,6 +290,26 @@ def test_model_cards_render_for_every_family(name):
     assert "pipeline('image-classification', model='org/card')" in text  # what the transformers test runs
 
 
+@pytest.mark.parametrize('name,kwargs,size', [
+    ('vit_tiny_convnn_all_k16', dict(img_size=32, patch_size=4), (3, 32, 32)),
+    ('resnet18_convnn_branch', dict(in_chans=1), (1, 224, 224)),
+])
+def test_exported_card_states_the_config_it_ships_with(name, kwargs, size, tmp_path):
+    # the card's input size, mean / std and tag are config.json's (the model as built: 32 px, 1 channel), not the
+    # architecture's default cfg (224 px, and the warm-start tag of weights the export no longer holds)
+    model = timm.create_model(name, num_classes=10, depth=1, **kwargs) if name.startswith('vit') else \
+        timm.create_model(name, num_classes=10, layers=(1, 1, 1, 1), **kwargs)
+    assert model.pretrained_cfg['tag'] and tuple(model.pretrained_cfg['input_size']) == (3, 224, 224)
+    hub.save(model, tmp_path)
+    cfg = json.loads((tmp_path / 'config.json').read_text())['pretrained_cfg']
+    assert tuple(cfg['input_size']) == size and cfg['tag'] is None
+    text = (tmp_path / 'README.md').read_text()
+    assert f'- **Input:** {size[1]} x {size[2]}, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}' in text
+    assert f'- **Architecture:** `{name}`, family' in text and '(tag' not in text
+    assert text == hub.render_model_card(model, pretrained_cfg=cfg)  # and a standalone card says the same
+    assert hub.render_model_card(model) == text
+
+
 def _train_checkpoint(tmp_path, ema=True):
     """A checkpoint laid out as timm train.py writes it, plus its summary.csv."""
     model = _perturb(timm.create_model('vit_tiny_convnn_random', img_size=32, patch_size=4, num_classes=10,

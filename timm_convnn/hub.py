@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import timm
+from timm.data import resolve_input_data_config
 from timm.models import save_for_hf
 
 from .layers import ConvNN2d, ConvNNAttention, ConvNNBranch2d, ConvNNBranchAttention
@@ -98,13 +99,20 @@ def render_model_card(
         metrics: Optional[Dict[str, Any]] = None,
         train_args: Optional[Dict[str, Any]] = None,
         dataset: str = '',
+        pretrained_cfg: Optional[Dict[str, Any]] = None,
 ) -> str:
     """The model card (README.md) for ``model`` from the family template in ``model_cards/``.
 
     Metrics come from ``metrics`` (train.py's summary, see ``read_train_summary``) or are stated as not measured.
+    Input size, mean, std and tag come from ``pretrained_cfg``, the one ``config.json`` holds (``save`` passes it);
+    without it, from the model's data config as timm resolves it for an export (the model's own image size, e.g. 32 px
+    for a model built with ``img_size=32``, not its default cfg's 224), and no tag: the card describes the weights the
+    model holds now.
     """
     model = _unwrap(model)
-    cfg = model.pretrained_cfg
+    if pretrained_cfg is None:
+        pretrained_cfg = dict(resolve_input_data_config(model), tag=None)
+    cfg = dict(model.pretrained_cfg, **pretrained_cfg)
     arch = cfg['architecture']
     family = _family(arch)
     template = string.Template(resources.files('timm_convnn.model_cards').joinpath(f'{family}.md').read_text())
@@ -133,7 +141,7 @@ def render_model_card(
         recipe = 'Not recorded (weights exported without a train.py checkpoint).'
     name = repo_id or arch
     fields = dict(
-        repo_id=name, architecture=arch, tag=cfg.get('tag') or '', family=family,
+        repo_id=name, architecture=f'`{arch}`' + (f" (tag `{cfg['tag']}`)" if cfg.get('tag') else ''), family=family,
         license=cfg.get('license') or 'apache-2.0', dataset=dataset or 'unspecified',
         num_classes=model.num_classes, params_m=f'{n_params / 1e6:.2f}',
         input_size=f'{input_size[1]} x {input_size[2]}', mean=tuple(cfg.get('mean', ())), std=tuple(cfg.get('std', ())),
@@ -165,7 +173,9 @@ def save(
     save_for_hf(model, save_directory, model_config=model_config, model_args=args, safe_serialization=True)
     _drop_num_classes_from_model_args(save_directory / 'config.json')
     if model_card:
-        text = render_model_card(model, repo_id, metrics=metrics, train_args=train_args, dataset=dataset)
+        written = json.loads((save_directory / 'config.json').read_text(encoding='utf-8'))['pretrained_cfg']
+        text = render_model_card(model, repo_id, metrics=metrics, train_args=train_args, dataset=dataset,
+                                 pretrained_cfg=written)
         (save_directory / 'README.md').write_text(text, encoding='utf-8')
     return save_directory
 
