@@ -9,9 +9,8 @@ import torch.nn as nn
 import timm
 import timm_convnn  # noqa: F401
 from timm_convnn.layers import ConvNN2d, ConvNNBranch2d
-from timm_convnn.models.resnet_convnn import ConvNNBasicBlock, ConvNNBottleneck
+from timm_convnn.models.resnet_convnn import ConvNNBasicBlock, ConvNNBottleneck, checkpoint_filter_fn as resnet_filter
 from timm_convnn.models.vgg_convnn import checkpoint_filter_fn as vgg_filter
-from timm_convnn.models._cnn import cnn_checkpoint_filter_fn
 
 CNN_NAMES = sorted(
     [f'resnet{d}_convnn{m}' for d in (18, 34, 50) for m in ('', '_branch')]
@@ -99,7 +98,8 @@ def _warm_start(src_name, name, filter_fn):
      ('conv.bias', 'conv.weight', 'convnn.aggregate.bias', 'convnn.aggregate.weight', 'fuse.bias', 'fuse.weight')),
 ])
 def test_warm_start_counts(src_name, name, replaced, new_per_layer):
-    filter_fn = vgg_filter if name.startswith('vgg') else cnn_checkpoint_filter_fn
+    # each family's checkpoint_filter_fn, where timm's model files keep theirs (the README names them)
+    filter_fn = vgg_filter if name.startswith('vgg') else resnet_filter
     src, model, loaded, initialized, dropped = _warm_start(src_name, name, filter_fn)
     # exactly the replaced 3x3 convs' tensors (weight, and bias where the conv had one) are dropped ...
     conv3 = {k.rsplit('.', 1)[0] for k, v in src.state_dict().items()

@@ -17,6 +17,7 @@ ConvNN options are model kwargs: ``num_neighbors``, ``candidates``, ``num_sample
 """
 from typing import Any, Dict, Type, Union
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -24,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from ._cnn import CONVNN_CNN_KWARGS, ConvNNConvFactory, cnn_checkpoint_filter_fn
 from ._pretrained import WARM_START_PREFIX, explain_load_errors, warm_start_cfg
 
-__all__ = ['ConvNNBasicBlock', 'ConvNNBottleneck']
+__all__ = ['ConvNNBasicBlock', 'ConvNNBottleneck', 'checkpoint_filter_fn']
 
 _LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 _MODES = {
@@ -62,6 +63,11 @@ class _BlockFactory:
         return self.block(*args, convnn=self.convnn, **kwargs)
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNet) -> Dict[str, torch.Tensor]:
+    """timm ResNet checkpoints of the same depth (the replaced 3x3 convs dropped, the ConvNN layers new), or our own."""
+    return cnn_checkpoint_filter_fn(state_dict, model)
+
+
 def _create_resnet_convnn(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     if 'block' in kwargs:
         raise TypeError(f'{variant} builds its own ConvNN blocks; block= cannot be passed')
@@ -73,7 +79,7 @@ def _create_resnet_convnn(variant: str, pretrained: bool = False, **kwargs) -> R
             ResNet,
             variant,
             pretrained,
-            pretrained_filter_fn=cnn_checkpoint_filter_fn,
+            pretrained_filter_fn=checkpoint_filter_fn,
             block=_BlockFactory(block, convnn),
             **kwargs,
         )
