@@ -292,11 +292,16 @@ def _gpu_check_commands(root):
     """The ``python benchmarks/*.py ...`` command lines of benchmarks/gpu_check.sh, continuation lines joined, up to
     the output redirection / pipe."""
     import re
-    text = (root / 'benchmarks' / 'gpu_check.sh').read_text().replace('\\\n', ' ')
+    text = _gpu_check_text(root)
     lines = []
     for match in re.finditer(r'python (benchmarks/\w+\.py[^|\n]*?)(?: 2>&1|\||$)', text, flags=re.M):
         lines.append(match.group(1).replace('"$out', '"/tmp/gpu-check-out'))
     return lines
+
+
+def _gpu_check_text(root):
+    """benchmarks/gpu_check.sh with its continuation lines joined."""
+    return (root / 'benchmarks' / 'gpu_check.sh').read_text().replace('\\\n', ' ')
 
 
 def test_gpu_check_script_commands_parse(tmp_path):
@@ -304,6 +309,8 @@ def test_gpu_check_script_commands_parse(tmp_path):
     # at least be accepted by its script's argument parser (checked here without running it), and the CUDA test
     # selection must select the CUDA tests
     import pathlib
+    import re
+    import shlex
     import subprocess
     import sys
     root = pathlib.Path(__file__).parent.parent
@@ -315,13 +322,25 @@ def test_gpu_check_script_commands_parse(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count('parsed ') == len(lines)
     # --kernel-config items name launch settings the fused kernels have (checked after parsing, at run time)
-    import shlex
     from timm_convnn.bench import _kernel_config
     configs = [shlex.split(line.split('--kernel-config', 1)[1].split(' --', 1)[0])
                for line in lines if '--kernel-config' in line]
     assert len(configs) >= 3 and all(_kernel_config(items) for items in configs)
+    # its two pytest stages (built-in launches, then the opt-in ones: -m "not optin" / -m optin) split the CUDA tests
+    marks = re.findall(r'python -m pytest .*? -m (".*?"|\w+) tests/test_triton\.py', _gpu_check_text(root))
+    assert sorted(marks) == ['"not optin"', 'optin'], marks
+    selected = {mark: _collected(root, 'cuda and not compile', shlex.split(mark)) for mark in [''] + marks}
+    assert len(selected['']) >= 40 and all(selected[mark] for mark in marks)
+    assert selected[marks[0]] | selected[marks[1]] == selected[''] and not selected[marks[0]] & selected[marks[1]]
+
+
+def _collected(root, keyword, mark):
+    """Test ids pytest collects from tests/test_triton.py for ``-k keyword`` (and ``-m`` mark, if given)."""
+    import subprocess
+    import sys
+    options = ['-m', *mark] if mark else []
     selection = subprocess.run(
-        [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', '-k', 'cuda and not compile',
+        [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', '-k', keyword, *options,
          'tests/test_triton.py'], cwd=root, capture_output=True, text=True, timeout=600)
     assert selection.returncode == 0, selection.stdout[-3000:]
-    assert sum('::' in line for line in selection.stdout.splitlines()) >= 20
+    return {line for line in selection.stdout.splitlines() if '::' in line}
