@@ -1,7 +1,7 @@
 """timm's own scripts with ConvNN models: launcher, configs, train/validate/benchmark on the digits ImageFolder.
 
-timm ships train.py / validate.py / benchmark.py only in its git repository (not in the wheel or sdist), so the tests
-that run them need ``TIMM_SCRIPTS_DIR`` (a folder holding them) and are skipped without it.
+timm ships train.py / validate.py / benchmark.py / inference.py only in its git repository (not in the wheel or sdist),
+so the tests that run them need ``TIMM_SCRIPTS_DIR`` (a folder holding them) and are skipped without it.
 """
 import csv
 import json
@@ -19,9 +19,10 @@ import timm_convnn  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = os.environ.get('TIMM_SCRIPTS_DIR')
+TIMM_SCRIPTS = ('train.py', 'validate.py', 'benchmark.py', 'inference.py')
 needs_scripts = pytest.mark.skipif(
-    not SCRIPTS, reason='TIMM_SCRIPTS_DIR is not set: timm\'s train.py / validate.py / benchmark.py are not in '
-                        'timm\'s wheel or sdist; point it at a checkout of timm\'s repository to run these tests')
+    not SCRIPTS, reason=f'TIMM_SCRIPTS_DIR is not set: timm\'s {" / ".join(TIMM_SCRIPTS)} are not in timm\'s wheel or '
+                        'sdist; point it at a checkout of timm\'s repository to run these tests')
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
 ENV = dict(os.environ, OMP_NUM_THREADS='2')
 
@@ -32,6 +33,13 @@ def _run(args, timeout=900, check=True, env=None):
         raise AssertionError(f'{" ".join(map(str, args))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n'
                              f'{out.stderr[-5000:]}')
     return out
+
+
+@needs_scripts
+def test_timm_scripts_dir_holds_the_scripts():
+    # one clear failure for a TIMM_SCRIPTS_DIR that lacks a script, rather than "can't open file" in each test using it
+    missing = [name for name in TIMM_SCRIPTS if not (Path(SCRIPTS) / name).is_file()]
+    assert not missing, f'TIMM_SCRIPTS_DIR={SCRIPTS} lacks {", ".join(missing)} (copy them from timm\'s repository)'
 
 
 # -- always: launcher, configs, shell launchers -------------------------------------------------------------------
