@@ -3,9 +3,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+import timm
 import torch
 
+import timm_convnn  # noqa: F401  (registers the models)
 from timm_convnn.data import digits_split, digits_tensors
+from timm_convnn.demo import train_model
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -20,10 +24,15 @@ def test_digits_split_is_fixed_and_stratified():
 
 
 def test_demo_quick_trains_exports_and_reloads(tmp_path):
-    out = subprocess.run([sys.executable, '-m', 'timm_convnn', 'demo', '--quick', '--no-progress', '--out-dir',
+    # output redirected (as in CI logs): one plain line per epoch, no tqdm carriage-return updates
+    out = subprocess.run([sys.executable, '-m', 'timm_convnn', 'demo', '--quick', '--out-dir',
                           str(tmp_path / 'export')], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
+    assert '\r' not in out.stdout + out.stderr
+    for label in ('ConvNN ViT', 'timm ViT'):
+        epochs = re.findall(rf'^{label}: epoch (\d+)/8, mean loss [0-9.]+, [0-9.]+s$', text, flags=re.M)
+        assert epochs == [str(e) for e in range(1, 9)], text
     rows = dict(re.findall(r'^\| (ConvNN ViT|timm ViT) \(\w+\) +\| +([0-9.]+)% \|', text, flags=re.M))
     assert set(rows) == {'ConvNN ViT', 'timm ViT'}, text
     # chance is 10 %: a ViT whose token mixing is broken cannot route the patches to the class token and stays
@@ -31,3 +40,23 @@ def test_demo_quick_trains_exports_and_reloads(tmp_path):
     assert float(rows['ConvNN ViT']) > 25.0, text
     assert re.search(r'val top-1 [0-9.]+% \(identical\)', text), text
     assert sorted(p.name for p in (tmp_path / 'export').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+
+@pytest.mark.parametrize('progress', [None, False, True])
+def test_train_model_progress_output(progress, capfd):
+    # pytest's captured stdout / stderr are not terminals, so None means one line per epoch, as in a CI log
+    torch.manual_seed(0)
+    x, y = torch.rand(48, 3, 8, 8), torch.randint(0, 10, (48,))
+    model = timm.create_model('vit_tiny_convnn_random', img_size=8, patch_size=4, embed_dim=16, depth=1,
+                              num_heads=1, num_classes=10)
+    top1 = train_model(model, (x, y, x[:16], y[:16]), epochs=2, batch_size=16, desc='tiny', progress=progress)
+    assert 0 <= top1 <= 100
+    out, err = capfd.readouterr()
+    if progress is None:
+        assert re.findall(r'^tiny: epoch (\d)/2, mean loss [0-9.]+, [0-9.]+s$', out, flags=re.M) == ['1', '2'], out
+        assert re.search(r'^tiny: val top-1 [0-9.]+%$', out, flags=re.M), out
+        assert err == ''
+    elif progress:
+        assert out == '' and '6/6' in err, err  # tqdm's bar: 2 epochs x 3 steps
+    else:
+        assert out == '' and err == ''

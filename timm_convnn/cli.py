@@ -16,7 +16,7 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(epochs=args.epochs, quick=args.quick, out_dir=args.out_dir, seed=args.seed,
-             progress=not args.no_progress)
+             progress=False if args.no_progress else None)
     return 0
 
 
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--quick', action='store_true', help='smaller models and at most 8 epochs (seconds)')
     p.add_argument('--out-dir', default=None, help='where to export the ConvNN model (default: a temporary folder)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.add_argument('--no-progress', action='store_true',
+                   help='no progress output (default: a bar on a terminal, one line per epoch when redirected)')
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser('selfcheck', help='check the attention and convolution identities and time ConvNN vs SDPA')

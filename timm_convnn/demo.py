@@ -7,6 +7,7 @@ the ConvNN model in Hugging Face Hub format and reloads it with ``timm.create_mo
 the reloaded model scores the same.
 """
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -60,10 +61,26 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return 100. * correct / len(x)
 
 
+def _progress_mode(progress: Optional[bool]) -> str:
+    """'bar' (a live tqdm bar), 'epochs' (one plain line per epoch) or 'none'.
+
+    ``None`` picks the bar on a terminal and one line per epoch otherwise: a redirected tqdm bar writes a
+    carriage-return update every 0.1 s, which floods CI logs and files with one unreadable line.
+    """
+    if progress is None:
+        return 'bar' if sys.stderr.isatty() else 'epochs'
+    return 'bar' if progress else 'none'
+
+
 def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64, lr: float = 2e-3,
-                warmup_epochs: int = 3, seed: int = 0, desc: str = '', progress: bool = True) -> float:
-    """Train with timm's AdamW, cosine schedule with warm-up and label smoothing; returns validation top-1."""
+                warmup_epochs: int = 3, seed: int = 0, desc: str = '', progress: Optional[bool] = None) -> float:
+    """Train with timm's AdamW, cosine schedule with warm-up and label smoothing; returns validation top-1.
+
+    ``progress``: True for a tqdm bar, False for silence, None (default) for a bar on a terminal and one line per
+    epoch otherwise.
+    """
     from tqdm.auto import tqdm
+    mode = _progress_mode(progress)
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     optimizer = create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=0.05)
@@ -72,11 +89,13 @@ def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64,
         optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=min(warmup_epochs, epochs - 1),
         warmup_lr=lr * 0.01, min_lr=lr * 0.01, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     loss_fn = LabelSmoothingCrossEntropy(smoothing=0.1)
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=True, unit='step')
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=mode != 'bar', leave=True, unit='step')
     step = 0
+    t0 = time.perf_counter()
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x_train))
+        loss_sum, n_steps = 0., 0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             loss = loss_fn(model((_augment(x_train[idx]) - MEAN) / STD), y_train[idx])
@@ -86,16 +105,23 @@ def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64,
             optimizer.step()
             step += 1
             scheduler.step_update(step)
+            loss_value = loss.item()
+            loss_sum, n_steps = loss_sum + loss_value, n_steps + 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.3f}')
+            bar.set_postfix(epoch=epoch + 1, loss=f'{loss_value:.3f}')
+        if mode == 'epochs':
+            print(f'{desc.strip() or "train"}: epoch {epoch + 1}/{epochs}, mean loss {loss_sum / n_steps:.3f}, '
+                  f'{time.perf_counter() - t0:.1f}s', flush=True)
     top1 = evaluate(model, x_val, y_val)
     bar.set_postfix(val_top1=f'{top1:.1f}%')
     bar.close()
+    if mode == 'epochs':
+        print(f'{desc.strip() or "train"}: val top-1 {top1:.1f}%', flush=True)
     return top1
 
 
 def run_demo(epochs: int = 15, quick: bool = False, out_dir: Optional[str] = None, seed: int = 0,
-             progress: bool = True) -> List[DemoResult]:
+             progress: Optional[bool] = None) -> List[DemoResult]:
     if quick:
         epochs = min(epochs, 8)
     model_kwargs = dict(MODEL_KWARGS)
