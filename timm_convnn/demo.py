@@ -81,6 +81,7 @@ def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64,
     """
     from tqdm.auto import tqdm
     mode = _progress_mode(progress)
+    label = desc.strip() or 'train'
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     optimizer = create_optimizer_v2(model, opt='adamw', lr=lr, weight_decay=0.05)
@@ -95,7 +96,7 @@ def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64,
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x_train))
-        loss_sum, n_steps = 0., 0
+        loss_sum = 0.
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             loss = loss_fn(model((_augment(x_train[idx]) - MEAN) / STD), y_train[idx])
@@ -106,17 +107,17 @@ def train_model(model: torch.nn.Module, data, epochs: int, batch_size: int = 64,
             step += 1
             scheduler.step_update(step)
             loss_value = loss.item()
-            loss_sum, n_steps = loss_sum + loss_value, n_steps + 1
+            loss_sum += loss_value
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f'{loss_value:.3f}')
         if mode == 'epochs':
-            print(f'{desc.strip() or "train"}: epoch {epoch + 1}/{epochs}, mean loss {loss_sum / n_steps:.3f}, '
+            print(f'{label}: epoch {epoch + 1}/{epochs}, mean loss {loss_sum / steps_per_epoch:.3f}, '
                   f'{time.perf_counter() - t0:.1f}s', flush=True)
     top1 = evaluate(model, x_val, y_val)
     bar.set_postfix(val_top1=f'{top1:.1f}%')
     bar.close()
     if mode == 'epochs':
-        print(f'{desc.strip() or "train"}: val top-1 {top1:.1f}%', flush=True)
+        print(f'{label}: val top-1 {top1:.1f}%', flush=True)
     return top1
 
 
