@@ -16,13 +16,10 @@ def _dependencies():
 
 
 def _pins():
-    pins = {}
-    for line in (ROOT / '.ci' / 'min-constraints.txt').read_text().splitlines():
-        line = line.split('#')[0].strip()
-        if line:
-            name, version = line.split('==')
-            pins[name.strip()] = Version(version.strip())
-    return pins
+    lines = (ROOT / '.ci' / 'min-constraints.txt').read_text().splitlines()
+    reqs = [Requirement(line) for line in (raw.split('#')[0].strip() for raw in lines) if line]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == '==' for r in reqs), reqs
+    return {r.name: Version(next(iter(r.specifier)).version) for r in reqs}
 
 
 def test_min_constraints_pin_pyproject_floors():
