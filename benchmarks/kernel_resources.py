@@ -134,7 +134,8 @@ def resources(case: str, arch: int = 90) -> dict:
     elif kind == 'bwd':
         warps = _bwd_launch(o)[1]
     else:
-        warps = ta._fwd_warps(_streams(kind, o), o['dtype'] == 'fp32', bool(o['cand']))
+        stream = _streams(kind, o)
+        warps = ta._fwd_warps(stream, o['dtype'] == 'fp32', bool(o['cand']), _per_tile(stream, o) > 0)
     fn, sig, const = _signature(kind, o)
     attrs = {}
     if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16

@@ -125,12 +125,15 @@ DW_COPIES = 64
 # forward that took a candidate list: over LISTED_BLOCK_M queries per program, LISTED_BLOCK_C list positions at a time
 # (one-hot tiles times the per-query terms on the tensor cores), then one atomic per listed token and channel, about
 # LISTED_BLOCK_M x K / r = 4x fewer at r 128, K 16. Compiled for sm_90 (bf16, K 16) it spills on 4 warps (48 bytes
-# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps. fp32 features spill
-# 376-408 bytes there (and 80 at 16 queries); 16 queries and 16 list positions at a time keep 142-143 registers
-# (triton 3.6 / 3.8), their launch (``_bwd_launch``).
+# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps. 64 list positions at
+# a time there sit at the 255-register ceiling under triton 3.6 / 3.8 / 3.9 and spill 8 bytes under 3.9; 16 take
+# 210 / 188 / 182 registers, no spills (32: 184 bytes of spills under 3.8; bf16 and fp16 alike). fp32 features spill
+# 376-408 bytes there (and 80 at 16 queries); 16 queries and 16 list positions at a time keep 142-176 registers
+# (triton 3.6 / 3.8 / 3.9), their launch (``_bwd_launch``). Larger K or head dims spill at either launch (K 32 or
+# 128-channel heads at 16 queries: 8-264 bytes under 3.8 / 3.9): the dense sums unroll over the K slots.
 LISTED_BLOCK_M = 32
 LISTED_WARPS = 8
-LISTED_BLOCK_C = 64
+LISTED_BLOCK_C = 16
 
 try:
     import triton
@@ -939,11 +942,14 @@ def _streams(num_tokens: int, num_listed: Optional[int]) -> bool:
     return not (CONFIG['fwd_listed'] == 'row' and num_listed + 1 <= ROW_TOKENS)
 
 
-def _fwd_warps(stream: bool, fp32: bool, listed: bool) -> int:
-    """The forward's warps (``CONFIG['fwd_warps']``): 4, or 8 for a candidate list ranked as one row (CONFIG
-    fwd_listed='row') with fp32 products, which compiled for sm_90 spill 280-312 bytes per thread on 4 warps (triton
-    3.6 / 3.8) and keep 186-188 registers on 8."""
-    return CONFIG['fwd_warps'] or (8 if listed and fp32 and not stream else 4)
+def _fwd_warps(stream: bool, fp32: bool, listed: bool, threshold: bool = False) -> int:
+    """The forward's and the selection's warps (``CONFIG['fwd_warps']``): 4, or 8 for a candidate list ranked as one
+    row (CONFIG fwd_listed='row') with fp32 products, which compiled for sm_90 spill 280-312 bytes per thread on 4
+    warps (triton 3.6 / 3.8) and keep 186-188 registers on 8, and for the passes of CONFIG fwd_stream='threshold'
+    (``threshold``): on 4 warps those sit at the 255-register ceiling (bf16, K 16, 64 queries: 244 under triton 3.8)
+    and spill under 3.9 (16 bytes; 168 at K 9; 8 for the fp32 selection at 16 queries, 128 channels), on 8 they keep
+    128-225 registers under 3.6 / 3.8 / 3.9, no spills."""
+    return CONFIG['fwd_warps'] or (8 if threshold or (listed and fp32 and not stream) else 4)
 
 
 def _tile_values(num_tokens: int, num_kept: int) -> int:
@@ -1000,11 +1006,11 @@ def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv:
     on 4 warps, benchmarks/results/h200-kernel-sweep.json; at n 3137 the two tie, 0.38 / 0.37 ms), else 16 on 4 warps.
     Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16.
     ``dense`` (CONFIG bwd_listed): LISTED_BLOCK_M queries on LISTED_WARPS warps over LISTED_BLOCK_C list positions at
-    a time; 16 and 16 for fp32 inputs (no spills, see LISTED_BLOCK_M)."""
+    a time; 16 queries for fp32 inputs (no spills, see LISTED_BLOCK_M)."""
     if dense:  # the dense candidate-list sums (CONFIG bwd_listed): tensor-core tiles of at least 16 queries
         fp32 = dtype == torch.float32
         return (CONFIG['bwd_block_m'] or (16 if fp32 else LISTED_BLOCK_M), CONFIG['bwd_warps'] or LISTED_WARPS,
-                16 if fp32 else LISTED_BLOCK_C)
+                LISTED_BLOCK_C)
     small = (dtype in (torch.float16, torch.bfloat16) and num_tokens <= ROW_TOKENS and num_kept <= 16
              and max(dq, dv) <= 64)
     block_m, warps = (8, 1) if small else (BLOCK_QUERIES, 4)
@@ -1078,7 +1084,7 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
             TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
             PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
             PACKED=_use_packed_keys(fp32) and not stream, PER_TILE=per_tile, CAP=_stream_cap(K),
-            num_warps=_fwd_warps(stream, fp32, candidates is not None), **COMPILE_OPTIONS)
+            num_warps=_fwd_warps(stream, fp32, candidates is not None, per_tile > 0), **COMPILE_OPTIONS)
     return out, idx, p
 
 
@@ -1237,7 +1243,7 @@ def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: 
             *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
             BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
             PER_TILE=per_tile, CAP=_stream_cap(K),
-            num_warps=CONFIG['fwd_warps'] or 4, **COMPILE_OPTIONS)
+            num_warps=_fwd_warps(True, fp32, listed, per_tile > 0), **COMPILE_OPTIONS)
     return idx, scores
 
 
