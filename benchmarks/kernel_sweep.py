@@ -146,7 +146,7 @@ def main() -> None:
 
 def _sweep_contention(shape, neighbors, rows, save) -> None:
     """The fused backward (built-in launch) on K neighbours drawn from 128 listed tokens vs from all N, bf16; dk / dv
-    over copies; the listed selection with the dense per-token sums (CONFIG bwd_listed='dense')."""
+    over copies; the listed selection with the dense per-token sums (CONFIG bwd_listed='dense', bwd_block_c)."""
     import triton
     from timm_convnn.layers import triton_attention as ta
     B, H, N = (int(x) for x in shape.split('x'))
@@ -178,14 +178,18 @@ def _sweep_contention(shape, neighbors, rows, save) -> None:
                 print(f'  {name[:6]}, dk / dv over {copies:2d} copies: {t:.4f} ms  x{t / times[name]:.2f} one copy',
                       flush=True)
         ta.CONFIG['bwd_row_copies'] = None
-        # the listed selection's dk / dv summed per listed token first (CONFIG bwd_listed='dense')
+        # the listed selection's dk / dv summed per listed token first (CONFIG bwd_listed='dense'), 64 list positions
+        # at a time (built in) or 16 (CONFIG bwd_block_c)
         ids, name = idx['listed (128 tokens)'], 'listed (128 tokens)'
         ta.CONFIG['bwd_listed'] = 'dense'
-        t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, listed))
-        ta.CONFIG['bwd_listed'] = None
-        rows.append(dict(shape=shape, K=K, kernel='bwd', selection=name, listed='dense', ms=t))
-        save()
-        print(f'  listed, dense per-token sums: {t:.4f} ms  x{t / times[name]:.2f} per-pair atomics', flush=True)
+        for block_c in (ta.LISTED_BLOCK_C, 16):
+            ta.CONFIG['bwd_block_c'] = block_c
+            t = triton.testing.do_bench(lambda: bwd(go, qs, ks, v, w, ids, p, listed))
+            rows.append(dict(shape=shape, K=K, kernel='bwd', selection=name, listed='dense', block_c=block_c, ms=t))
+            save()
+            print(f'  listed, dense per-token sums, {block_c} list positions at a time: {t:.4f} ms  '
+                  f'x{t / times[name]:.2f} per-pair atomics', flush=True)
+        ta.CONFIG.update(bwd_listed=None, bwd_block_c=None)
 
 
 def _sweep_select(shape, neighbors, fp32, rows, save) -> None:

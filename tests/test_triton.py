@@ -255,8 +255,11 @@ compare('random_row_k_is_r', sampled('random', 12, 12), x)
 triton_attention.CONFIG['bwd_listed'] = 'dense'
 compare('spatial_row_dense', sampled('spatial', 6, 16), x)
 triton_attention.CONFIG['fwd_listed'] = None
+# 16 list positions at a time: the 20 listed tokens in two tiles, the second part masked (the built-in 64: one)
+triton_attention.CONFIG['bwd_block_c'] = 16
 compare('random_dense', sampled('random', 9, 20), x)
-# bf16 inputs: the half / bf16 launch (32 queries, 64 list positions at a time; fp32 ones take 16 and 16)
+triton_attention.CONFIG['bwd_block_c'] = None
+# bf16 inputs: the half / bf16 launch (32 queries, 64 list positions at a time; fp32 ones take 16 queries)
 compare('random_dense_bf16', sampled('random', 9, 20, torch.bfloat16),
         torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
 
@@ -1076,11 +1079,13 @@ def test_built_in_launch_choices(monkeypatch):
     for args in ((fp32, 197, 16, 64, 64), (bf16, 257, 16, 64, 64), (bf16, 197, 32, 64, 64), (bf16, 197, 16, 128, 64),
                  (bf16, 197, 16, 64, 128)):
         assert ta._bwd_launch(*args)[:2] == (ta.BLOCK_QUERIES, 4), args
-    # the dense candidate-list backward (CONFIG bwd_listed): 32 queries on 8 warps over 16 list positions at a time
-    # (no spill for bf16 at K 16 under triton 3.6-3.9; 64 positions spill under 3.9), 16 queries for fp32 inputs
-    # (which spill at 32)
-    assert ta._bwd_launch(bf16, 197, 16, 64, 64, True) == (32, 8, 16) == ta._bwd_launch(bf16, 16385, 9, 64, 64, True)
-    assert ta._bwd_launch(fp32, 16385, 16, 64, 64, True) == (16, 8, 16)
+    # the dense candidate-list backward (CONFIG bwd_listed): 32 queries on 8 warps over 64 list positions at a time
+    # (no spill for bf16 at K 9-64 under triton 3.6-3.9), 16 queries for fp32 inputs and 128-channel heads (32
+    # spill under 3.9)
+    assert ta._bwd_launch(bf16, 197, 16, 64, 64, True) == (32, 8, 64) == ta._bwd_launch(bf16, 16385, 9, 64, 64, True)
+    assert ta._bwd_launch(fp32, 16385, 16, 64, 64, True) == (16, 8, 64) == ta._bwd_launch(bf16, 197, 32, 128, 128, True)
+    monkeypatch.setitem(ta.CONFIG, 'bwd_block_c', 16)
+    assert ta._bwd_launch(bf16, 16385, 16, 64, 64, True) == (32, 8, 16)
     # the forward: 4 warps, 8 for a candidate list ranked as one row with fp32 products (4 spill)
     assert ta._fwd_warps(False, True, True) == 8
     assert ta._fwd_warps(True, True, True) == ta._fwd_warps(False, False, True) == 4

@@ -87,7 +87,7 @@ STREAM_BLOCK_QUERIES = 64
 # 475 rounds over 257 tiles per 64-query block, benchmarks/stream_rounds.py) at the price of scoring every tile twice.
 CONFIG = dict(fwd_block_m=None, fwd_warps=None, fwd_select=None, fwd_keys=None, bwd_block_m=None, bwd_warps=None,
               bwd_dw_copies=None, fp32_dot=None, bwd_row_copies=None, fwd_listed=None, bwd_listed=None,
-              fwd_stream=None)
+              fwd_stream=None, bwd_block_c=None)
 # CONFIG fwd_stream='threshold': keys kept per query between the passes (a block in which some query has more
 # runs the merge loop instead), and the most scratch one launch takes (8 bytes per slot; the batch is split to fit,
 # down to one entry)
@@ -125,15 +125,20 @@ DW_COPIES = 64
 # forward that took a candidate list: over LISTED_BLOCK_M queries per program, LISTED_BLOCK_C list positions at a time
 # (one-hot tiles times the per-query terms on the tensor cores), then one atomic per listed token and channel, about
 # LISTED_BLOCK_M x K / r = 4x fewer at r 128, K 16. Compiled for sm_90 (bf16, K 16) it spills on 4 warps (48 bytes
-# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps. 64 list positions at
-# a time there sit at the 255-register ceiling under triton 3.6 / 3.8 / 3.9 and spill 8 bytes under 3.9; 16 take
-# 210 / 188 / 182 registers, no spills (32: 184 bytes of spills under 3.8; bf16 and fp16 alike). fp32 features spill
-# 376-408 bytes there (and 80 at 16 queries); 16 queries and 16 list positions at a time keep 142-176 registers
-# (triton 3.6 / 3.8 / 3.9), their launch (``_bwd_launch``). Larger K or head dims spill at either launch (K 32 or
-# 128-channel heads at 16 queries: 8-264 bytes under 3.8 / 3.9): the dense sums unroll over the K slots.
+# per thread under triton 3.8, 144 under 3.6) and at 64 queries, not at 32 queries on 8 warps. Its loops over the K
+# slots are runtime loops: unrolled (tl.static_range), the compiler kept every slot's terms live across the list
+# positions (bf16, K 16: 182-255 registers, 64 positions at a time at the 255 ceiling with 8 bytes of spills under
+# triton 3.9; K 32 or 128-channel heads 8-264 bytes of spills, K 64 about 4 KB). As runtime loops, with the depthwise
+# weight applied to the per-token sums instead of to go, 64 list positions at a time (a quarter of the passes over
+# each query's slots that 16 take) compile without spills under triton 3.6 / 3.8 / 3.9: 155-198 registers at K 16 /
+# 32, 175-255 at K 64 (16 positions: 126-186 registers, 3,776-4,008 instructions at K 16, against 6,560 unrolled; K 64
+# spilled 72 bytes there under 3.8). fp32 features and 128-channel heads take 16 queries: fp32 125-127 registers (32
+# queries spill 16 bytes under 3.9), 128 channels at K 32 176-196 (32 queries spill 40 bytes under 3.9; K 64 spills
+# 128 bytes under 3.6 even so).
+# CONFIG['bwd_block_c'] overrides LISTED_BLOCK_C (``kernel_sweep.py --contention`` times 16 against 64).
 LISTED_BLOCK_M = 32
 LISTED_WARPS = 8
-LISTED_BLOCK_C = 16
+LISTED_BLOCK_C = 64
 
 try:
     import triton
@@ -806,7 +811,8 @@ if triton is not None:
     ):
         """dk += ds * q and dv += p * w * go of the program's (query, slot) pairs (``_convnn_bwd_kernel``, DENSE):
         summed per listed token over the program's queries, BLOCK_C list positions at a time, then one atomic per
-        token and channel; the queries' own tokens directly."""
+        token and channel; the queries' own tokens directly. The slots are runtime loops (unrolled, they spilled
+        registers from K 32, see LISTED_BLOCK_M)."""
         kk = tl.arange(0, BLOCK_K)
         dq_r = tl.arange(0, BLOCK_DQ)
         dv_r = tl.arange(0, BLOCK_DV)
@@ -817,7 +823,7 @@ if triton is not None:
         has_self = tl.zeros([BLOCK_M], dtype=tl.int32)
         self_ds = tl.zeros([BLOCK_M], dtype=tl.float32)
         self_v = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        for r in tl.static_range(NUM_K):
+        for r in range(NUM_K):
             jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             own = (jr == rows) & row_ok
             pos_r = tl.where(own, -1, tl.load(INV + jr, mask=row_ok, other=-1))
@@ -834,13 +840,14 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
             dv_acc = tl.zeros([BLOCK_C, BLOCK_DV], dtype=tl.float32)
-            for r in tl.static_range(NUM_K):
-                pos_r = tl.sum(tl.where(kk[None, :] == r, pos, 0), axis=1)
+            for s in range(NUM_K):  # (a runtime loop like the one above, see LISTED_BLOCK_M)
+                pos_r = tl.sum(tl.where(kk[None, :] == s, pos, 0), axis=1)
                 hit = pos_r[:, None] == cols[None, :]
-                g += tl.where(hit, tl.sum(tl.where(kk[None, :] == r, ds, 0.), axis=1)[:, None], 0.)
-                a = tl.where(hit, tl.sum(tl.where(kk[None, :] == r, p, 0.), axis=1)[:, None], 0.)
-                wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.)
-                dv_acc += tl.dot(tl.trans(a), go * wr[None, :], input_precision=DENSE_DOT)
+                g += tl.where(hit, tl.sum(tl.where(kk[None, :] == s, ds, 0.), axis=1)[:, None], 0.)
+                a = tl.where(hit, tl.sum(tl.where(kk[None, :] == s, p, 0.), axis=1)[:, None], 0.)
+                wr = tl.load(W + (h * NUM_K + s) * DV + dv_r, mask=dv_r < DV, other=0.)
+                # w is per channel: it scales the sum over queries after the product, not go before it
+                dv_acc += tl.dot(tl.trans(a), go, input_precision=DENSE_DOT) * wr[None, :]
             dk_c = tl.dot(tl.trans(g), q, input_precision=DENSE_DOT)
             listed = cols < L
             tok = tl.load(CAND + cols, mask=listed, other=0)
@@ -1006,11 +1013,12 @@ def _bwd_launch(dtype: torch.dtype, num_tokens: int, num_kept: int, dq: int, dv:
     on 4 warps, benchmarks/results/h200-kernel-sweep.json; at n 3137 the two tie, 0.38 / 0.37 ms), else 16 on 4 warps.
     Compiled for sm_90 (triton 3.6 / 3.8) the 8-query one spills from K 32 or 128-channel heads: those keep 16.
     ``dense`` (CONFIG bwd_listed): LISTED_BLOCK_M queries on LISTED_WARPS warps over LISTED_BLOCK_C list positions at
-    a time; 16 queries for fp32 inputs (no spills, see LISTED_BLOCK_M)."""
+    a time (``CONFIG['bwd_block_c']``); 16 queries for fp32 inputs and head dims over 64 (no spills, see
+    LISTED_BLOCK_M)."""
     if dense:  # the dense candidate-list sums (CONFIG bwd_listed): tensor-core tiles of at least 16 queries
-        fp32 = dtype == torch.float32
-        return (CONFIG['bwd_block_m'] or (16 if fp32 else LISTED_BLOCK_M), CONFIG['bwd_warps'] or LISTED_WARPS,
-                LISTED_BLOCK_C)
+        narrow = dtype == torch.float32 or max(dq, dv) > 64
+        return (CONFIG['bwd_block_m'] or (16 if narrow else LISTED_BLOCK_M), CONFIG['bwd_warps'] or LISTED_WARPS,
+                CONFIG['bwd_block_c'] or LISTED_BLOCK_C)
     small = (dtype in (torch.float16, torch.bfloat16) and num_tokens <= ROW_TOKENS and num_kept <= 16
              and max(dq, dv) <= 64)
     block_m, warps = (8, 1) if small else (BLOCK_QUERIES, 4)
