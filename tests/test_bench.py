@@ -294,7 +294,7 @@ def _gpu_check_commands(root):
     import re
     text = _gpu_check_text(root)
     lines = []
-    for match in re.finditer(r'python (benchmarks/\w+\.py[^|\n]*?)(?: 2>&1|\||$)', text, flags=re.M):
+    for match in re.finditer(r'python (benchmarks/\w+\.py[^|\n]*?)(?: 2>&1| >|\||$)', text, flags=re.M):
         lines.append(match.group(1).replace('"$out', '"/tmp/gpu-check-out'))
     return lines
 
@@ -332,6 +332,50 @@ def test_gpu_check_script_commands_parse(tmp_path):
     selected = {mark: _collected(root, 'cuda and not compile', shlex.split(mark)) for mark in [''] + marks}
     assert len(selected['']) >= 40 and all(selected[mark] for mark in marks)
     assert selected[marks[0]] | selected[marks[1]] == selected[''] and not selected[marks[0]] & selected[marks[1]]
+
+
+def _gpu_check_dry(tmp_path, stages, budget):
+    """benchmarks/gpu_check.sh with GPU_CHECK_DRY=1 (commands printed with their limits, each as if it took them all)
+    in ``tmp_path``: (return code, stdout, stderr)."""
+    import os
+    import pathlib
+    import subprocess
+    script = pathlib.Path(__file__).parent.parent / 'benchmarks' / 'gpu_check.sh'
+    env = dict(os.environ, GPU_CHECK_DRY='1', GPU_CHECK_STAGES=stages, GPU_CHECK_BUDGET_S=str(budget))
+    env.pop('OUT', None)
+    out = subprocess.run(['bash', str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_gpu_check_script_runs_stages_in_order_within_its_budget(tmp_path):
+    # a GPU session has minutes: the stages run in the order asked for, and a command that the budget no longer
+    # covers is skipped (and named) rather than started and cut short
+    import pathlib
+    import re
+    text = _gpu_check_text(pathlib.Path(__file__).parent.parent)
+    defined = re.findall(r'^stage_(\w+)\(\) \{', text, flags=re.M)
+    default = re.search(r'stages="\$\{GPU_CHECK_STAGES:-([\w ]+)\}"', text).group(1).split()
+    assert sorted(default) == sorted(defined) and len(defined) >= 10  # the default runs every stage once
+
+    rc, out, err = _gpu_check_dry(tmp_path, 'row tests', 300)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith('==')] == ['== row (0 s)', '== tests (165 s)']
+    # row: two ViT-B runs (90 + 75 s); tests: 300 - 165 - 20 s for packing = 115 s of its 260
+    assert lines[1].startswith('[0 s] timeout 90 python benchmarks/bench.py --models') and 'fwd_select=topk' in lines[1]
+    assert lines[2].startswith('[90 s] timeout 75 ') and 'fwd_select=pairs' in lines[2]
+    assert lines[4].startswith('[165 s] timeout 115 python -m pytest') and 'not\\ optin' in lines[4]
+    assert not (tmp_path / 'gpu-out' / 'skipped.txt').exists()
+
+    rc, out, err = _gpu_check_dry(tmp_path, 'tests row', 290)  # 290 - 260 - 20: 10 s left for the row stage
+    assert rc == 0, err
+    assert '[0 s] timeout 260 python -m pytest' in out and '[260 s] timeout' not in out
+    skipped = (tmp_path / 'gpu-out' / 'skipped.txt').read_text().splitlines()
+    assert len(skipped) == 2 and all(line.startswith('skipped, 10 s of the budget left: python benchmarks/bench.py')
+                                     for line in skipped)
+
+    rc, out, err = _gpu_check_dry(tmp_path, 'tests nonsense', 300)  # checked before anything runs
+    assert rc == 2 and "unknown stage 'nonsense'" in err and 'timeout' not in out
 
 
 def _collected(root, keyword, mark):

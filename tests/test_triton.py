@@ -871,7 +871,8 @@ def _launch_id(value):
 def _optin(*values):
     """A parametrisation with an opt-in launch (a CONFIG setting the kernels do not choose themselves), marked
     ``optin``: benchmarks/gpu_check.sh runs these in a stage of their own, after the built-in launches' tests and the
-    measurements, so that kernels compiled on first use by opt-in launches cannot crowd those out of its time limit."""
+    model-level measurements, so that kernels compiled on first use by opt-in launches cannot crowd those out of its
+    time budget."""
     return pytest.param(*values, marks=pytest.mark.optin)
 
 
