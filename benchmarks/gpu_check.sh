@@ -18,15 +18,15 @@
 # its finished stages wrote), with the CUDA test logs beside it; without $OUT, into ./gpu-out.
 # Device calls (15 minutes of device time in all, the machine's start included; it goes back after 30 s idle, so make
 # the second call right after the first):
-#   run(command='GPU_CHECK_STAGES="tests models row listed optin" GPU_CHECK_BUDGET_S=440 '
+#   run(command='GPU_CHECK_STAGES="tests models row sweep listed optin" GPU_CHECK_BUDGET_S=440 '
 #               'bash benchmarks/gpu_check.sh', carry=[".whl"], timeout_s=450)
-#   run(command='GPU_CHECK_STAGES="profile ops threshold sweep select fp32" GPU_CHECK_BUDGET_S=<budget_left_s - 20> '
+#   run(command='GPU_CHECK_STAGES="optin profile ops threshold select fp32" GPU_CHECK_BUDGET_S=<budget_left_s - 20> '
 #               'bash benchmarks/gpu_check.sh', carry=[".whl"], timeout_s=<budget_left_s - 10>)
 # (2026-11-30: tests, ops, models and select took 241 s of wall time, 20 CUDA tests 99 s of it, and the machine's
 # start about 30 s.) GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile
 # (about 3 more minutes).
 set -uo pipefail
-stages="${GPU_CHECK_STAGES:-tests models row listed optin profile ops threshold sweep select fp32}"
+stages="${GPU_CHECK_STAGES:-tests models row sweep listed optin profile ops threshold select fp32}"
 budget="${GPU_CHECK_BUDGET_S:-590}"
 dry="${GPU_CHECK_DRY:-0}"
 if [ -n "${OUT:-}" ]; then
@@ -65,7 +65,7 @@ limited() {
 
 # 1. the fused kernels against the PyTorch path on the GPU, the launches they choose themselves (fp32 / bf16, row and
 #    streaming kernels, sampled candidates, the selection kernel, model train steps, the two fp32 product precisions,
-#    NaN keys; 21 tests: 20 of them took 99 s on 2026-11-30, each kernel variant compiled on first use). The 23 tests
+#    NaN keys; 21 tests: 20 of them took 99 s on 2026-11-30, each kernel variant compiled on first use). The 25 tests
 #    of opt-in launches (pytest marker optin) have a stage of their own. -v: a stage cut short by its limit still logs
 #    which tests passed
 stage_tests() {
@@ -95,7 +95,15 @@ stage_row() {
       --pairs vit_base_convnn_all_k16:vit_base_patch16_224 \
       --kernel-config fwd_select=pairs --out "$out/variant-pairs" 2>&1
 }
-# 4. sampled candidates (r 128 at n 16385: 1.9x faster than SDPA on 2026-11-30, target 4x) ranked as one score row
+# 4. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
+#    the same launch timed 0.30 and 0.36 ms in two runs; the launches that competed lately (--short): rounds one or
+#    two keys at a time / bitonic selection, 16 / 32 / 64 queries on 1 / 2 / 4 / 8 warps; backward incl. 8 queries on
+#    one warp; streaming at n 3137: the merge loop and the threshold passes)
+stage_sweep() {
+  limited 150 python benchmarks/kernel_sweep.py --short --shapes 256x12x197 4x6x3137 --neighbors 16 \
+      --out "$out/sweep.json" 2>&1
+}
+# 5. sampled candidates (r 128 at n 16385: 1.9x faster than SDPA on 2026-11-30, target 4x) ranked as one score row
 #    (CONFIG fwd_listed='row') instead of streamed, with the backward's dense per-token sums (bwd_listed='dense'): the
 #    attention core at n 197 / 16385 and vit_tiny_convnn_random (the streamed list took 0.85 ms forward at n 16385,
 #    K 16, and the backward ~1.0 ms), and the backward alone, per-pair atomics vs dense sums over 64 and 16 list
@@ -108,14 +116,14 @@ stage_listed() {
   limited 40 python benchmarks/kernel_sweep.py --shapes --contention 1x6x16385 64x3x197 --neighbors 16 \
       --out "$out/contention.json" 2>&1
 }
-# 5. the tests of the opt-in launches (CONFIG settings: the row kernel's other selections, keys and launches, the
+# 6. the tests of the opt-in launches (CONFIG settings: the row kernel's other selections, keys and launches, the
 #    threshold passes, the candidate lists' row ranking and dense backward, dk / dv copies)
 stage_optin() {
   limited 300 python -m pytest -v -rs -k "$tests" -m optin tests/test_triton.py > "$out/test-optin.log" 2>&1
   tail -8 "$out/test-optin.log"
 }
-# 6. where the sampled core's time goes at n 16385, B 1 (kernels vs glue, and wall time against summed kernel time:
-#    whether the host is what the GPU waits on), built in and with the two opt-ins of stage 4; printed
+# 7. where the sampled core's time goes at n 16385, B 1 (kernels vs glue, and wall time against summed kernel time:
+#    whether the host is what the GPU waits on), built in and with the two opt-ins of stage 5; printed
 stage_profile() {
   limited 60 python benchmarks/profile_gpu.py --op random:16385:1 --backends triton --rows 8 \
       > "$out/profile-random.txt" 2>&1
@@ -123,14 +131,14 @@ stage_profile() {
       --kernel-config fwd_listed=row bwd_listed=dense > "$out/profile-random-listed.txt" 2>&1
   grep -hv "^USDT\|^ERROR\|^WARNING" "$out"/profile-random*.txt
 }
-# 7. operator level (n up to 16385, bf16), PyTorch path and fused kernels
+# 8. operator level (n up to 16385, bf16), PyTorch path and fused kernels
 stage_ops() {
   limited 120 python benchmarks/bench.py --ops --device cuda --amp --tokens 197 16385 785 3137 \
       --backends torch triton --op-batches 197:64 785:16 3137:4 16385:1 \
       --warmup 2 --iters 5 --memory-cap-mib 60000 --out "$out/ops" > "$out/ops.log" 2>&1
   grep -v "skipped: over" "$out/ops.log"
 }
-# 8. CONFIG fwd_stream='threshold' (untimed): the streamed forward over all tokens as a threshold pass and a pass
+# 9. CONFIG fwd_stream='threshold' (untimed): the streamed forward over all tokens as a threshold pass and a pass
 #    collecting the keys above it, no merge rounds (the built-in merge loop took 3.69 ms forward at n 16385, B 1,
 #    K 16 on 2026-11-30 (3d2dbfa), against 1.08 for SDPA's; `all` K 16 there: 1.24x SDPA's forward + backward, target
 #    1x). The attention core at n 3137 / 16385 against SDPA in the same run; its launches against the merge loop
@@ -146,17 +154,9 @@ stage_threshold() {
       --iters 5 --pairs resnet50_convnn_branch:resnet50 --kernel-config fwd_stream=threshold \
       --out "$out/variant-threshold-resnet" 2>&1
 }
-# 9. launch configurations of the kernels (K 16; row kernel at n 197 and batch 256, where it is GPU-bound: at batch 64
-#    the same launch timed 0.30 and 0.36 ms in two runs; the launches that competed lately (--short): rounds one or
-#    two keys at a time / bitonic selection, 16 / 32 / 64 queries; backward incl. 8 queries on one warp; streaming at
-#    n 3137: the merge loop and the threshold passes)
-stage_sweep() {
-  limited 150 python benchmarks/kernel_sweep.py --short --shapes 256x12x197 4x6x3137 --neighbors 16 \
-      --out "$out/sweep.json" 2>&1
-}
 # 10. the selection kernel alone (ConvNN2d on CUDA) against the PyTorch selection, a ResNet-50 stage-1 layer at batch
-#    64, on bf16 features and on fp32 ones, what a cosine ConvNN2d hands over under autocast (F.normalize returns
-#    fp32): 3xTF32 vs ieee
+#     64, on bf16 features and on fp32 ones, what a cosine ConvNN2d hands over under autocast (F.normalize returns
+#     fp32): 3xTF32 vs ieee
 stage_select() {
   limited 45 python benchmarks/kernel_sweep.py --shapes --select 64x3136x3364x64 --neighbors 9 \
       --out "$out/select.json" 2>&1

@@ -7,8 +7,9 @@ Triton compiles each kernel ahead of time (``triton.compile`` with a ``GPUTarget
 ships with Triton's NVIDIA backend) reads the cubin: REG registers per thread, STACK bytes of local memory per thread
 (spills), SHARED static shared memory; ``-sass`` gives the count of GPU-wide memory fences and L1 invalidations
 (MEMBAR .GPU, CCTL: what an acquire-release atomic brings along), of fused multiply-adds (FFMA: none when the
-compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``) and of all instructions (static
-code size, a rough guide to the work per program where loops are unrolled; not a timing). A kernel that spills runs
+compile options lack FMA contraction, see ``triton_attention.COMPILE_OPTIONS``), of block-wide barriers (BAR.SYNC /
+RED / ARV: cross-warp reductions and exchanges wait at them) and of all instructions (static code size, a rough
+guide to the work per program where loops are unrolled; not a timing). A kernel that spills runs
 many times slower (the first 64-query row kernel: 27 KB of stack per thread, 20x slower than SDPA on an H200). Use the
 Triton version the GPU machine has.
 
@@ -155,7 +156,7 @@ def resources(case: str, arch: int = 90) -> dict:
         raise RuntimeError(f'no resource line in cuobjdump output:\n{text}')
     return dict(case=case, registers=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=int(m.group(3)),
                 fences=len(re.findall(_FENCE, sass)), fence_ops=sorted(set(re.findall(_FENCE, sass))),
-                ffma=len(re.findall(r'\bFFMA\b', sass)),
+                ffma=len(re.findall(r'\bFFMA\b', sass)), barriers=len(re.findall(r'\bBAR\.(?:SYNC|RED|ARV)\b', sass)),
                 instructions=len(re.findall(r'^\s+/\*[0-9a-f]{4,}\*/', sass, re.M)))
 
 
@@ -172,7 +173,8 @@ def main() -> None:
         r = resources(case, args.arch)
         flag = '  SPILLS' if r['stack_bytes'] else ''
         print(f'{case:40s} registers {r["registers"]:3d}  stack {r["stack_bytes"]:5d} B  shared {r["shared_bytes"]} B'
-              f'  FFMA {r["ffma"]}  instructions {r["instructions"]}  fences {r["fences"]} {" ".join(r["fence_ops"])}'
+              f'  FFMA {r["ffma"]}  instructions {r["instructions"]}  barriers {r["barriers"]}'
+              f'  fences {r["fences"]} {" ".join(r["fence_ops"])}'
               f'{flag}', flush=True)
 
 

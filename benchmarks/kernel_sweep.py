@@ -61,24 +61,32 @@ def main() -> None:
         for K in args.neighbors:
             w = torch.randn(H * 64, 1, K, device='cuda', requires_grad=True)
             # (block_m, warps, selection, keys, fp32 products, streaming); the most informative first (a stage cut
-            # short keeps what it timed). 1 or 2 warps for 16 queries would keep the ranking reductions in fewer warps,
-            # but spill at n 197.
+            # short keeps what it timed).
             if args.fp32:  # and how fp32 features multiply (triton_attention.FP32_DOT)
                 fwd_configs = [(16, nw, None, None, dot, None) for nw in (4, 8) for dot in ('tf32x3', 'ieee')]
             elif N <= ta.ROW_TOKENS:  # the row kernel: K rounds or one bitonic topk, exact or packed int32 keys
                 # (64 queries on 4 warps: Hopper's wgmma gives each warp 16 whole rows, so the ranking reductions
                 # stay inside a warp; exact-key rounds spill there, packed ones do not)
                 # ('pairs': the rounds take two keys at a time, packed keys only)
+                # Compiled for sm_90 by triton 3.6 (bf16, K 16; benchmarks/kernel_resources.py), per program:
+                # registers, instructions per thread, block-wide barriers: 16 x 4 rounds 110 / 2,976 / 54 (the
+                # built-in; 744 warp instructions per query), pairs 80 / 3,128 / 30; 64 x 8 bitonic 127 / 5,432 / 9;
+                # 64 x 4 rounds 254 / 7,928 / 6 (495 per query, its rounds without a barrier); 16 x 2 rounds
+                # 143 / 4,984 / 85, pairs 141 / 5,216 / 61; 16 x 1 rounds 255 / 9,112 / 17 (570 per query; 32 bytes
+                # of spills under 3.6, 104 under 3.8, none under 3.9)
                 fwd_configs = [(16, 4, None, 'packed'), (16, 4, 'pairs', 'packed'), (64, 8, 'topk', 'packed'),
                                (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'), (32, 4, 'pairs', 'packed'),
                                (32, 4, None, 'packed'), (16, 8, None, 'packed'), (64, 4, None, 'packed'),
                                (16, 4, None, 'exact'), (16, 4, 'topk', 'packed'), (64, 4, 'topk', 'packed'),
                                (16, 4, 'topk', 'exact'), (32, 4, None, 'exact'), (16, 8, None, 'exact'),
                                (64, 8, None, 'exact')]
+                fwd_configs += [(16, 2, None, 'packed'), (16, 2, 'pairs', 'packed'), (16, 1, None, 'packed'),
+                                (64, 4, 'pairs', 'packed')]
                 if args.short:
                     fwd_configs = [(16, 4, None, 'packed'), (16, 4, 'pairs', 'packed'), (64, 8, 'topk', 'packed'),
-                                   (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'), (32, 4, None, 'packed'),
-                                   (64, 4, None, 'packed'), (16, 8, None, 'packed'), (16, 4, None, 'exact')]
+                                   (64, 4, None, 'packed'), (64, 8, None, 'packed'), (64, 8, 'pairs', 'packed'),
+                                   (16, 2, None, 'packed'), (16, 2, 'pairs', 'packed'), (16, 1, None, 'packed'),
+                                   (32, 4, None, 'packed'), (16, 8, None, 'packed'), (16, 4, None, 'exact')]
                 fwd_configs = [c + (None, None) for c in fwd_configs]
             else:  # the streaming kernel: the merge loop, or the threshold passes (CONFIG fwd_stream='threshold';
                 # 64 queries on 4 warps keep 243-246 registers compiled for sm_90 under triton 3.6 / 3.8, 32 on 4

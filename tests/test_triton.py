@@ -891,10 +891,11 @@ def _set_launch(monkeypatch, launch):
     _optin(torch.bfloat16, dict(fwd_select='topk', fwd_keys='packed')),
     # the launches kernel_sweep.py times against the built-in 16 queries on 4 warps (64 on 8 warps with the bitonic
     # selection: the fastest at B 256, 12 heads, n 197 on the H200, 2026-11-30; and with rounds, untimed), and the
-    # rounds two keys at a time (untimed)
+    # rounds two keys at a time (untimed); 16 queries on 2 warps and on one (untimed)
     _optin(torch.bfloat16, dict(fwd_block_m=32)), _optin(torch.bfloat16, dict(fwd_block_m=64)),
     _optin(torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8, fwd_select='topk')),
-    _optin(torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8)), _optin(torch.bfloat16, dict(fwd_select='pairs'))],
+    _optin(torch.bfloat16, dict(fwd_block_m=64, fwd_warps=8)), _optin(torch.bfloat16, dict(fwd_select='pairs')),
+    _optin(torch.bfloat16, dict(fwd_warps=2)), _optin(torch.bfloat16, dict(fwd_warps=1))],
     ids=_launch_id)
 def test_fused_row_selection_variants_match_torch_on_cuda(dtype, launch, backend, monkeypatch):
     # the row kernel's selections and launches (CONFIG fwd_select='topk': bitonic, 'pairs': rounds two keys at a time;
