@@ -288,6 +288,23 @@ for line in json.loads(sys.argv[1]):
 '''
 
 
+def test_measure_counts_page_faults():
+    # memory handed back to the OS and touched again faults in page by page, which CPU timings include: measure()
+    # reports the host's minor page faults per timed call
+    mmap = pytest.importorskip('mmap')
+    pytest.importorskip('resource', reason='page faults are counted through getrusage (Unix)')
+    pages = 256
+
+    def touch_fresh_pages():
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for offset in range(0, pages * mmap.PAGESIZE, mmap.PAGESIZE):
+            m[offset] = 1
+        m.close()
+
+    assert measure(touch_fresh_pages, torch.device('cpu'), 1, 3, memory=False)['faults'] >= pages
+    assert measure(lambda: None, torch.device('cpu'), 1, 3, memory=False)['faults'] < pages // 4
+
+
 def _gpu_check_commands(root):
     """The ``python benchmarks/*.py ...`` command lines of benchmarks/gpu_check.sh, continuation lines joined, up to
     the output redirection / pipe."""
