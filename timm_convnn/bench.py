@@ -123,7 +123,7 @@ class _LiveTensorBytes(TorchDispatchMode):
 def _minor_faults() -> Optional[int]:
     """This process's minor page faults so far (Unix; None elsewhere). Memory the allocator hands back to the OS
     between calls and then touches again faults in page by page, and the timings include that: on the 2-core
-    development CPU glibc's malloc did so for a ``vit_tiny_convnn_all_k16`` inference forward at batch 4 (2k-23k
+    development CPU glibc's malloc did so for a ``vit_tiny_convnn_all_k16`` inference forward at batch 4 (2k-27k
     faults per call from one process to the next, about 1.6 us each), never for timm's ViT (README, CPU)."""
     try:
         import resource
