@@ -138,7 +138,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters: int = 5,
-            memory: bool = True) -> Dict[str, float]:
+            memory: bool = True) -> Dict[str, Any]:
     """Median milliseconds of ``fn()``, its peak memory (bytes above the memory in use before the call) and the
     host's minor page faults per timed call (``faults``; None where not counted, see ``_minor_faults``)."""
     for _ in range(warmup):
