@@ -15,7 +15,8 @@
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
 # Results: under the device tool ($OUT set), which returns at most 8 files from $OUT, the stages write to a scratch
 # directory that is packed into $OUT/gpu-check.tgz after every stage (a call cut short by its time limit keeps what
-# its finished stages wrote), with the CUDA test logs beside it; without $OUT, into ./gpu-out.
+# its finished stages wrote), with the CUDA test logs beside it; without $OUT, into ./gpu-out. The script ends with
+# benchmarks/gpu_summary.py's reading of them (summary.md, also printed): tests, ratios against the targets, sweeps.
 # Device calls (15 minutes of device time in all, the machine's start included; it goes back after 30 s idle, so make
 # the second call right after the first):
 #   run(command='GPU_CHECK_STAGES="tests models row listed sweep optin" GPU_CHECK_BUDGET_S=440 '
@@ -189,4 +190,11 @@ for stage in $stages; do
   "stage_$stage"
   pack
 done
-[ "$dry" = 1 ] || ls -R "$out"
+if [ "$dry" != 1 ]; then
+  # what the results say about the targets (benchmarks/gpu_summary.py), last: the device tool returns the
+  # output's tail
+  python benchmarks/gpu_summary.py "$out" > "$out/summary.md" 2>&1
+  pack
+  ls -R "$out"
+  cat "$out/summary.md"
+fi
