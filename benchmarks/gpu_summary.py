@@ -11,8 +11,8 @@ For whatever stages ran (a missing file is a stage that was skipped or cut short
 * operator level: the fused attention core's forward + backward time over SDPA's from 4,096 tokens up, every token
   a candidate (target: at most SDPA's time) and sampled candidates (target: at least 4x faster), built in (``ops/``)
   and per variant;
-* the launch sweeps (``sweep*.json``, ``contention.json``, ``select*.json``): the fastest launch per shape, kernel
-  and K, next to the built-in one.
+* the launch sweeps (``sweep*.json``, ``contention.json``, ``select*.json``): the fastest launch of each case, next
+  to the first one timed (the built-in launch, or the PyTorch selection).
 It reads the files the harness writes and prints; it decides nothing. Tested on CPU against the stored H200 run of
 2026-11-30 (``benchmarks/results/h200-*``).
 """
@@ -46,7 +46,7 @@ def _verdict(value: float, bound: float, at_least: bool) -> str:
     return f'{value:.3f}, {"met" if met else "NOT met"} ({">=" if at_least else "<="} {bound:g})'
 
 
-def test_counts(log: str) -> Tuple[Dict[str, int], List[str], bool]:
+def log_counts(log: str) -> Tuple[Dict[str, int], List[str], bool]:
     """(counts by outcome, failing test ids, finished) of a pytest log: the closing summary line when there is one
     (``finished``), else the per-test outcomes that ``-v`` printed before the run was cut short."""
     summary = None
@@ -55,15 +55,14 @@ def test_counts(log: str) -> Tuple[Dict[str, int], List[str], bool]:
             summary = line
     failing = sorted(set(re.findall(r'^(\S+::\S+) (?:FAILED|ERROR)', log, flags=re.M))
                      | set(re.findall(r'^(?:FAILED|ERROR) (\S+::\S+)', log, flags=re.M)))
-    if summary is not None:
-        counts = {word.rstrip('s') if word == 'errors' else word: int(n)
-                  for n, word in re.findall(r'(\d+) (passed|failed|errors?|skipped|deselected)', summary)}
-        return counts, failing, True
     counts: Dict[str, int] = {}
-    for outcome in re.findall(r'^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR)', log, flags=re.M):
-        key = outcome.lower()
-        counts[key] = counts.get(key, 0) + 1
-    return counts, failing, False
+    if summary is not None:
+        for n, word in re.findall(r'(\d+) (passed|failed|errors?|skipped|deselected)', summary):
+            counts['error' if word == 'errors' else word] = int(n)
+    else:
+        for outcome in re.findall(r'^\S+::\S+ (PASSED|FAILED|SKIPPED|ERROR)', log, flags=re.M):
+            counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    return counts, failing, summary is not None
 
 
 def _variants(root: pathlib.Path, stem: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -134,7 +133,7 @@ def summary(root: pathlib.Path) -> str:
         if not path.exists():
             lines.append(f'- {name}: missing')
             continue
-        counts, failing, finished = test_counts(path.read_text(errors='replace'))
+        counts, failing, finished = log_counts(path.read_text(errors='replace'))
         text = ', '.join(f'{n} {k}' for k, n in sorted(counts.items())) or 'nothing ran'
         lines.append(f'- {name}: {text}' + ('' if finished else ' (cut short: no closing summary)'))
         lines += [f'  - failing: {test_id}' for test_id in failing]
