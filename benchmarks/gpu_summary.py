@@ -20,7 +20,7 @@ import argparse
 import json
 import pathlib
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 # (model, metric, bound, at least?) for the model level; ratios are ConvNN / timm in the same run
 MODEL_TARGETS = (('vit_base_convnn_all_k16', 'infer_vs_baseline', 0.8, True),
@@ -65,32 +65,32 @@ def log_counts(log: str) -> Tuple[Dict[str, int], List[str], bool]:
     return counts, failing, summary is not None
 
 
-def _variants(root: pathlib.Path, stem: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """(label, results.json) of the built-in run ``stem`` and of every variant-*/ folder."""
-    built_in = _load(root / stem / 'results.json')
-    if built_in is not None:
-        yield 'built in', built_in
-    for folder in sorted(root.glob('variant-*')):
+def harness_runs(root: pathlib.Path) -> List[Tuple[str, Dict[str, Any]]]:
+    """(label, results.json) of the built-in model and operator runs (``models/``, ``ops/``) and of every variant-*/
+    run (labelled with its kernel config), each read once."""
+    runs = []
+    for folder in [root / 'models', root / 'ops'] + sorted(root.glob('variant-*')):
         result = _load(folder / 'results.json')
         if result is not None:
-            config = result.get('kernel_config') or {}
-            yield folder.name + ' (' + ' '.join(f'{k}={v}' for k, v in config.items()) + ')', result
+            config = ' '.join(f'{k}={v}' for k, v in (result.get('kernel_config') or {}).items())
+            runs.append(('built in' if folder.name in ('models', 'ops') else f'{folder.name} ({config})', result))
+    return runs
 
 
-def model_rows(root: pathlib.Path) -> List[Dict[str, Any]]:
-    """Every ConvNN model row of the built-in and variant runs, labelled with its run."""
+def model_rows(runs: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Every ConvNN model row of the runs, labelled with its run."""
     rows = []
-    for label, result in _variants(root, 'models'):
+    for label, result in runs:
         for row in result.get('models') or ():
             if 'baseline' in row:
                 rows.append(dict(row, run=label))
     return rows
 
 
-def op_rows(root: pathlib.Path) -> List[Dict[str, Any]]:
-    """The fused core's forward + backward rows from LARGE_N tokens up, built in and variants, labelled."""
+def op_rows(runs: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The fused core's forward + backward rows from LARGE_N tokens up of the runs, labelled with its run."""
     rows = []
-    for label, result in _variants(root, 'ops'):
+    for label, result in runs:
         for row in result.get('ops') or ():
             if (row.get('impl') == 'convnn' and row.get('backend') == 'triton' and row.get('pass_') == 'fwd+bwd'
                     and row.get('n', 0) >= LARGE_N and row.get('time_vs_sdpa')):
@@ -118,8 +118,8 @@ def _launch(row: Dict[str, Any]) -> str:
 
 def summary(root: pathlib.Path) -> str:
     lines = [f'# gpu_check results in {root}']
-    env = next((r.get('environment') for _, r in _variants(root, 'models')), None) or next(
-        (r.get('environment') for _, r in _variants(root, 'ops')), None)
+    runs = harness_runs(root)
+    env = next((r['environment'] for _, r in runs if r.get('environment')), None)
     if env:
         lines.append(', '.join(f'{k} {env[k]}' for k in ('date', 'gpu', 'torch', 'triton', 'timm', 'commit')
                                if env.get(k)))
@@ -139,7 +139,7 @@ def summary(root: pathlib.Path) -> str:
         lines += [f'  - failing: {test_id}' for test_id in failing]
 
     lines += ['', '## Model level (ConvNN / timm, same run)']
-    rows = model_rows(root)
+    rows = model_rows(runs)
     if not rows:
         lines.append('- no model-level results')
     for row in rows:
@@ -151,7 +151,7 @@ def summary(root: pathlib.Path) -> str:
                 lines.append(f'  - target {metric}: {_verdict(row[metric], bound, at_least)}')
 
     lines += ['', f'## Attention core, fused, forward + backward, n >= {LARGE_N} (time / SDPA time)']
-    rows = op_rows(root)
+    rows = op_rows(runs)
     if not rows:
         lines.append('- no operator-level results')
     for row in rows:
