@@ -13,6 +13,7 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
+#   (stage scripts) timm's train.py, validate.py, benchmark.py, inference.py in .timm_scripts/ (git-ignored; carry it)
 # Results: under the device tool ($OUT set), which returns at most 8 files from $OUT, the stages write to a scratch
 # directory that is packed into $OUT/gpu-check.tgz after every stage (a call cut short by its time limit keeps what
 # its finished stages wrote), with the CUDA test logs beside it; without $OUT, into ./gpu-out. The script ends with
@@ -20,9 +21,9 @@
 # Device calls (15 minutes of device time in all, the machine's start included; it goes back after 30 s idle, so make
 # the second call right after the first):
 #   run(command='GPU_CHECK_STAGES="tests models row listed sweep optin" GPU_CHECK_BUDGET_S=440 '
-#               'bash benchmarks/gpu_check.sh', carry=[".whl"], timeout_s=450)
-#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> profile ops threshold select fp32" '
-#               'GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh', carry=[".whl"],
+#               'bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"], timeout_s=450)
+#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> profile ops threshold select fp32 scripts" '
+#               'GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"],
 #       timeout_s=<budget_left_s - 10>)
 # (the first call's stages are the decisions: the built-in launches' correctness and model level, then the opt-in
 # launches that might reach the issue's targets, at model level against timm and in the sweep; its limits add up to
@@ -31,13 +32,13 @@
 # start about 30 s.) GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile
 # (about 3 more minutes).
 set -uo pipefail
-stages="${GPU_CHECK_STAGES:-tests models row listed sweep optin profile ops threshold select fp32}"
+stages="${GPU_CHECK_STAGES:-tests models row listed sweep optin profile ops threshold select fp32 scripts}"
 budget="${GPU_CHECK_BUDGET_S:-590}"
 dry="${GPU_CHECK_DRY:-0}"
 if [ -n "${OUT:-}" ]; then
   out="$(mktemp -d)"
   pack() {
-    tar -czf "$OUT/gpu-check.tgz" -C "$out" . && for log in test.log test-optin.log; do
+    tar -czf "$OUT/gpu-check.tgz" -C "$out" . && for log in test.log test-optin.log test-scripts.log; do
       [ ! -f "$out/$log" ] || cp "$out/$log" "$OUT/"
     done
   }
@@ -172,6 +173,21 @@ stage_select() {
 stage_fp32() {
   limited 40 python benchmarks/kernel_sweep.py --shapes 64x12x197 --neighbors 16 --fp32 \
       --out "$out/sweep-fp32.json" 2>&1
+}
+# 12. timm's own train.py / validate.py / benchmark.py on the GPU, the fused kernels under them (never run on a GPU
+#     before 2026-12-02; the CPU runs them in tests/test_scripts.py): a ViT trained with train.py's default float16
+#     --amp (loss scaler) until it learns, validate.py reproducing its top-1, a ConvNN ResNet's selection kernel under
+#     bf16, benchmark.py. timm's scripts are not in its wheel: TIMM_SCRIPTS_DIR, by default .timm_scripts/ (git-ignored;
+#     copy train.py, validate.py, benchmark.py and inference.py from timm's repository there and carry it)
+stage_scripts() {
+  local dir="${TIMM_SCRIPTS_DIR:-.timm_scripts}"
+  if [ ! -f "$dir/train.py" ]; then
+    echo "skipped, no timm scripts in $dir (carry .timm_scripts): the scripts stage" | tee -a "$out/skipped.txt"
+    return 0
+  fi
+  limited 150 env TIMM_SCRIPTS_DIR="$(cd "$dir" && pwd)" python -m pytest -v -rs -k cuda tests/test_scripts.py \
+      > "$out/test-scripts.log" 2>&1
+  tail -8 "$out/test-scripts.log"
 }
 
 for stage in $stages; do

@@ -3,8 +3,8 @@
     python benchmarks/gpu_summary.py DIR        # gpu-check.tgz unpacked, or ./gpu-out
 
 For whatever stages ran (a missing file is a stage that was skipped or cut short; ``skipped.txt`` names those):
-* the CUDA tests of each log (``test.log``: the built-in launches, ``test-optin.log``: the opt-in ones): passed /
-  failed / errors, and the failing test ids;
+* the CUDA tests of each log (``test.log``: the built-in launches, ``test-optin.log``: the opt-in ones,
+  ``test-scripts.log``: timm's scripts on the GPU): passed / failed / errors, and the failing test ids;
 * model level: each ConvNN model's inference and train-step throughput and train peak memory as ratios to its timm
   counterpart, built in (``models/``) and per ``--kernel-config`` variant (``variant-*/``), against the targets for
   ``vit_base_convnn_all_k16``;
@@ -128,7 +128,7 @@ def summary(root: pathlib.Path) -> str:
         lines += ['', '## Not run (the time budget)'] + [f'- {line}' for line in skipped.read_text().splitlines()]
 
     lines += ['', '## CUDA tests']
-    for name in ('test.log', 'test-optin.log'):
+    for name in ('test.log', 'test-optin.log', 'test-scripts.log'):
         path = root / name
         if not path.exists():
             lines.append(f'- {name}: missing')

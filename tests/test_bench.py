@@ -349,6 +349,13 @@ def test_gpu_check_script_commands_parse(tmp_path):
     selected = {mark: _collected(root, 'cuda and not compile', shlex.split(mark)) for mark in [''] + marks}
     assert len(selected['']) >= 40 and all(selected[mark] for mark in marks)
     assert selected[marks[0]] | selected[marks[1]] == selected[''] and not selected[marks[0]] & selected[marks[1]]
+    # the scripts stage: timm's scripts on the GPU, the tests of tests/test_scripts.py that need CUDA and only those
+    keyword, = re.findall(r'python -m pytest .*? -k (\w+) tests/test_scripts\.py', _gpu_check_text(root))
+    import tests.test_scripts as scripts
+    on_cuda = {name for name, test in vars(scripts).items()
+               if name.startswith('test_') and scripts.needs_cuda.mark in getattr(test, 'pytestmark', [])}
+    selected = _collected(root, keyword, None, 'tests/test_scripts.py')
+    assert len(selected) == 4 and {line.split('::')[1].split('[')[0] for line in selected} == on_cuda  # 3 + 1 param
 
 
 def test_gpu_summary_reads_a_stored_h200_run(tmp_path):
@@ -455,13 +462,13 @@ def test_gpu_check_script_runs_stages_in_order_within_its_budget(tmp_path):
     assert rc == 2 and "unknown stage 'nonsense'" in err and 'timeout' not in out
 
 
-def _collected(root, keyword, mark):
-    """Test ids pytest collects from tests/test_triton.py for ``-k keyword`` (and ``-m`` mark, if given)."""
+def _collected(root, keyword, mark, path='tests/test_triton.py'):
+    """Test ids pytest collects from ``path`` for ``-k keyword`` (and ``-m`` mark, if given)."""
     import subprocess
     import sys
     options = ['-m', *mark] if mark else []
     selection = subprocess.run(
         [sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', '-k', keyword, *options,
-         'tests/test_triton.py'], cwd=root, capture_output=True, text=True, timeout=600)
+         path], cwd=root, capture_output=True, text=True, timeout=600)
     assert selection.returncode == 0, selection.stdout[-3000:]
     return {line for line in selection.stdout.splitlines() if '::' in line}
