@@ -22,23 +22,22 @@
 # the second call right after the first):
 #   run(command='GPU_CHECK_STAGES="tests models row listed sweep optin" GPU_CHECK_BUDGET_S=440 '
 #               'bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"], timeout_s=450)
-#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> profile ops threshold select fp32 scripts" '
+#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> profile ops threshold select fp32 scripts compile" '
 #               'GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"],
 #       timeout_s=<budget_left_s - 10>)
 # (the first call's stages are the decisions: the built-in launches' correctness and model level, then the opt-in
 # launches that might reach the issue's targets, at model level against timm and in the sweep; its limits add up to
 # more than 440 s, and skipped.txt names what it did not reach.)
 # (2026-11-30: tests, ops, models and select took 241 s of wall time, 20 CUDA tests 99 s of it, and the machine's
-# start about 30 s.) GPU_CHECK_COMPILE=1 adds the torch.compile test and the model level under torch.compile
-# (about 3 more minutes).
+# start about 30 s.)
 set -uo pipefail
-stages="${GPU_CHECK_STAGES:-tests models row listed sweep optin profile ops threshold select fp32 scripts}"
+stages="${GPU_CHECK_STAGES:-tests models row listed sweep optin profile ops threshold select fp32 scripts compile}"
 budget="${GPU_CHECK_BUDGET_S:-590}"
 dry="${GPU_CHECK_DRY:-0}"
 if [ -n "${OUT:-}" ]; then
   out="$(mktemp -d)"
   pack() {
-    tar -czf "$OUT/gpu-check.tgz" -C "$out" . && for log in test.log test-optin.log test-scripts.log; do
+    tar -czf "$OUT/gpu-check.tgz" -C "$out" . && for log in test{,-optin,-scripts,-compile}.log; do
       [ ! -f "$out/$log" ] || cp "$out/$log" "$OUT/"
     done
   }
@@ -49,8 +48,7 @@ fi
 mkdir -p "$out"
 exec 3>&1  # the script's stdout, for the dry run's lines from inside redirected commands
 export PYTHONUNBUFFERED=1
-tests="cuda and not compile"
-[ "${GPU_CHECK_COMPILE:-0}" = 1 ] && tests="cuda"
+tests="cuda and not compile"  # (the torch.compile tests: stage compile)
 
 # limited SECONDS COMMAND...: COMMAND under `timeout` of SECONDS or what is left of the budget less 20 s, the smaller
 limited() {
@@ -82,10 +80,6 @@ stage_tests() {
 stage_models() {
   limited 100 python benchmarks/bench.py --models --device cuda --amp --backends torch triton --warmup 2 --iters 5 \
       --out "$out/models" 2>&1
-  if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then
-    limited 150 python benchmarks/bench.py --models --device cuda --amp --compile --warmup 3 --iters 10 \
-        --pairs vit_base_convnn_all_k16:vit_base_patch16_224 --out "$out/compile" 2>&1
-  fi
 }
 # 3. ViT-B inference (0.70x of timm's on 2026-11-30, target 0.8x) with other row-kernel launches, against timm's ViT-B
 #    in the same run (the built-in: stage 2): the bitonic selection on 64 queries and 8 warps, the fastest launch at
@@ -188,6 +182,15 @@ stage_scripts() {
   limited 150 env TIMM_SCRIPTS_DIR="$(cd "$dir" && pwd)" python -m pytest -v -rs -k cuda tests/test_scripts.py \
       > "$out/test-scripts.log" 2>&1
   tail -8 "$out/test-scripts.log"
+}
+# 13. torch.compile (Inductor) with the fused kernels as custom ops (never run on a GPU before 2026-12-02; on the CPU
+#     the ops pass torch.library.opcheck and trace under aot_eager): the CUDA test (an eval forward equal to eager, a
+#     training step's gradients, no graph break), then ViT-B against timm's, both compiled
+stage_compile() {
+  limited 150 python -m pytest -v -rs -k "cuda and compile" tests/test_triton.py > "$out/test-compile.log" 2>&1
+  tail -8 "$out/test-compile.log"
+  limited 150 python benchmarks/bench.py --models --device cuda --amp --compile --warmup 3 --iters 10 \
+      --pairs vit_base_convnn_all_k16:vit_base_patch16_224 --out "$out/compile" 2>&1
 }
 
 for stage in $stages; do

@@ -4,7 +4,8 @@
 
 For whatever stages ran (a missing file is a stage that was skipped or cut short; ``skipped.txt`` names those):
 * the CUDA tests of each log (``test.log``: the built-in launches, ``test-optin.log``: the opt-in ones,
-  ``test-scripts.log``: timm's scripts on the GPU): passed / failed / errors, and the failing test ids;
+  ``test-scripts.log``: timm's scripts on the GPU, ``test-compile.log``: torch.compile): passed / failed / errors, and
+  the failing test ids;
 * model level: each ConvNN model's inference and train-step throughput and train peak memory as ratios to its timm
   counterpart, built in (``models/``) and per ``--kernel-config`` variant (``variant-*/``), against the targets for
   ``vit_base_convnn_all_k16``;
@@ -66,14 +67,16 @@ def log_counts(log: str) -> Tuple[Dict[str, int], List[str], bool]:
 
 
 def harness_runs(root: pathlib.Path) -> List[Tuple[str, Dict[str, Any]]]:
-    """(label, results.json) of the built-in model and operator runs (``models/``, ``ops/``) and of every variant-*/
-    run (labelled with its kernel config), each read once."""
+    """(label, results.json) of the built-in model and operator runs (``models/``, ``ops/``), of the model run under
+    torch.compile (``compile/``) and of every variant-*/ run (labelled with its kernel config), each read once."""
     runs = []
-    for folder in [root / 'models', root / 'ops'] + sorted(root.glob('variant-*')):
+    for folder in [root / 'models', root / 'ops', root / 'compile'] + sorted(root.glob('variant-*')):
         result = _load(folder / 'results.json')
         if result is not None:
             config = ' '.join(f'{k}={v}' for k, v in (result.get('kernel_config') or {}).items())
-            runs.append(('built in' if folder.name in ('models', 'ops') else f'{folder.name} ({config})', result))
+            label = {'models': 'built in', 'ops': 'built in', 'compile': 'built in, torch.compile'}.get(
+                folder.name, f'{folder.name} ({config})')
+            runs.append((label, result))
     return runs
 
 
@@ -128,7 +131,7 @@ def summary(root: pathlib.Path) -> str:
         lines += ['', '## Not run (the time budget)'] + [f'- {line}' for line in skipped.read_text().splitlines()]
 
     lines += ['', '## CUDA tests']
-    for name in ('test.log', 'test-optin.log', 'test-scripts.log'):
+    for name in ('test.log', 'test-optin.log', 'test-scripts.log', 'test-compile.log'):
         path = root / name
         if not path.exists():
             lines.append(f'- {name}: missing')

@@ -349,6 +349,10 @@ def test_gpu_check_script_commands_parse(tmp_path):
     selected = {mark: _collected(root, 'cuda and not compile', shlex.split(mark)) for mark in [''] + marks}
     assert len(selected['']) >= 40 and all(selected[mark] for mark in marks)
     assert selected[marks[0]] | selected[marks[1]] == selected[''] and not selected[marks[0]] & selected[marks[1]]
+    # the compile stage: the CUDA torch.compile tests, which the tests stages leave out
+    keyword, = re.findall(r'python -m pytest -v -rs -k "([^"]*)" tests/test_triton\.py', _gpu_check_text(root))
+    compiled = _collected(root, keyword, None)
+    assert compiled and all('compile' in test_id for test_id in compiled) and not compiled & selected['']
     # the scripts stage: timm's scripts on the GPU, the tests of tests/test_scripts.py that need CUDA and only those
     keyword, = re.findall(r'python -m pytest .*? -k (\w+) tests/test_scripts\.py', _gpu_check_text(root))
     import tests.test_scripts as scripts
@@ -373,6 +377,10 @@ def test_gpu_summary_reads_a_stored_h200_run(tmp_path):
         (tmp_path / folder).mkdir()
         shutil.copy(stored / source / 'results.json', tmp_path / folder)
     models = json.loads((stored / 'h200-models' / 'results.json').read_text())
+    (tmp_path / 'compile').mkdir()
+    (tmp_path / 'compile' / 'results.json').write_text(json.dumps(dict(models, models=[
+        r for r in models['models'] if r['model'] in ('vit_base_convnn_all_k16', 'vit_base_patch16_224')
+        and r['backend'] != 'torch'])))
     (tmp_path / 'variant-pairs').mkdir()
     (tmp_path / 'variant-pairs' / 'results.json').write_text(json.dumps(dict(models, kernel_config={
         'fwd_select': 'pairs'})))
@@ -397,6 +405,7 @@ def test_gpu_summary_reads_a_stored_h200_run(tmp_path):
     assert f'target train_memory_vs_baseline: {memory:.3f}, NOT met (<= 1.1)' in out and 1.1 < memory < 1.105
     assert 'target train_vs_baseline: 0.794, met (>= 0.7)' in out
     assert out.count('- vit_base_convnn_all_k16 [triton], variant-pairs (fwd_select=pairs): inference 0.70x') == 1
+    assert out.count('- vit_base_convnn_all_k16 [triton], built in, torch.compile: inference 0.70x') == 1
     ops = json.loads((stored / 'h200-ops' / 'results.json').read_text())['ops']
     sdpa = next(r['ms'] for r in ops if r['impl'] == 'sdpa' and r['n'] == 16385 and r['pass_'] == 'fwd+bwd')
     fused = {(r['mode'], r['K']): r['ms'] for r in ops if r['backend'] == 'triton' and r['n'] == 16385
@@ -415,7 +424,8 @@ def test_gpu_summary_reads_a_stored_h200_run(tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()
     out = summary(empty)
-    assert '- test.log: missing' in out and '- no model-level results' in out and '- no operator-level results' in out
+    assert '- test.log: missing' in out and '- test-compile.log: missing' in out
+    assert '- no model-level results' in out and '- no operator-level results' in out
 
 
 def _gpu_check_dry(tmp_path, stages, budget):
