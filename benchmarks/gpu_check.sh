@@ -22,12 +22,14 @@
 # the second call right after the first):
 #   run(command='GPU_CHECK_STAGES="tests models row listed sweep optin" GPU_CHECK_BUDGET_S=440 '
 #               'bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"], timeout_s=450)
-#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> profile ops threshold select fp32 scripts compile" '
+#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> scripts ops threshold compile profile select fp32" '
 #               'GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"],
 #       timeout_s=<budget_left_s - 10>)
 # (the first call's stages are the decisions: the built-in launches' correctness and model level, then the opt-in
 # launches that might reach the issue's targets, at model level against timm and in the sweep; its limits add up to
-# more than 440 s, and skipped.txt names what it did not reach.)
+# more than 440 s, and skipped.txt names what it did not reach. The second call's order: what users run and no GPU has
+# run yet first (timm's scripts on the fused kernels: stage scripts, about 100 s), the operator table of the README
+# and the threshold passes for the `all` target next, then torch.compile and the diagnostics.)
 # (2026-11-30: tests, ops, models and select took 241 s of wall time, 20 CUDA tests 99 s of it, and the machine's
 # start about 30 s.)
 set -uo pipefail
