@@ -13,7 +13,8 @@
 #
 # Set-up on the calling machine (the device box has an older timm and no internet):
 #   pip download timm==1.0.31 --no-deps -d .whl          # .whl/ is git-ignored; carry it
-#   (stage scripts) timm's train.py, validate.py, benchmark.py, inference.py in .timm_scripts/ (git-ignored; carry it)
+#   mkdir -p .timm_scripts; for f in train validate benchmark inference; do   # stage scripts; git-ignored; carry it
+#     git --git-dir=D show HEAD:$f.py > .timm_scripts/$f.py; done   # D: fetch github:huggingface/pytorch-image-models
 # Results: under the device tool ($OUT set), which returns at most 8 files from $OUT, the stages write to a scratch
 # directory that is packed into $OUT/gpu-check.tgz after every stage (a call cut short by its time limit keeps what
 # its finished stages wrote), with the CUDA test logs beside it; without $OUT, into ./gpu-out. The script ends with
