@@ -51,6 +51,7 @@ fi
 mkdir -p "$out"
 exec 3>&1  # the script's stdout, for the dry run's lines from inside redirected commands
 export PYTHONUNBUFFERED=1
+export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} --durations=15"  # the CUDA tests' slowest, for trimming the stages
 tests="cuda and not compile"  # (the torch.compile tests: stage compile)
 
 # limited SECONDS COMMAND...: COMMAND under `timeout` of SECONDS or what is left of the budget less 20 s, the smaller
