@@ -226,6 +226,7 @@ compare('euclidean_k_clamped', lambda: ConvNNAttention(32, num_heads=4, num_neig
         torch.randn(1, 20, 32))
 compare('branch', lambda: ConvNNBranchAttention(32, num_heads=2, branch_ratio=0.5, num_neighbors=5), x)
 compare('bf16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6).to(torch.bfloat16), x.to(torch.bfloat16))
+compare('fp16', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6).to(torch.float16), x.to(torch.float16))
 # more than ROW_TOKENS tokens: the streaming forward (key tiles through a running top-K buffer)
 compare('stream', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, num_prefix_tokens=1, grid_size=(17, 17)),
         torch.randn(1, 290, 32))
@@ -622,7 +623,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     r = run_interpreted(f'STREAM_ROUNDS = {stream_rounds!r}\n' + _INTERPRETED, tmp_path, 'checked')
     selects = ('cnn', 'cnn_strided_euclidean_coords_softmax', 'cnn_depthwise_position', 'attention_ones', 'cnn_random',
                'cnn_spatial_strided_softmax', 'attention_ones_random', 'cnn_random_wide')
-    for case in ('dot', 'dot_d24', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'stream',
+    for case in ('dot', 'dot_d24', 'cosine_coords_qknorm', 'euclidean_k_clamped', 'branch', 'bf16', 'fp16', 'stream',
                  'stream_64', 'bwd_8', 'random', 'random_row', 'spatial_row', 'random_row_k_is_r', 'spatial_row_dense',
                  'random_dense', 'random_dense_bf16', 'random_row_copies', 'spatial', 'random_k_is_r', 'random_wide',
                  'dot_topk', 'euclidean_k_clamped_topk', 'dot_packed', 'random_row_packed',
@@ -632,7 +633,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         assert (c['triton_calls'], c['select_calls']) == ((0, 1) if case in selects else (1, 0)), (case, c)
         # packed keys: softmax weights from scores with 2**-15 relative precision
         packed = case in ('dot_packed', 'random_row_packed', 'random_row_packed_pairs')
-        tol = {'bf16': (3e-2, 3e-2), 'random_dense_bf16': (3e-2, 3e-2)}.get(
+        tol = {'bf16': (3e-2, 3e-2), 'fp16': (3e-2, 3e-2), 'random_dense_bf16': (3e-2, 3e-2)}.get(
             case, (1e-3, 1e-3) if packed else (1e-5, 1e-4))
         # the comparison is defined: no query's ranking hangs on rounding (2e-6: about 30 fp32 roundings of the row's
         # largest score), nor, with packed keys, on a shared bucket
@@ -831,7 +832,8 @@ def test_eager_rule_leaves_graphs_and_subclasses_to_the_custom_op():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (the CPU interpreter test covers the '
                                                           'kernel logic on every machine)')
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+# float16: timm train.py's --amp default (with its loss scaler), bfloat16: the harness's autocast
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('side', [14, 28])  # 197 tokens: the row kernel; 785: the streaming kernel
 def test_fused_matches_torch_on_cuda(dtype, side, backend, monkeypatch):
     _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch)
@@ -925,7 +927,8 @@ def _fused_vs_torch_on_cuda(dtype, side, backend, monkeypatch):
     torch.manual_seed(0)
     layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, num_prefix_tokens=1, grid_size=(side, side)).cuda()
     x = torch.randn(8, side * side + 1, 384, device='cuda', dtype=dtype, requires_grad=True)
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    half = dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast('cuda', dtype=dtype if half else torch.bfloat16, enabled=half):
         backend('torch')
         y0 = layer(x)
         g0 = torch.autograd.grad(y0.float().sum(), [x] + list(layer.parameters()))
