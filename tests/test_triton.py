@@ -745,6 +745,42 @@ def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
         assert chunks(batch, real, real.contiguous()) == chunks(batch, real.to('meta')) == [(0, batch)][:batch]
 
 
+def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
+    # Triton launches on the current CUDA device, on its current stream: each call makes its tensors' GPU current for
+    # its launches (_on_device), so that a model on cuda:1 without torch.cuda.set_device (timm's validate.py /
+    # benchmark.py --device cuda:1) neither launches on cuda:0 with cuda:1's memory nor races cuda:1's stream
+    import contextlib
+    launches = _recorded_launches(monkeypatch)
+    real, spans = triton_attention._on_device, []
+
+    @contextlib.contextmanager
+    def on_device(x):
+        start = len(launches)
+        with real(x):
+            yield
+        spans.append((x.device, start, len(launches)))
+
+    monkeypatch.setattr(triton_attention, '_on_device', on_device)
+    monkeypatch.setitem(triton_attention.CONFIG, 'bwd_listed', 'dense')
+    B, N, H, D, K = 2, 50, 3, 16, 5
+    for cand in (None, torch.tensor([3, 0, 9, 4, 12, 7, 30, 41])):  # every token; a list (the dense backward)
+        q, k, v = torch.randn(3, B, H, N, D, requires_grad=True).unbind(0)
+        w = torch.randn(H * D, 1, K, requires_grad=True)
+        triton_attention.fused_attention(q, k, v, w, K, cand, 0.25)[0].sum().backward()
+    with torch.no_grad():
+        triton_attention.fused_select(q, k, K)
+    assert [x[0] for x in launches] == ['_convnn_fwd_kernel', '_convnn_bwd_kernel'] * 2 + ['_convnn_select_kernel']
+    assert sorted(i for _, a, b in spans for i in range(a, b)) == list(range(len(launches)))  # each inside one
+    # the switch itself: to a tensor's GPU when another one is current; none on the current GPU or the CPU
+    switched = []
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    monkeypatch.setattr(torch.cuda, 'device', lambda index: switched.append(index) or contextlib.nullcontext())
+    for device in ('cuda:1', 'cuda:0', 'cpu'):
+        with real(type('OnDevice', (), dict(device=torch.device(device)))()):
+            pass
+    assert switched == [1]
+
+
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 @pytest.mark.filterwarnings('ignore:`torch.jit.trace:FutureWarning')
 @pytest.mark.parametrize('listed', [False, True])

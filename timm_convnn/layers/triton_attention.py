@@ -27,9 +27,10 @@ tensor cores; fp32 ones are 3xTF32 there, ``FP32_DOT``).
 The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how the CPU test
 suite checks them against the PyTorch path.
 """
+import contextlib
 import os
 import re
-from typing import List, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 
@@ -187,6 +188,16 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
         return (f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); got '
                 f'{device} tensors')
     return None
+
+
+def _on_device(x: torch.Tensor) -> ContextManager:
+    """The device of a call's launches: Triton launches a kernel on the current CUDA device, on its current stream, so
+    a call on tensors of another GPU (a model moved to cuda:1 without ``torch.cuda.set_device``, as timm's validate.py
+    and benchmark.py do with ``--device cuda:1``) makes theirs current for its launches. Nothing to switch (one query)
+    for tensors on the current device, or on the CPU (Triton's interpreter)."""
+    if x.device.type == 'cuda' and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device.index)
+    return contextlib.nullcontext()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -1083,16 +1094,17 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
     fp32 = _fp32_products(q, k)
     block_m, per_tile, most, scr_s, scr_i = _top_k_launch(stream, fp32, K, DQ, candidates is not None, M, B, H, N,
                                                           (p, idx))
-    for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p, most=most) if H * N > 0 else ():
-        _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
-            qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, N, M, num_keys, H, q_scale, *_strides(q),
-            *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), STREAM=stream,
-            CANDIDATES=candidates is not None,
-            TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
-            PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
-            PACKED=_use_packed_keys(fp32) and not stream, PER_TILE=per_tile, CAP=_stream_cap(K),
-            num_warps=_fwd_warps(stream, fp32, candidates is not None, per_tile > 0), **COMPILE_OPTIONS)
+    with _on_device(v):
+        for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p, most=most) if H * N > 0 else ():
+            _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
+                qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, N, M, num_keys, H, q_scale, *_strides(q),
+                *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(),
+                STREAM=stream, CANDIDATES=candidates is not None,
+                TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
+                PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
+                PACKED=_use_packed_keys(fp32) and not stream, PER_TILE=per_tile, CAP=_stream_cap(K),
+                num_warps=_fwd_warps(stream, fp32, candidates is not None, per_tile > 0), **COMPILE_OPTIONS)
     return out, idx, p
 
 
@@ -1136,14 +1148,15 @@ def _attention_backward(
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
-    for nb, (gb, qb, kb, vb, ib, pb, dqb, dkb, dvb) in (
-            _batch_slices(B, go, q, k, vv, idx, p, dq, dk, dv) if H * N > 0 else ()):
-        _convnn_bwd_kernel[(_cdiv(N, block_m), H, nb)](
-            gb, qb, kb, vb, w, ib, pb, dqb, dkb, dvb, dw, cand, inv, N, M,
-            cand.numel(), H, copies, rc, q_scale,
-            *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
-            BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=block_c,
-            DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', num_warps=warps, **COMPILE_OPTIONS)
+    with _on_device(v):
+        for nb, (gb, qb, kb, vb, ib, pb, dqb, dkb, dvb) in (
+                _batch_slices(B, go, q, k, vv, idx, p, dq, dk, dv) if H * N > 0 else ()):
+            _convnn_bwd_kernel[(_cdiv(N, block_m), H, nb)](
+                gb, qb, kb, vb, w, ib, pb, dqb, dkb, dvb, dw, cand, inv, N, M,
+                cand.numel(), H, copies, rc, q_scale,
+                *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
+                BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=block_c,
+                DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', num_warps=warps, **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     dk, dv = (t.squeeze(1) if rc == 1 else t.sum(1) for t in (dk, dv))
@@ -1245,13 +1258,14 @@ def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: 
     cand, qidx = _int32_ids(candidates, q.device), _int32_ids(query_index if listed else None, q.device)
     fp32 = _fp32_products(q, k)
     block_m, per_tile, most, scr_s, scr_i = _top_k_launch(True, fp32, K, DQ, listed, M, B, G, N, (scores, idx))
-    for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores, most=most) if G * N * K > 0 else ():
-        _convnn_select_kernel[(_cdiv(N, block_m), G, nb)](
-            qb, kb, ib, sb, cand, qidx, scr_s, scr_i, N, M, cand.numel() if listed else M, G,
-            *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
-            BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
-            PER_TILE=per_tile, CAP=_stream_cap(K),
-            num_warps=_fwd_warps(True, fp32, listed, per_tile > 0), **COMPILE_OPTIONS)
+    with _on_device(q):
+        for nb, (qb, kb, ib, sb) in _batch_slices(B, q, k, idx, scores, most=most) if G * N * K > 0 else ():
+            _convnn_select_kernel[(_cdiv(N, block_m), G, nb)](
+                qb, kb, ib, sb, cand, qidx, scr_s, scr_i, N, M, cand.numel() if listed else M, G,
+                *_strides(q), *_strides(k), DQ=DQ, NUM_K=K, BLOCK_M=block_m, BLOCK_N=STREAM_BLOCK_N,
+                BLOCK_DQ=_pow2(DQ), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(), CANDIDATES=listed,
+                PER_TILE=per_tile, CAP=_stream_cap(K),
+                num_warps=_fwd_warps(True, fp32, listed, per_tile > 0), **COMPILE_OPTIONS)
     return idx, scores
 
 
