@@ -74,14 +74,14 @@ def _streams(kind: str, o: dict) -> bool:
     return not o['row'] if o['cand'] else o['N'] > ta.ROW_TOKENS
 
 
-def _signature(kind: str, o: dict):
+def _signature(kind: str, o: dict, arch: int = 90):
     p = '*' + o['dtype']
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', SCR_S='*fp32',
                    SCR_I='*i32', N='i32', M='i32', L='i32', H='i32', q_scale='fp32')
         stream = _streams(kind, o)
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']),
-                                                  _per_tile(stream, o) > 0)
+                                                  _per_tile(stream, o) > 0, arch)
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N if stream else ta._pow2(o['r'] + 1 if o['cand'] else o['N']),
                      BLOCK_DQ=ta._pow2(o['D']),
@@ -95,7 +95,7 @@ def _signature(kind: str, o: dict):
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', SCR_S='*fp32', SCR_I='*i32', N='i32',
                    M='i32', L='i32', G='i32')
         block_m = o['block_m'] or ta._fwd_block_m(True, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']),
-                                                  _per_tile(True, o) > 0)
+                                                  _per_tile(True, o) > 0, arch)
         const = dict(DQ=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_N=ta.STREAM_BLOCK_N, BLOCK_DQ=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2),
                      F32=o['dtype'] == 'fp32', DOT_F32=o['dot'],
@@ -137,7 +137,7 @@ def resources(case: str, arch: int = 90) -> dict:
     else:
         stream = _streams(kind, o)
         warps = ta._fwd_warps(stream, o['dtype'] == 'fp32', bool(o['cand']), _per_tile(stream, o) > 0)
-    fn, sig, const = _signature(kind, o)
+    fn, sig, const = _signature(kind, o, arch)
     attrs = {}
     if o['aligned']:  # what triton.jit specialises at run time: 16-byte aligned pointers, strides divisible by 16
         attrs = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(fn.arg_names)
@@ -163,7 +163,9 @@ def resources(case: str, arch: int = 90) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('cases', nargs='*', default=list(DEFAULT_CASES))
-    p.add_argument('--arch', type=int, default=90, help='compute capability x 10 (90: H100 / H200)')
+    p.add_argument('--arch', type=int, default=90, help='compute capability x 10 (90: H100 / H200; 80: A100, 86: '
+                   'RTX 30xx, 89: RTX 40xx / L4, 100: B200, 120: RTX 50xx); block_m / warps 0: the built-in choice '
+                   'for that GPU')
     args = p.parse_args()
     reason = ta.triton_unavailable_reason(torch.device('cuda'))
     if reason is not None:

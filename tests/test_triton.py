@@ -1233,6 +1233,42 @@ def test_fused_forward_dispatch(backend, monkeypatch):
     assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
 
 
+def test_fused_path_needs_an_ampere_or_newer_nvidia_gpu(backend, monkeypatch):
+    # the kernels serve NVIDIA GPUs of compute capability >= 8.0 (compiled spill-free, or nearly, for sm_80 to sm_120;
+    # sm_75 spills kilobytes): auto runs the PyTorch path on older GPUs and on ROCm builds, 'triton' says why it cannot.
+    # On other GPUs than Hopper, fp32 products stream on 16 queries per program, and on sm_100 half / bf16 ones on 32
+    # (the launch asks the tensors' GPU)
+    if triton_attention.triton is None:
+        pytest.fail('triton is not installed (pip install triton)')
+    monkeypatch.setattr(triton_attention, '_INSTALL_REASON', None)  # as if a recent Triton were installed
+    asked = []
+    capabilities = {0: (7, 5), 1: (8, 0), 2: (12, 0)}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda i: asked.append(i) or capabilities[i])
+    monkeypatch.setattr(triton_attention, '_ARCHS', {})
+    turing, ampere, blackwell = (torch.device('cuda', i) for i in range(3))
+    assert triton_attention.triton_unavailable_reason(turing) == (
+        'the fused ConvNN kernels need an NVIDIA GPU of compute capability 8.0 or newer (Ampere and later; older ones '
+        'spill registers); this GPU is 7.5')
+    assert triton_attention.triton_available(ampere) and triton_attention.triton_available(blackwell)
+    assert [triton_attention._arch(d) for d in (turing, ampere, blackwell, ampere)] == [75, 80, 120, 80]
+    assert asked == [0, 1, 2]  # once per device
+    backend('auto')
+    assert not _layer()._fused_supported(50, turing) and _layer()._fused_supported(50, ampere)
+    backend('triton')
+    with pytest.raises(RuntimeError, match=r'is "triton" but the fused ConvNN kernels need .* this GPU is 7\.5'):
+        _layer()._fused_supported(50, turing)
+    monkeypatch.setattr(torch.version, 'hip', '6.4.0', raising=False)
+    assert triton_attention.triton_unavailable_reason(ampere) == (
+        'the fused ConvNN kernels are built for NVIDIA GPUs; this torch is a ROCm build (6.4.0)')
+    # the launch of fp32 products over streamed keys (a ResNet's selection under autocast): by the tensors' GPU
+    spare = (torch.empty(0), torch.empty(0, dtype=torch.int32))
+    for arch, fp32, half in ((80, 16, 64), (86, 16, 64), (100, 16, 32), (120, 16, 64), (90, 64, 64)):
+        monkeypatch.setattr(triton_attention, '_arch', lambda device, arch=arch: arch)
+        assert triton_attention._top_k_launch(True, True, 9, 64, False, 3136, 1, 1, 3136, spare)[0] == fp32
+        assert triton_attention._top_k_launch(True, False, 9, 64, False, 3136, 1, 1, 3136, spare)[0] == half
+
+
 def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
     # triton 3.1-3.3 (torch 2.5-2.7) cannot compile the kernels (no tl.topk): auto falls back to the PyTorch path on
     # CUDA, and 'triton' / fused_attention say which version is there and which is needed

@@ -1,4 +1,5 @@
-"""The fused Triton kernels compiled ahead of time for an H100 / H200 on any machine (no GPU): registers, spills,
+"""The fused Triton kernels compiled ahead of time for an H100 / H200 and the other NVIDIA GPUs they serve, on any
+machine (no GPU): registers, spills,
 fences and FMA contraction, read from the cubin by ``benchmarks/kernel_resources.py``. A file of its own so that
 ``pytest -n 2 --dist loadfile`` runs it beside ``test_triton.py``'s interpreter test (each takes minutes).
 """
@@ -43,3 +44,31 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
         # multiply-adds contracted, as the kernels were tested and timed (the selection alone has no fp32 products:
         # its dot products run on the tensor cores, 3xTF32 ones for fp32 features)
         assert r['ffma'] > 0 or case.startswith('sel:'), r
+
+
+def test_fused_kernels_compile_for_other_nvidia_gpus_without_large_spills(monkeypatch):
+    # the built-in launches on the other GPUs the kernels serve (compute capability >= MIN_CAPABILITY: A100 sm_80,
+    # RTX 30xx / A10 sm_86, B200 sm_100, RTX 50xx sm_120; sm_89 compiles as sm_86): no kernel keeps more than 256 bytes
+    # of stack (the fp32-input row kernel keeps 96-248; a launch with 104 timed like a spill-free one on the H200), and
+    # the fp32 products that stream on 64 queries on Hopper stream on 16 there, spill-free (on 64: 168 bytes to 8 KB).
+    # Checked with triton 3.8 and 3.9 (2026-12-02)
+    _require_kernels('compiled')
+    monkeypatch.setenv('TRITON_DEFAULT_FP_FUSION', '0')
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+    try:
+        from kernel_resources import resources
+    finally:
+        sys.path.pop(0)
+    streamed_fp32 = ('fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'sel:K=9,dtype=fp32',
+                     'sel:K=9,D=128,dtype=fp32')
+    assert all(triton_attention._fwd_block_m(True, True, 16, d, listed, arch=arch) == expected
+               for d, listed in ((64, False), (128, False), (64, True))
+               for arch, expected in ((80, 16), (86, 16), (100, 16), (120, 16), (90, 64)))
+    # (half / bf16 products: 64 queries, but 32 on sm_100, where 64 spill 88 / 360 bytes under triton 3.8 / 3.9)
+    for arch in (80, 86, 100, 120):
+        for case in ('fwd:N=197,K=16', 'fwd:N=197,K=16,dtype=fp16', 'fwd:N=197,K=16,dtype=fp32', 'fwd:N=3137,K=16',
+                     'fwd:N=3137,K=9,cand=1', 'bwd:K=16', 'bwd:K=16,dtype=fp32', 'bwd:N=16385,K=16,cand=1', 'sel:K=9',
+                     'sel:K=9,cand=1') + streamed_fp32:
+            r = resources(case, arch=arch)
+            assert 0 < r['registers'] <= 255 and r['stack_bytes'] <= 256, (arch, r)
+            assert r['stack_bytes'] == 0 or case not in streamed_fp32, (arch, r)

@@ -38,7 +38,8 @@ from .backend import get_backend
 from .symbolic import capturing, kept, slots
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
-           'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'COMPILE_OPTIONS']
+           'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'MIN_CAPABILITY',
+           'COMPILE_OPTIONS']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
@@ -46,6 +47,13 @@ MAX_NEIGHBORS = 64
 # 56 x 56 and 28 x 28 maps of a ResNet have 64 and 128; with appended coordinates 66 and 130, so the second selects
 # in PyTorch); wider ones select in PyTorch
 MAX_SELECT_DIM = 128
+# The GPUs the fused kernels serve: NVIDIA, compute capability 8.0 and newer (Ampere, Ada, Hopper, Blackwell).
+# Compiled by triton 3.8 for sm_80 / 86 / 89 / 90 / 100 / 120 without a GPU (tests/test_triton_compile.py), their
+# built-in launches keep at most a few hundred bytes of stack (the fp32-input row kernel: 96-248; on the H200 such a
+# launch timed 0.66 ms against 0.68 for a spill-free one); for sm_75 (Turing) the half / bf16 row kernel alone spills
+# 1.5-1.8 KB and the selection up to 3.3 KB, where spills of kilobytes ran many times slower on the H200. Older GPUs,
+# and AMD ones (ROCm builds of torch; never compiled for), run the PyTorch path.
+MIN_CAPABILITY = (8, 0)
 ROW_TOKENS = 256  # up to this many tokens the forward ranks whole score rows in registers; above, it streams
 STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # Queries per program: 16, the smallest tensor-core tile; the streaming forward on half / bf16 inputs with K <= 32
@@ -57,6 +65,10 @@ STREAM_BLOCK_N = 64  # key tile of the streaming forward
 # (168 bytes): those keep 16. With 3xTF32 products (FP32_DOT) fp32 inputs take 64 as well (no spill under triton 3.6 /
 # 3.8; the selection kernel on fp32 cosine features, a ResNet-50 stage-1 layer at B 64: 2.20 ms on 64 queries against
 # 5.85 ms on 16, H200), except fp32 features of more than 64 channels with a candidate list (176 bytes spilled: 16).
+# That holds for Hopper's wgmma tiles only: compiled for sm_80 / 86 / 89 / 100 / 120 (triton 3.8), 64 streaming queries
+# with fp32 products spill 168 bytes to 8 KB (the selection on 128-channel fp32 features, a ResNet stage-2 layer under
+# autocast: 8,088 bytes on sm_80), where 16 keep 128-194 registers and none: other GPUs stream fp32 products on 16.
+# Half / bf16 products stream on 64 queries spill-free there too, except on sm_100 (32 there).
 # 64 x 256 score rows spill with exact keys (104 bytes) but not packed (228); kernel_sweep.py tries them.
 BLOCK_QUERIES = 16
 STREAM_BLOCK_QUERIES = 64
@@ -179,14 +191,41 @@ def _too_old(version: str) -> Optional[str]:
 _INSTALL_REASON = 'triton is not installed (pip install triton)' if triton is None else _too_old(triton.__version__)
 
 
+_ARCHS = {}  # CUDA device index -> compute capability x 10
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability x 10 of ``device``'s GPU (90: H100 / H200), asked once per device; 90 without one (CPU
+    tensors under Triton's interpreter: the launches compiled for sm_90, which the interpreter tests check)."""
+    if device.type != 'cuda':
+        return 90
+    arch = _ARCHS.get(device.index)  # (a tensor's CUDA device always has an index)
+    if arch is None:
+        if not torch.cuda.is_available():
+            return 90
+        index = torch.cuda.current_device() if device.index is None else device.index
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = _ARCHS[index] = 10 * major + minor
+    return arch
+
+
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why the fused kernels cannot run on tensors of ``device``, or None when they can (CUDA, or CPU tensors under
-    Triton's interpreter, with a Triton of at least ``MIN_TRITON``)."""
+    """Why the fused kernels cannot run on tensors of ``device``, or None when they can (CUDA tensors on an NVIDIA GPU
+    of compute capability ``MIN_CAPABILITY`` or newer, or CPU tensors under Triton's interpreter, with a Triton of at
+    least ``MIN_TRITON``)."""
     if _INSTALL_REASON is not None:
         return _INSTALL_REASON
     if not (device.type == 'cuda' or (interpreting() and device.type == 'cpu')):
         return (f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); got '
                 f'{device} tensors')
+    if device.type == 'cuda' and torch.version.hip is not None:
+        return f'the fused ConvNN kernels are built for NVIDIA GPUs; this torch is a ROCm build ({torch.version.hip})'
+    need = 10 * MIN_CAPABILITY[0] + MIN_CAPABILITY[1]
+    if device.type == 'cuda' and _arch(device) < need:
+        arch = _arch(device)
+        return (f'the fused ConvNN kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.'
+                f'{MIN_CAPABILITY[1]} or newer (Ampere and later; older ones spill registers); this GPU is '
+                f'{arch // 10}.{arch % 10}')
     return None
 
 
@@ -939,15 +978,19 @@ def _slot_major(weight: torch.Tensor, H: int, DV: int, K: int) -> torch.Tensor:
     return weight.reshape(H, DV, -1)[:, :, :K].transpose(1, 2).float().contiguous()
 
 
-def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool, threshold: bool = False) -> int:
+def _fwd_block_m(stream: bool, fp32: bool, num_kept: int, channels: int, listed: bool, threshold: bool = False,
+                 arch: int = 90) -> int:
     """The built-in queries per program of the forward / selection kernels (``fp32``: the scores multiply fp32
     operands; ``channels``: of the similarity features; ``listed``: a candidate list; ``threshold``: the passes of
     CONFIG fwd_stream='threshold', which on 64 queries spill for fp32 features: compiled for sm_90, 216-320 bytes per
-    thread under triton 3.6 / 3.8 at 64 or 32 queries, none at 16), see STREAM_BLOCK_QUERIES."""
+    thread under triton 3.6 / 3.8 at 64 or 32 queries, none at 16; ``arch``: the GPU's compute capability x 10, fp32
+    products stream on 64 queries on Hopper only), see STREAM_BLOCK_QUERIES."""
     if not stream or num_kept > 32 or threshold and fp32:
         return BLOCK_QUERIES
-    if fp32 and (_dot_f32() == 'ieee' or channels > 64 and listed):
+    if fp32 and (_dot_f32() == 'ieee' or channels > 64 and listed or arch // 10 != 9):
         return BLOCK_QUERIES
+    if arch // 10 == 10:  # sm_100 (B200): 64 streaming queries spill 88 / 360 bytes (triton 3.8 / 3.9), 32 none
+        return STREAM_BLOCK_QUERIES // 2
     return STREAM_BLOCK_QUERIES
 
 
@@ -1000,7 +1043,8 @@ def _top_k_launch(stream: bool, fp32: bool, num_kept: int, channels: int, listed
     would not fit the kernels' int32 offsets, PER_TILE is 0 (the merge loop). Without scratch the kernels get
     ``spare``, an fp32 and an int32 tensor of the launch that they never read there (no allocation per call)."""
     per_tile = _per_tile(stream, num_tokens, num_kept, listed)
-    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, num_kept, channels, listed, per_tile > 0)
+    block_m = CONFIG['fwd_block_m'] or _fwd_block_m(stream, fp32, num_kept, channels, listed, per_tile > 0,
+                                                    _arch(spare[0].device))
     per_entry = heads * _cdiv(queries, block_m) * block_m * _stream_cap(num_kept)
     if not per_tile or per_entry > _INT32_MAX:
         return (block_m, 0, _GRID_Z) + spare
