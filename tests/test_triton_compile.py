@@ -1,7 +1,7 @@
 """The fused Triton kernels compiled ahead of time for an H100 / H200 and the other NVIDIA GPUs they serve, on any
-machine (no GPU): registers, spills,
-fences and FMA contraction, read from the cubin by ``benchmarks/kernel_resources.py``. A file of its own so that
-``pytest -n 2 --dist loadfile`` runs it beside ``test_triton.py``'s interpreter test (each takes minutes).
+machine (no GPU): registers, spills, fences and FMA contraction, read from the cubin by
+``benchmarks/kernel_resources.py``. A file of its own so that ``pytest -n 2 --dist loadfile`` runs it beside
+``test_triton.py``'s interpreter test (each takes minutes).
 """
 import os
 import sys
@@ -11,17 +11,23 @@ from timm_convnn.layers import triton_attention
 from .test_triton import _require_kernels
 
 
-def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
-    # ahead-of-time compilation for an H100 / H200 on any machine: a kernel that spills registers to local memory
-    # runs many times slower (the first 64-query row kernel spilled 27 KB per thread and ran 20x slower than SDPA)
+def _resources(monkeypatch):
+    """``kernel_resources.resources``, compiling as the kernels run: with FMA contraction only where the launch asks
+    for it (COMPILE_OPTIONS does; Triton 3.10's default, which 3.9 warns about)."""
     _require_kernels('compiled')
-    # Triton 3.10's default: no FMA contraction unless the launch asks for it (COMPILE_OPTIONS does); 3.9 warns
     monkeypatch.setenv('TRITON_DEFAULT_FP_FUSION', '0')
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
     try:
         from kernel_resources import resources
     finally:
         sys.path.pop(0)
+    return resources
+
+
+def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
+    # ahead-of-time compilation for an H100 / H200 on any machine: a kernel that spills registers to local memory
+    # runs many times slower (the first 64-query row kernel spilled 27 KB per thread and ran 20x slower than SDPA)
+    resources = _resources(monkeypatch)
     # compiled as triton.jit specialises them at run time (aligned pointers, strides divisible by 16); the built-in
     # launch configurations (the streaming kernel on 64 queries for bf16), and the opt-in row selections
     # The no-spill bar is CI's Triton (3.8, 3.9); older ones keep some stack in a few kernels, slower but not wrong
@@ -52,13 +58,7 @@ def test_fused_kernels_compile_for_other_nvidia_gpus_without_large_spills(monkey
     # of stack (the fp32-input row kernel keeps 96-248; a launch with 104 timed like a spill-free one on the H200), and
     # the fp32 products that stream on 64 queries on Hopper stream on 16 there, spill-free (on 64: 168 bytes to 8 KB).
     # Checked with triton 3.8 and 3.9 (2026-12-02)
-    _require_kernels('compiled')
-    monkeypatch.setenv('TRITON_DEFAULT_FP_FUSION', '0')
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
-    try:
-        from kernel_resources import resources
-    finally:
-        sys.path.pop(0)
+    resources = _resources(monkeypatch)
     streamed_fp32 = ('fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'sel:K=9,dtype=fp32',
                      'sel:K=9,D=128,dtype=fp32')
     assert all(triton_attention._fwd_block_m(True, True, 16, d, listed, arch=arch) == expected
