@@ -218,14 +218,15 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     if not (device.type == 'cuda' or (interpreting() and device.type == 'cpu')):
         return (f'the fused ConvNN kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); got '
                 f'{device} tensors')
-    if device.type == 'cuda' and torch.version.hip is not None:
-        return f'the fused ConvNN kernels are built for NVIDIA GPUs; this torch is a ROCm build ({torch.version.hip})'
-    need = 10 * MIN_CAPABILITY[0] + MIN_CAPABILITY[1]
-    if device.type == 'cuda' and _arch(device) < need:
+    if device.type == 'cuda':
+        if torch.version.hip is not None:
+            return (f'the fused ConvNN kernels are built for NVIDIA GPUs; this torch is a ROCm build '
+                    f'({torch.version.hip})')
         arch = _arch(device)
-        return (f'the fused ConvNN kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.'
-                f'{MIN_CAPABILITY[1]} or newer (Ampere and later; older ones spill registers); this GPU is '
-                f'{arch // 10}.{arch % 10}')
+        if arch < 10 * MIN_CAPABILITY[0] + MIN_CAPABILITY[1]:
+            return (f'the fused ConvNN kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.'
+                    f'{MIN_CAPABILITY[1]} or newer (Ampere and later; older ones spill registers); this GPU is '
+                    f'{arch // 10}.{arch % 10}')
     return None
 
 
