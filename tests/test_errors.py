@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from timm_convnn import ConvNN2d, ConvNNAttention, ConvNNBranch2d
+from timm_convnn.layers.common import NeighborAggregation
 
 
 @pytest.mark.parametrize('kwargs,exc,words', [
@@ -55,6 +56,8 @@ def test_conv_bad_inputs():
         m(torch.randn(8, 5, 5))
     with pytest.raises(ValueError, match='expects 8 input channels, got 3'):
         m(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match='expects a map of at least 1 x 1, got 0 x 5'):
+        ConvNN2d(8, 4, padding=0)(torch.randn(1, 8, 0, 5))
     with pytest.raises(ValueError, match='stride must be >= 1; got 0'):
         ConvNN2d(8, 4, stride=0)
     with pytest.raises(ValueError, match='padding must be >= 0; got -1'):
@@ -87,6 +90,10 @@ def test_layer_arguments_are_checked_where_given():
         (lambda: ConvNNAttention(64, 4, candidates='spatial', num_samples=16, num_prefix_tokens=-1), ValueError,
          'num_prefix_tokens must be >= 0; got -1'),
         (lambda: ConvNNAttention(64, 4, attn_head_dim=0), ValueError, 'attn_head_dim must be >= 1; got 0'),
+        (lambda: ConvNNAttention(8, num_heads=0, attn_head_dim=4), ValueError, 'num_heads must be >= 1; got 0'),
+        (lambda: NeighborAggregation(4, 4, 3, groups=0), ValueError, 'groups must be >= 1; got 0'),
+        (lambda: ConvNNAttention(64, 4, sample_seed=1.5), TypeError, 'sample_seed must be an int; got float 1.5'),
+        (lambda: ConvNN2d(8, 8, sample_seed='3'), TypeError, "sample_seed must be an int; got str '3'"),
         # the branch layer checks the ConvNN options also when it builds no ConvNN path (lambda 0, or rounding to 0)
         (lambda: ConvNNBranch2d(8, 16, branch_ratio=0, num_neighbors=0), ValueError, r'num_neighbors \(K\)'),
         (lambda: ConvNNBranch2d(8, 16, branch_ratio=0.01, candidates='foo'), ValueError, "got 'foo'"),

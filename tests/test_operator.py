@@ -237,6 +237,61 @@ def test_selection_scores_stay_fp32_under_autocast():
     assert torch.equal(inside, FN.select_neighbors(qs.float(), ks.float(), K))
 
 
+@pytest.mark.parametrize('similarity', ['cosine', 'euclidean'])
+def test_half_precision_features_rank_as_fp32(similarity):
+    # bf16 / fp16 inputs are what they are, but their cosine / euclidean features are computed from them in fp32:
+    # rounded unit vectors or squared norms (-|k|^2 + 2 <q, k> cancels its leading digits) changed most queries'
+    # neighbours here (80 % / 51 % in bf16)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 400, 32) + 3.  # (cosines near 1, large norms: what rounding hurts most)
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = x.to(dtype)
+        qs, ks = FN.similarity_features(xh, xh, similarity)
+        assert qs.dtype == ks.dtype == torch.float32
+        ref = FN.select_neighbors(*FN.similarity_features(xh.float(), xh.float(), similarity), 9)
+        assert torch.equal(FN.select_neighbors(qs, ks, 9), ref)
+    # dot features keep the inputs' dtype: their scores are the rounded inputs' own, as in attention
+    assert FN.similarity_features(x.bfloat16(), x.bfloat16(), 'dot')[0].dtype == torch.bfloat16
+
+
+def test_coordinates_are_at_least_fp32():
+    # bf16 steps of 2 ** -7 near the edge of [-1, 1] cannot hold a 300-pixel row's positions (every other one ties)
+    ref = FN.coordinate_grid(160, 300, torch.device('cpu'), torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(FN.coordinate_grid(160, 300, torch.device('cpu'), dtype), ref)
+    assert FN.coordinate_grid(3, 4, torch.device('cpu'), torch.float64).dtype == torch.float64
+    assert ref[:300, 0].unique().numel() == 300
+
+
+def _hash_definition(n, seed):
+    # hashed_permutation's definition in Python ints: a 32-bit hash of every id keyed by the seed, then argsort
+    def h(x):
+        x = (x + seed * 0x9E3779B1 + 0x632BE5AB) & 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    return sorted(range(n), key=h)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_any_int_sample_seed_keys_the_eval_draw():
+    # every int seed, large or negative, gives the hash's permutation (seeds past ~7,000 overflowed int64 and raised
+    # OverflowError in an eval forward); TorchScript's wrapping int64 arithmetic draws the same
+    cpu = torch.device('cpu')
+    for seed in (0, 3, 12345, 2 ** 31, -10 ** 6, 10 ** 30):
+        assert FN.hashed_permutation(64, seed, cpu).tolist() == _hash_definition(64, seed)
+        # a layer's eval draw of r of n tokens: keyed by its sample_seed and the token count
+        draw = FN.random_candidates(64, 8, 1, False, seed, cpu).tolist()
+        assert draw == [i + 1 for i in _hash_definition(64, seed * 1000003 + 64)[:8]]
+    m = ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=8, sample_seed=2 ** 40).eval()
+    x = torch.randn(2, 50, 32)
+    torch.testing.assert_close(torch.jit.script(m)(x), m(x))
+    conv = ConvNN2d(4, 4, candidates='random', num_samples=9, sample_seed=12345).eval()
+    assert conv(torch.randn(1, 4, 6, 6)).shape == (1, 4, 6, 6)
+
+
 def test_listed_candidates_include_self_once():
     B, G, N, D, K = 2, 3, 40, 6, 8
     q = torch.randn(B, G, N, D)

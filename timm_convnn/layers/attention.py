@@ -126,7 +126,7 @@ class ConvNNAttention(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         check_convnn_args(
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order,
-            coord_scale)
+            coord_scale, sample_seed)
         _check_int('num_prefix_tokens', num_prefix_tokens, 0)
         if grid_size is not None:
             if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
@@ -134,9 +134,10 @@ class ConvNNAttention(nn.Module):
                 raise TypeError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
             if min(grid_size) < 1:
                 raise ValueError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
-        if attn_head_dim is not None:
+        if attn_head_dim is not None:  # (heads of their own width: any number of them)
+            _check_int('num_heads', num_heads, 1)
             _check_int('attn_head_dim', attn_head_dim, 1)
-        if attn_head_dim is None:
+        else:
             if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
                 raise ValueError(f'num_heads must be a positive divisor of dim={dim}; got num_heads={num_heads}')
             attn_head_dim = dim // num_heads
@@ -261,7 +262,7 @@ class ConvNNAttention(nn.Module):
         gh, gw = self._patch_grid(num_tokens - num_prefix)
         grid = coordinate_grid(gh, gw, device, dtype)
         if num_prefix > 0:
-            grid = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=dtype), grid], dim=0)
+            grid = torch.cat([torch.zeros(num_prefix, 2, device=device, dtype=grid.dtype), grid], dim=0)
         return grid * self.coord_scale
 
     def _every_token(self, num_tokens: int) -> bool:

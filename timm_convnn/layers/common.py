@@ -25,10 +25,12 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f'{name} must be one of {", ".join(repr(c) for c in choices)}; got {value!r}')
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: Optional[int]) -> None:
+    """``value`` is an int (not a bool) of at least ``minimum`` (None: any int)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}')
-    if value < minimum:
+        bound = '' if minimum is None else f' >= {minimum}'
+        raise TypeError(f'{name} must be an int{bound}; got {type(value).__name__} {value!r}')
+    if minimum is not None and value < minimum:
         raise ValueError(f'{name} must be >= {minimum}; got {value}')
 
 
@@ -42,9 +44,11 @@ def check_convnn_args(
         coords: str,
         neighbor_order: str,
         coord_scale: float = 1.0,
+        sample_seed: int = 0,
 ) -> None:
     """Validate the ConvNN options; raises ValueError/TypeError naming the argument and the valid range."""
     _check_int('num_neighbors (K)', num_neighbors, 1)
+    _check_int('sample_seed', sample_seed, None)
     _check_choice('candidates', candidates, CANDIDATE_MODES)
     if candidates != 'all':
         _check_int('num_samples (r)', num_samples, 1)
@@ -131,6 +135,7 @@ class NeighborAggregation(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        _check_int('groups', groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f'in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})')

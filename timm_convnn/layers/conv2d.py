@@ -86,7 +86,7 @@ class ConvNN2d(nn.Module):
             neighbor_order = 'position' if coords == 'only' else 'rank'
         check_convnn_args(
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order,
-            coord_scale)
+            coord_scale, sample_seed)
         _check_int('in_channels', in_channels, 1)
         _check_int('out_channels', out_channels, 1)
         _check_int('stride', stride, 1)
@@ -180,6 +180,8 @@ class ConvNN2d(nn.Module):
         B, C, H, W = x.shape
         if C != self.in_channels:
             raise ValueError('ConvNN2d expects ' + str(self.in_channels) + ' input channels, got ' + str(C))
+        if H < 1 or W < 1:  # (no candidate to take; nn.Conv2d refuses such maps too)
+            raise ValueError('ConvNN2d expects a map of at least 1 x 1, got ' + str(H) + ' x ' + str(W))
         p, s = self.padding, self.stride
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if p > 0:

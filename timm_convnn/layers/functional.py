@@ -50,6 +50,11 @@ def similarity_features(
     * ``cosine``: <q / |q|, k / |k|>
     * ``euclidean``: -|q - k|^2 = <[2q, -|q|^2, -1], [k, 1, |k|^2]>
 
+    ``cosine`` and ``euclidean`` features come out in at least fp32 whatever the inputs' dtype: unit vectors and
+    squared norms rounded to bf16 / fp16 would decide the ranks (-|k|^2 + 2 <q, k> cancels most of its digits, and a
+    bf16 model's coordinate ConvNN then stopped being its convolution). ``dot`` keeps the inputs' dtype: its scores
+    are those of the rounded q, k themselves, as in attention.
+
     Args:
         q: (..., N, d) query features.
         k: (..., M, d) candidate features.
@@ -57,6 +62,8 @@ def similarity_features(
     """
     if similarity == 'dot':
         return q * dot_scale(q.shape[-1]), k
+    if similarity in ('cosine', 'euclidean'):
+        q, k = _at_least_fp32(q), _at_least_fp32(k)
     if similarity == 'cosine':
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     if similarity == 'euclidean':
@@ -687,7 +694,10 @@ def hashed_permutation(n: int, seed: int, device: torch.device) -> torch.Tensor:
     """
     mask = 0xFFFFFFFF
     x = torch.arange(n, device=device, dtype=torch.int64)
-    x = (x + (seed * 0x9E3779B1 + 0x632BE5AB)) & mask
+    key = seed * 0x9E3779B1 + 0x632BE5AB
+    if isinstance(key, int):  # reduced before it meets the int64 ids: any seed (a symbolic one, under torch.export,
+        key = key & mask      # stays a sum with the ids: ONNX has no bitwise and of ints)
+    x = (x + key) & mask
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & mask
     x = x ^ (x >> 15)
@@ -712,7 +722,8 @@ def random_candidates(
     if training:
         perm = torch.randperm(num_tokens, device=device)
     else:
-        perm = hashed_permutation(num_tokens, seed * 1000003 + num_tokens, device)
+        # (the seed's term reduced mod 2 ** 32, which is all the hash keeps of it: small even in a symbolic sum)
+        perm = hashed_permutation(num_tokens, ((seed * 1000003) & 0xFFFFFFFF) + num_tokens, device)
     return perm[:sym_min(num_samples, num_tokens)] + offset  # (min(r, n) ids with no guard on a symbolic n)
 
 
@@ -759,12 +770,13 @@ def split_raster(flat: torch.Tensor, width: int) -> Tuple[torch.Tensor, torch.Te
 
 
 def coordinate_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(height * width, 2) normalised (x, y) coordinates in raster order.
+    """(height * width, 2) normalised (x, y) coordinates in raster order, in at least fp32 (``dtype`` promoted).
 
     Both axes share one spacing (2 / (max(height, width) - 1)) and are centred on 0, so euclidean distance on the
     coordinates is proportional to pixel distance on any map shape (the property that makes coordinate ConvNN an
     exact KxK convolution).
     """
+    dtype = torch.promote_types(dtype, torch.float32)  # bf16 / fp16 cannot tell neighbouring pixels apart
     step = 2. / sym_max(1, sym_max(height, width) - 1)
     ys = (torch.arange(height, device=device, dtype=dtype) - (height - 1) / 2.) * step
     xs = (torch.arange(width, device=device, dtype=dtype) - (width - 1) / 2.) * step
