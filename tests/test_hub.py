@@ -351,6 +351,40 @@ def test_export_train_checkpoint_cli(ema, cache, tmp_path):
     assert _same_weights(ema_model if ema else model, loaded)
 
 
+@pytest.mark.parametrize('name, model_kwargs, run_args, data', [
+    # a 1-channel CIFAR-style run: channels from --input-size, --gp, the run's own mean / std / crop
+    ('resnet18_convnn_branch', dict(in_chans=1, global_pool='catavgmax'),
+     dict(in_chans=None, input_size=[1, 32, 32], gp='catavgmax', mean=[0.5], std=[0.25], crop_pct=1.0,
+          model_kwargs={}),
+     dict(input_size=[1, 32, 32], mean=[0.5], std=[0.25], crop_pct=1.0)),
+    # --img-size never reaches create_model in train.py: a dynamic-size ViT keeps its 224 px build, run at 64 px
+    ('vit_tiny_convnn_all', dict(patch_size=16, dynamic_img_size=True),
+     dict(in_chans=None, img_size=64, input_size=None, gp=None, mean=None, std=None, crop_pct=None,
+          model_kwargs={'dynamic_img_size': True}),
+     dict(input_size=[3, 64, 64])),
+])
+def test_export_rebuilds_the_run_as_train_py_built_it(name, model_kwargs, run_args, data, cache, tmp_path):
+    # timm's train.py: create_model(in_chans=--in-chans or --input-size[0], num_classes, global_pool=--gp, ...,
+    # **--model-kwargs); its validation preprocessing is resolve_data_config(args, model): config.json records it
+    model = _perturb(timm.create_model(name, num_classes=10, **model_kwargs))
+    args = argparse.Namespace(model=name, num_classes=10, bn_momentum=None, bn_eps=None, interpolation='',
+                              epochs=3, **run_args)
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'epoch': 2, 'arch': name, 'state_dict': model.state_dict(), 'args': args}, run / 'last.pth.tar')
+    out = hub.export_checkpoint(run / 'last.pth.tar', tmp_path / 'exported')
+    cfg = json.loads((out / 'config.json').read_text())
+    for key, value in data.items():
+        assert cfg['pretrained_cfg'][key] == value, key
+    assert f'- **Input:** {data["input_size"][1]} x {data["input_size"][2]}' in (out / 'README.md').read_text()
+    cache.add_folder('org/run', out)
+    loaded = timm.create_model('hf-hub:org/run', pretrained=True)
+    assert _same_weights(model, loaded)
+    assert timm.data.resolve_model_data_config(loaded)['input_size'] == tuple(data['input_size'])
+    if 'global_pool' in model_kwargs:
+        assert loaded.global_pool.pool_type == model_kwargs['global_pool']
+
+
 def test_export_ema_missing_is_a_clear_error(tmp_path, capsys):
     _, _, run = _train_checkpoint(tmp_path, ema=False)
     with pytest.raises(ValueError, match='has no state_dict_ema .*--model-ema'):

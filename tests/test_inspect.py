@@ -191,6 +191,9 @@ def test_list_rows_match_the_models(capsys):
     s = model_summary('resnet18_convnn_branch')
     assert s['candidates'] == 'all' and s['num_samples'] is None and s['branch_ratio'] == 0.5
     assert s['num_layers'] == 16 and 1.0 < s['gflops'] < 20.0  # 224 px, ConvNN 3x3s + timm's other convs
+    # a tagged name is summarised as its architecture, tags included
+    tagged = model_summary('vit_tiny_convnn_random.from_timm_augreg_in21k_ft_in1k', flops=False)
+    assert tagged['tags'] == ['from_timm_augreg_in21k_ft_in1k']
 
 
 def test_info_json(capsys):

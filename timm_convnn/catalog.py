@@ -64,7 +64,7 @@ def model_summary(name: str, flops: bool = True) -> Dict[str, Any]:
         num_samples=args['num_samples'] if args['candidates'] != 'all' else None,
         similarity=args['similarity'],
         branch_ratio=args.get('branch_ratio'),
-        tags=[t.split('.', 1)[1] for t in timm.list_pretrained(f'{name}.*')],
+        tags=[t.split('.', 1)[1] for t in timm.list_pretrained(f'{timm.models.split_model_name_tag(name)[0]}.*')],
     )
 
 

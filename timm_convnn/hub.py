@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import timm
-from timm.data import resolve_input_data_config
+from timm.data import resolve_data_config, resolve_input_data_config
 from timm.models import save_for_hf
 
 from .layers import ConvNN2d, ConvNNAttention, ConvNNBranch2d, ConvNNBranchAttention
@@ -162,15 +162,19 @@ def save(
         train_args: Optional[Dict[str, Any]] = None,
         dataset: str = '',
         model_card: bool = True,
+        data_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and (``model_card``) ``README.md`` to ``save_directory``."""
+    """Write ``model.safetensors``, ``config.json`` and (``model_card``) ``README.md`` to ``save_directory``.
+    ``data_config``: the preprocessing the weights were trained / evaluated with (input size, mean, std, crop, ...;
+    timm's ``save_for_hf``), which ``config.json`` then records instead of the architecture's defaults."""
     model = _unwrap(model)
     save_directory = Path(save_directory)
     args = convnn_model_args(model)
     args.update(model_args or {})
     # the exported weights are whatever the model holds now: drop the source tag's notes (e.g. "warm start")
     model_config = {'pretrained_cfg': {'tag': None, 'notes': _export_notes(metrics, dataset)}}
-    save_for_hf(model, save_directory, model_config=model_config, model_args=args, safe_serialization=True)
+    save_for_hf(model, save_directory, model_config=model_config, model_args=args, safe_serialization=True,
+                data_config=data_config)
     _drop_num_classes_from_model_args(save_directory / 'config.json')
     if model_card:
         written = json.loads((save_directory / 'config.json').read_text(encoding='utf-8'))['pretrained_cfg']
@@ -266,18 +270,14 @@ def export_checkpoint(
 ) -> Path:
     """Convert a timm train.py checkpoint to Hub format (``save``), with train.py's recipe and metrics in the card.
 
-    The model is rebuilt from the checkpoint's architecture and train.py arguments (num_classes, in_chans, img_size,
-    ``--model-kwargs``), the weights load strictly, and ``summary.csv`` next to the checkpoint is used for metrics
-    when ``summary`` is not given.
+    The model is rebuilt as train.py built it (``train_model_kwargs``; ``model_kwargs`` override), the weights load
+    strictly, ``config.json`` records the preprocessing train.py validated with (input size, mean, std, crop;
+    timm's ``resolve_data_config`` of the run's arguments), and ``summary.csv`` next to the checkpoint is used for
+    metrics when ``summary`` is not given.
     """
     arch, state_dict, args = load_train_checkpoint(checkpoint, use_ema=use_ema)
     arch = model_name or arch
-    kwargs: Dict[str, Any] = dict(args.get('model_kwargs') or {})
-    for key in ('num_classes', 'in_chans'):
-        if args.get(key) is not None:
-            kwargs.setdefault(key, args[key])
-    if args.get('img_size') is not None and timm.models.get_pretrained_cfg_value(arch, 'fixed_input_size'):
-        kwargs.setdefault('img_size', args['img_size'])
+    kwargs = train_model_kwargs(args)
     kwargs.update(model_kwargs or {})
     try:
         model = timm.create_model(arch, **kwargs)
@@ -287,9 +287,35 @@ def export_checkpoint(
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise RuntimeError(f'{checkpoint}: weights do not fit {arch} built with {kwargs}: {e}') from e
+    try:
+        data_config = resolve_data_config(args, model=model)
+    except ValueError as e:  # (timm: a size or channel count the rebuilt model cannot take)
+        raise ValueError(f'{checkpoint}: the input settings of the run do not fit {arch} built with {kwargs}: '
+                         f'{e}') from e
     summary = Path(summary) if summary else Path(checkpoint).with_name('summary.csv')
     metrics = read_train_summary(summary) if summary.exists() else None
-    return save(model, save_directory, repo_id=repo_id, metrics=metrics, train_args=args, dataset=dataset)
+    return save(model, save_directory, repo_id=repo_id, metrics=metrics, train_args=args, dataset=dataset,
+                data_config=data_config)
+
+
+def train_model_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments with which timm's train.py built the model of a run, from the
+    run's arguments (``args``, as its checkpoints record them): ``--model-kwargs`` and the options train.py turns
+    into model arguments, ``--in-chans`` (else the channels of ``--input-size``), ``--num-classes``, ``--gp``,
+    ``--bn-momentum``, ``--bn-eps``; unset ones (None) are left out, as ``create_model`` leaves them. train.py passes
+    no image size: a size reaches the model only through ``--model-kwargs img_size=...``. (Drop rates change no
+    weights, and an exported model does not keep them.)"""
+    input_size = args.get('input_size')
+    kwargs = dict(
+        in_chans=args.get('in_chans') or (input_size[0] if input_size else None),
+        num_classes=args.get('num_classes'),
+        global_pool=args.get('gp'),
+        bn_momentum=args.get('bn_momentum'),
+        bn_eps=args.get('bn_eps'),
+    )
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(args.get('model_kwargs') or {})
+    return kwargs
 
 
 def _hf_upload(folder: Path, repo_id: str, token: Optional[str], private: bool, commit_message: str) -> str:
