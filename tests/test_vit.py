@@ -273,6 +273,28 @@ def test_dynamic_img_size_layers_see_the_real_patch_grid(name, kwargs):
     assert direct_fixed.blocks[0].attn.grid_size == (9, 16) and direct_fixed.blocks[0].attn.num_prefix_tokens == 5
 
 
+def test_dynamic_img_size_models_trace_with_timm_fx_helpers():
+    # timm's FX feature extraction on a dynamic-size model: the patch embedding is an FX leaf, so the traced graph
+    # calls it and its grid-recording hook on every run (the hook had raised TraceError on FX proxies)
+    from timm.models import create_feature_extractor
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_convnn_spatial', img_size=32, patch_size=8, num_samples=16, depth=2,
+                              dynamic_img_size=True).eval()
+    graph = create_feature_extractor(model, return_nodes=['head'])
+    with torch.no_grad():
+        for hw in ((32, 64), (64, 32)):  # (each graph run before the model's own: a stale grid would show)
+            x = torch.randn(1, 3, *hw)
+            out = graph(x)['head']
+            assert model.blocks[0].attn.token_grid.hw == (hw[0] // 8, hw[1] // 8)
+            assert torch.equal(out, model(x))
+    features = timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=8, depth=3, dynamic_img_size=True,
+                                 features_only=True, feature_cls='fx')
+    assert [f.shape for f in features(torch.randn(1, 3, 32, 64))] == [(1, 33, 192)] * 3
+    # fixed-size models keep timm's PatchEmbed (traced through, as in timm's own ViT)
+    assert type(timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=8).patch_embed).__name__ == \
+        'PatchEmbed'
+
+
 @pytest.mark.parametrize('name, kwargs', [('vit_tiny_convnn_spatial', {}),
                                           ('vit_tiny_convnn_all', dict(coords='append', similarity='cosine'))])
 def test_set_input_size_moves_the_layers_to_the_new_patch_grid(name, kwargs):

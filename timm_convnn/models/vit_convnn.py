@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import LayerNorm, Mlp
+from timm.layers import LayerNorm, Mlp, PatchEmbed, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -110,6 +110,15 @@ class ConvNNBlock(Block):
             self.attn = ConvNNBranchAttention(dim, branch_ratio=branch_ratio, **attn_kwargs)
 
 
+@register_notrace_module
+class GridPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` as the patch embedding of a ``dynamic_img_size`` ConvNN ViT, whose forward hook
+    (``record_token_grid``) records each input's patch grid for the ConvNN layers. The subclass only makes it an FX
+    leaf module: a graph traced with timm's FX helpers (``create_feature_extractor``, ``features_only=True,
+    feature_cls='fx'``) then calls the module, and its hook, on every run (traced through, the hook saw FX proxies
+    and failed, and a graph would not record the grid)."""
+
+
 class VisionTransformerConvNN(VisionTransformer):
     """timm's ``VisionTransformer`` built with ``ConvNNBlock``s. The one addition: the ConvNN layers get the model's
     token layout, however their blocks were built: the number of prefix (class / register) tokens, which are always
@@ -117,6 +126,8 @@ class VisionTransformerConvNN(VisionTransformer):
     on ``set_input_size``; ``dynamic_img_size`` models record it on every forward)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get('dynamic_img_size') and kwargs.get('embed_layer', PatchEmbed) is PatchEmbed:
+            kwargs['embed_layer'] = GridPatchEmbed
         super().__init__(*args, **kwargs)
         # dynamic_img_size: the patch embedding records the patch grid of every forward for the layers (the token
         # count does not determine the 2-D layout: 144 patches are 12 x 12 or 9 x 16)
