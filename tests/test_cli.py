@@ -84,6 +84,36 @@ def _one_line_error(capsys, command: str) -> str:
     return err
 
 
+def test_bad_demo_and_bench_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    # argparse's own error (exit 2) for epochs; a file where the export folder goes is found before training
+    for epochs in ('0', '-1', 'x'):
+        with pytest.raises(SystemExit) as info:
+            cli.main(['demo', '--epochs', epochs])
+        assert info.value.code == 2
+    assert 'argument --epochs: ' in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('')
+    import timm_convnn.demo
+    monkeypatch.setattr(timm_convnn.demo, 'run_demo', lambda **kw: pytest.fail('trained before checking --out-dir'))
+    assert cli.main(['demo', '--out-dir', str(tmp_path / 'a_file')]) == 2
+    assert 'a_file is a file, not a folder' in _one_line_error(capsys, 'demo')
+    # bench: --model-kwargs items and names the models do not take, and --out, before anything is timed
+    pair = ['--models', '--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224', '--out', str(tmp_path / 'b')]
+    assert cli.main(['bench', *pair, '--model-kwargs', 'bogus=1']) == 2
+    assert "vit_tiny_convnn_random does not take {'bogus': 1}" in _one_line_error(capsys, 'bench')
+    assert cli.main(['bench', *pair, '--model-kwargs', 'img_size']) == 2
+    assert "--model-kwargs takes KEY=VALUE items; got 'img_size'" in _one_line_error(capsys, 'bench')
+    assert cli.main(['bench', '--ops', '--out', str(tmp_path / 'a_file')]) == 2
+    assert 'is a file, not a folder' in _one_line_error(capsys, 'bench')
+    assert not (tmp_path / 'b').exists()
+
+
+def test_digits_without_scikit_learn_says_what_to_install(tmp_path, capsys, monkeypatch):
+    for name in ('sklearn', 'sklearn.datasets'):  # (an import of either then raises ImportError)
+        monkeypatch.setitem(sys.modules, name, None)
+    assert cli.main(['digits', str(tmp_path / 'd')]) == 2
+    assert 'pip install "timm-convnn[demo]"' in _one_line_error(capsys, 'digits')
+
+
 def test_unknown_pretrained_tag_names_the_valid_tags(tmp_path, capsys):
     # timm raises "RuntimeError: Invalid pretrained tag", naming no valid tag
     assert cli.main(['info', 'vit_tiny_convnn_all.bogus_tag']) == 2

@@ -306,6 +306,8 @@ def test_exported_card_states_the_config_it_ships_with(name, kwargs, size, tmp_p
     text = (tmp_path / 'README.md').read_text()
     assert f'- **Input:** {size[1]} x {size[2]}, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}' in text
     assert f'- **Architecture:** `{name}`, family' in text and '(tag' not in text
+    # without a repo id the usage loads this folder (the bare name would load the architecture's default weights)
+    assert "timm.create_model('local-dir:path/to/this/folder', pretrained=True)" in text
     assert text == hub.render_model_card(model, pretrained_cfg=cfg)  # and a standalone card says the same
     assert hub.render_model_card(model) == text
 
@@ -383,6 +385,38 @@ def test_export_rebuilds_the_run_as_train_py_built_it(name, model_kwargs, run_ar
     assert timm.data.resolve_model_data_config(loaded)['input_size'] == tuple(data['input_size'])
     if 'global_pool' in model_kwargs:
         assert loaded.global_pool.pool_type == model_kwargs['global_pool']
+
+
+def test_export_and_push_mistakes_are_one_line_errors(tmp_path, capsys, cache):
+    _, _, run = _train_checkpoint(tmp_path, ema=False)
+    ckpt = str(run / 'model_best.pth.tar')
+    (tmp_path / 'a_file').write_text('')
+
+    def error(argv, *words):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'timm-convnn {argv[0]}: error: ') and 'Traceback' not in err, err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+    out = str(tmp_path / 'out')
+    error(['export', ckpt, out, '--model-kwargs', 'embed_dim=96'], 'weights do not fit vit_tiny_convnn_random')
+    error(['export', ckpt, out, '--model', 'vit_small_convnn_random'], 'weights do not fit vit_small_convnn_random',
+          '(and ')
+    error(['export', ckpt, out, '--model', 'vit_tiny_convnn_randm'], "unknown model 'vit_tiny_convnn_randm'",
+          'vit_tiny_convnn_random')
+    error(['export', ckpt, out, '--summary', str(tmp_path / 'nope.csv')], 'no summary file at ')
+    error(['export', ckpt, str(tmp_path / 'a_file')], 'a_file')
+    assert not (tmp_path / 'out').exists()
+    # an exported folder is uploaded as it is: export options with it are refused, not ignored
+    assert cli_main(['export', ckpt, out]) == 0
+    error(['push', out, 'org/x', '--dry-run', '--model', 'vgg11_convnn', '--out-dir', str(tmp_path / 'new')],
+          'is an exported folder, uploaded as it is: model_name, out_dir')
+    assert not (tmp_path / 'new').exists()
+    assert cli_main(['push', out, 'org/x', '--dry-run']) == 0
+    assert capsys.readouterr().out.startswith(f'dry run: checked exported folder {out} (')
+    # info on a local-dir: name: the architecture its config names
+    assert cli_main(['info', f'local-dir:{out}', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['entrypoint'].endswith('.vit_tiny_convnn_random')
 
 
 def test_export_ema_missing_is_a_clear_error(tmp_path, capsys):

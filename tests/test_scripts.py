@@ -62,7 +62,7 @@ def test_launcher_runs_a_script_as_main_with_models_registered(tmp_path):
                 str(script), '--b'])
     assert out.stdout.count("argv ['--b'] script True") == 2
     missing = _run([sys.executable, '-m', 'timm_convnn.run', str(tmp_path / 'nope.py')], check=False)
-    assert missing.returncode != 0 and 'no such script' in missing.stderr
+    assert missing.returncode == 2 and 'no such script' in missing.stderr  # (python's own code for it)
 
 
 def test_launcher_gives_randaugment_its_zero_bit_posterize_on_every_pillow():
@@ -94,6 +94,35 @@ print('pillow', PIL.__version__, 'refuses 0 bits:', refuses)
 '''
     out = _run([sys.executable, '-c', code])
     assert 'refuses 0 bits' in out.stdout
+
+
+def test_patched_randaugment_pickles_for_spawned_workers(tmp_path):
+    # DataLoader workers started with spawn / forkserver (macOS's and Windows' default) get the transform pickled
+    # and unpickle it in a fresh interpreter: the patched op must pickle by name and work there, unpatched
+    import pickle
+    from timm.data import create_transform
+    from timm_convnn import run
+    saved = run.auto_augment.posterize, dict(run.auto_augment.NAME_TO_OP)
+    try:
+        patched = run.posterize_zero_bits_as_black()  # (Pillow >= 13; older ones keep timm's op)
+        tf = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1')
+        (tmp_path / 'tf.pkl').write_bytes(pickle.dumps(tf))
+    finally:
+        run.auto_augment.posterize = saved[0]
+        run.auto_augment.NAME_TO_OP.clear()
+        run.auto_augment.NAME_TO_OP.update(saved[1])
+    code = f'''
+import pickle, numpy as np
+from PIL import Image
+tf = pickle.loads(open({str(tmp_path / 'tf.pkl')!r}, 'rb').read())
+ops = [op for t in tf.transforms if hasattr(t, 'ops') for op in t.ops if op.name == 'PosterizeIncreasing']
+assert ops, 'no posterize op in the policy'
+img = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5)
+assert not np.asarray(ops[0].aug_fn(img, 0)).any()  # 0 bits: black, in a process that never patched timm
+print('ok', ops[0].aug_fn.__module__)
+'''
+    module = 'timm_convnn.run' if patched else 'timm.data.auto_augment'
+    assert _run([sys.executable, '-c', code]).stdout.strip() == f'ok {module}'
 
 
 @pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)

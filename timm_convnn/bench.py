@@ -588,6 +588,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Bad options fail before anything is timed, with the value and the valid range."""
+    import timm
     from .catalog import check_model_name
     from .layers.common import CANDIDATE_MODES
     try:
@@ -613,6 +614,27 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--pairs takes CONVNN:TIMM; got {pair!r}')
         for name in names:
             check_model_name(name)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f'--out {args.out} is a file, not a folder')
+    if args.models or not args.ops:  # (the models are timed): every one takes --model-kwargs
+        kwargs = _model_kwargs(args.model_kwargs)
+        pairs = [p.split(':') for p in args.pairs] if args.pairs else DEFAULT_PAIRS
+        for name in sorted({n for pair in pairs for n in pair}):
+            try:
+                timm.create_model(name, num_classes=1000, device='meta', **kwargs)
+            except TypeError as e:
+                raise ValueError(f'--model-kwargs: {name} does not take {kwargs}: {e}') from e
+
+
+def _model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """``--model-kwargs KEY=VALUE`` items -> create_model kwargs (values as Python literals, else strings)."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f'--model-kwargs takes KEY=VALUE items; got {item!r}')
+        kwargs[key] = _literal(value)
+    return kwargs
 
 
 def _literal(value: str) -> Any:
@@ -684,7 +706,7 @@ def _run(args: argparse.Namespace, kernel_config: Dict[str, Any], log: Callable[
                      iters=iters, backends=args.backends, log=progress, rows=result['ops'])
     if args.models or both:
         pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else DEFAULT_PAIRS
-        kwargs = {key: _literal(value) for key, _, value in (item.partition('=') for item in args.model_kwargs)}
+        kwargs = _model_kwargs(args.model_kwargs)
         log('model level (inference, train step):')
         result['models'] = []
         model_benchmark(device, pairs, args.batch_size or (256 if cuda else 4), args.img_size, args.amp,

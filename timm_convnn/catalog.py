@@ -89,8 +89,9 @@ def model_table(pattern: str = '', flops: bool = True) -> str:
 def model_info(name: str) -> Dict[str, Any]:
     """Everything about one model: summary, every ConvNN option, its ConvNN layers, feature maps, pretrained cfgs."""
     name = check_model_name(name)
-    arch = name.split('.', 1)[0]
     model = timm.create_model(name, device='meta')
+    # (hf-hub: / local-dir: names: the architecture their config names)
+    arch = model.pretrained_cfg.get('architecture') or timm.models.split_model_name_tag(name)[0]
     layers = convnn_layers(model)
     layer_reprs: Dict[str, int] = {}
     for m in layers.values():

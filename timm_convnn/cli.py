@@ -15,6 +15,8 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ValueError(f'--out-dir {args.out_dir} is a file, not a folder')  # (found before training, not after)
     run_demo(epochs=args.epochs, quick=args.quick, out_dir=args.out_dir, seed=args.seed,
              progress=False if args.no_progress else None)
     return 0
@@ -26,6 +28,8 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         root = write_digits_imagefolder(args.out_dir, img_size=args.img_size)
     except OSError as e:  # not a folder, no permission, disk full
         raise ValueError(f'cannot write the digits ImageFolder to {args.out_dir}: {e}') from e
+    except ImportError as e:  # scikit-learn, an extra: the message says how to install it
+        raise ValueError(str(e)) from e
     counts = {split: sum(1 for _ in (root / split).rglob('*.png')) for split in ('train', 'validation')}
     print(f'wrote scikit-learn digits to {root}: train/ {counts["train"]} and validation/ {counts["validation"]} '
           f'images, 10 classes, {args.img_size} px')
@@ -39,6 +43,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'expected a positive whole number, got {text!r}') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be a positive number of pixels, got {value}')
+    return value
+
+
+def _epochs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a whole number of epochs, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1 epoch, got {value}')
     return value
 
 
@@ -70,7 +84,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
     folder, result = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run,
                           out_dir=args.out_dir, **_export_kwargs(args))
     if result is None:
-        print(f'dry run: wrote {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); nothing uploaded')
+        done = 'checked exported folder' if Path(args.checkpoint).is_dir() else 'wrote'
+        print(f'dry run: {done} {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); nothing uploaded')
     else:
         print(f'uploaded {folder} to {args.repo_id}: {result}')
     return 0
@@ -150,7 +165,7 @@ def _load_checkpoint(model, path: str, name: str) -> None:
     """Load ``path`` into ``model`` as create_model(checkpoint_path=...) does (EMA weights first), with one-line errors
     for a file that is no checkpoint and for weights that do not fit."""
     import timm
-    from .hub import is_unreadable_checkpoint, unreadable_checkpoint
+    from .hub import is_unreadable_checkpoint, state_dict_mismatch, unreadable_checkpoint
     if Path(path).suffix.lower() in ('.npz', '.npy'):  # timm hands these to the model's own loader
         timm.models.load_checkpoint(model, path)
         return
@@ -165,7 +180,7 @@ def _load_checkpoint(model, path: str, name: str) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(f'the checkpoint {path} does not fit {name}: {e}') from e
+        raise ValueError(f'the checkpoint {path} does not fit {name}: {state_dict_mismatch(e)}') from e
 
 
 def _cmd_neighbors(args: argparse.Namespace) -> int:
@@ -206,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Train a small ConvNN ViT and the same-size timm ViT on the embedded scikit-learn '
                                    'digits with timm\'s optimizer / scheduler / loss, print what was measured, export '
                                    'the ConvNN model in Hub format and reload it with timm.create_model.')
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument('--epochs', type=_epochs, default=15)
     p.add_argument('--quick', action='store_true', help='smaller models and at most 8 epochs (seconds)')
     p.add_argument('--out-dir', default=None, help='where to export the ConvNN model (default: a temporary folder)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--no-progress', action='store_true',
                    help='no progress output (default: a bar on a terminal, one line per epoch when redirected)')
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, friendly_errors=True)
 
     p = sub.add_parser('selfcheck', help='check the attention and convolution identities and time ConvNN vs SDPA')
     p.add_argument('--quick', action='store_true', help='smaller timing run (seconds)')
@@ -293,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, 'friendly_errors', False):  # bad names / coordinates / files: one line, no traceback
         try:
             return args.func(args)
-        except (ValueError, FileNotFoundError, PretrainedWeightsError) as e:
+        except (ValueError, OSError, PretrainedWeightsError) as e:  # (OSError: a file where a folder goes, ...)
             print(f'timm-convnn {args.command}: error: {e}', file=sys.stderr)
             return 2
     return args.func(args)

@@ -147,7 +147,8 @@ def render_model_card(
         input_size=f'{input_size[1]} x {input_size[2]}', mean=tuple(cfg.get('mean', ())), std=tuple(cfg.get('std', ())),
         options=options or '| (none) | |', metrics=metric_text, recipe=recipe, notes=_export_notes(metrics, dataset),
         citation=CITATION, version=__version__, date=datetime.date.today().isoformat(),
-        hub_name=f'hf-hub:{repo_id}' if repo_id else arch,
+        # (no repo id: the folder itself; the bare architecture name would load its default tag's weights)
+        hub_name=f'hf-hub:{repo_id}' if repo_id else 'local-dir:path/to/this/folder',
         transformers_model=repo_id or 'path/to/this/folder',
     )
     return template.substitute(fields)
@@ -198,6 +199,16 @@ def _drop_num_classes_from_model_args(config_path: Path) -> None:
     if 'num_classes' in model_args and model_args['num_classes'] == config.get('num_classes'):
         del model_args['num_classes']
         config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
+
+
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """torch's load_state_dict error in one line: its first problem and how many more (the full message lists every
+    missing, unexpected and mis-sized tensor, one per line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return ' '.join(lines)
+    more = f' (and {len(lines) - 2} more)' if len(lines) > 2 else ''
+    return f'{lines[0]} {lines[1]}{more}'
 
 
 def require_checkpoint_file(path: Union[str, Path]) -> None:
@@ -275,8 +286,11 @@ def export_checkpoint(
     timm's ``resolve_data_config`` of the run's arguments), and ``summary.csv`` next to the checkpoint is used for
     metrics when ``summary`` is not given.
     """
+    from .catalog import check_model_name  # (catalog imports this module)
     arch, state_dict, args = load_train_checkpoint(checkpoint, use_ema=use_ema)
-    arch = model_name or arch
+    arch = check_model_name(model_name or arch)  # (an unknown name: a ValueError with the close ones)
+    if summary and not Path(summary).is_file():
+        raise FileNotFoundError(f'no summary file at {summary}')
     kwargs = train_model_kwargs(args)
     kwargs.update(model_kwargs or {})
     try:
@@ -285,8 +299,9 @@ def export_checkpoint(
         raise ValueError(f'cannot build {arch} with {kwargs}: {e}') from e
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f'{checkpoint}: weights do not fit {arch} built with {kwargs}: {e}') from e
+    except RuntimeError as e:  # (a ValueError: the arguments, architecture or kwargs, do not fit the file)
+        raise ValueError(f'{checkpoint}: weights do not fit {arch} built with {kwargs}: '
+                         f'{state_dict_mismatch(e)}') from e
     try:
         data_config = resolve_data_config(args, model=model)
     except ValueError as e:  # (timm: a size or channel count the rebuilt model cannot take)
@@ -350,6 +365,10 @@ def push(
         missing = [f for f in ('model.safetensors', 'config.json') if not (checkpoint / f).exists()]
         if missing:
             raise FileNotFoundError(f'{checkpoint} is not an exported model folder: missing {", ".join(missing)}')
+        ignored = [k for k, v in dict(export_kwargs, out_dir=out_dir).items() if v]  # (all default to falsy)
+        if ignored:
+            raise ValueError(f'{checkpoint} is an exported folder, uploaded as it is: {", ".join(ignored)} '
+                             f'apply to a train.py checkpoint only')
         folder = checkpoint
     else:
         export_checkpoint(checkpoint, folder, repo_id=repo_id, **export_kwargs)

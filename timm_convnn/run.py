@@ -15,7 +15,21 @@ import os
 import runpy
 import sys
 
+from PIL import Image
+from timm.data import auto_augment
+
 import timm_convnn  # noqa: F401  (registers the models)
+
+_timm_posterize = auto_augment.posterize  # (timm's own, taken when this module is imported, before any patch)
+
+
+def posterize_or_black(img, bits_to_keep, **kwargs):
+    """timm's posterize op, except that 0 bits (or fewer) give a black image of the same mode and size, as Pillow
+    < 13 gave. A module-level function, so that augmentations holding it pickle (DataLoader workers started with
+    ``spawn`` / ``forkserver``, the default on macOS and Windows, unpickle it from here)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
 
 
 def posterize_zero_bits_as_black() -> bool:
@@ -24,25 +38,17 @@ def posterize_zero_bits_as_black() -> bool:
     the ImageNet recipes' policy, reaches it under its magnitude noise, within the first batches), and which older
     Pillow turned into a black image. Gives timm's posterize ops that behaviour back (a black image of the same mode
     and size) where this Pillow refuses 0 bits; returns whether it did. Any other number of bits is Pillow's own."""
-    from PIL import Image, ImageOps
-    from timm.data import auto_augment
+    from PIL import ImageOps
     probe = Image.new('L', (1, 1), 255)
     try:
         ImageOps.posterize(probe, 0)
         return False  # (this Pillow takes 0 bits)
     except ValueError:
         pass
-    original = auto_augment.posterize
-
-    def posterize(img, bits_to_keep, **kwargs):
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)
-        return original(img, bits_to_keep, **kwargs)
-
     for name, op in list(auto_augment.NAME_TO_OP.items()):
-        if op is original:
-            auto_augment.NAME_TO_OP[name] = posterize
-    auto_augment.posterize = posterize
+        if op is _timm_posterize:
+            auto_augment.NAME_TO_OP[name] = posterize_or_black
+    auto_augment.posterize = posterize_or_black
     return True
 
 
@@ -53,7 +59,8 @@ def main(argv=None) -> None:
         sys.exit(0 if argv else 2)
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
-        sys.exit(f'timm_convnn.run: no such script: {argv[0]}')
+        print(f'timm_convnn.run: no such script: {argv[0]}', file=sys.stderr)
+        sys.exit(2)  # (as python exits on a script it cannot open)
     posterize_zero_bits_as_black()  # (timm's RandAugment under Pillow >= 13)
     sys.argv = [script] + argv[1:]
     sys.path.insert(0, os.path.dirname(script))
