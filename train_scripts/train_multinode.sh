@@ -30,6 +30,7 @@ node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
 [ -n "$nnodes" ] || { echo "$(basename "$0"): set NNODES (the number of nodes; SLURM_NNODES under SLURM)" >&2; exit 1; }
 [ -n "$node_rank" ] || { echo "$(basename "$0"): set NODE_RANK (this node's rank; SLURM_NODEID under SLURM)" >&2
                          exit 1; }
+# (${extra[@]+...}: bash < 4.4, macOS's /bin/bash, calls an empty array unbound under set -u)
 launch "${TORCHRUN:-torchrun}" --nnodes "$nnodes" --nproc_per_node "$(default_nproc)" --node_rank "$node_rank" \
     --rdzv_backend c10d --rdzv_endpoint "$master:${MASTER_PORT:-29500}" \
-    --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-timm-convnn}}" "${train[@]}" "${extra[@]}"
+    --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-timm-convnn}}" "${train[@]}" ${extra[@]+"${extra[@]}"}

@@ -18,4 +18,5 @@ environment:
 TXT
 }
 launch_setup "$@"
-launch "${PYTHON:-python}" "${train[@]}" "${extra[@]}"
+# (${extra[@]+...}: bash < 4.4, macOS's /bin/bash, calls an empty array unbound under set -u)
+launch "${PYTHON:-python}" "${train[@]}" ${extra[@]+"${extra[@]}"}

@@ -18,4 +18,5 @@ environment:
 TXT
 }
 launch_setup "$@"
-launch "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$(default_nproc)" "${train[@]}" "${extra[@]}"
+# (${extra[@]+...}: bash < 4.4, macOS's /bin/bash, calls an empty array unbound under set -u)
+launch "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$(default_nproc)" "${train[@]}" ${extra[@]+"${extra[@]}"}
