@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 
 from timm_convnn import cli, selfcheck
 
@@ -32,7 +33,7 @@ def test_selfcheck_prints_measurements():
     for _, err, tol in rows:
         assert float(err) <= float(tol)
     assert len(re.findall(r'K=16 +[0-9.]+ ms +[0-9.]+ ms +[0-9.]+x', text)) == 2, text
-    status = r'^fused GPU kernels: (available with triton \S+ \(|off, the PyTorch path runs: )'
+    status = r'^fused GPU kernels: (available with triton \S+ on |off, the PyTorch path runs: |not used here, no CUDA)'
     assert re.search(status, text, flags=re.M), text
 
 
@@ -46,7 +47,9 @@ def test_selfcheck_says_why_the_fused_kernels_are_off(monkeypatch):
         'need triton >= 3.4, which torch >= 2.8 brings)')
     monkeypatch.setattr(selfcheck.triton_attention.triton, '__version__', '3.8.0')
     monkeypatch.setattr(selfcheck.triton_attention, '_INSTALL_REASON', selfcheck.triton_attention._too_old('3.8.0'))
-    assert selfcheck.fused_kernels_status().startswith('fused GPU kernels: available with triton 3.8.0 (')
+    expected = 'available with triton 3.8.0 on ' if torch.cuda.is_available() else \
+        'not used here, no CUDA GPU on this machine (triton 3.8.0 can run them on an NVIDIA GPU of compute '
+    assert selfcheck.fused_kernels_status().startswith('fused GPU kernels: ' + expected)
 
 
 def test_selfcheck_reports_failure(monkeypatch, capsys):

@@ -83,9 +83,13 @@ def fused_kernels_status() -> str:
     reason = triton_attention.triton_unavailable_reason(torch.device('cuda'))
     if reason is not None:
         return f'fused GPU kernels: off, the PyTorch path runs: {reason}'
-    gpu = 'a CUDA GPU is present' if torch.cuda.is_available() else 'no CUDA GPU on this machine'
-    return (f'fused GPU kernels: available with triton {triton_attention.triton.__version__} ({gpu}; '
-            f'backend {get_backend()})')
+    version = triton_attention.triton.__version__
+    if not torch.cuda.is_available():
+        return (f'fused GPU kernels: not used here, no CUDA GPU on this machine (triton {version} can run them on an '
+                f'NVIDIA GPU of compute capability {triton_attention.MIN_CAPABILITY[0]}.'
+                f'{triton_attention.MIN_CAPABILITY[1]} or newer)')
+    return (f'fused GPU kernels: available with triton {version} on {torch.cuda.get_device_name()} '
+            f'(backend {get_backend()})')
 
 
 def run_selfcheck(quick: bool = False) -> int:
