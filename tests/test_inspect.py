@@ -120,8 +120,8 @@ def test_neighbors_cli_writes_the_png_of_the_checkpoint_it_loads(tmp_path, capsy
 def test_neighbors_cli_cnn_default_image(tmp_path):
     out = tmp_path / 'cnn.png'
     assert cli_main(['neighbors', 'resnet18_convnn_branch', '--img-size', '64', '--out', str(out),
-                     '--layers', 'layer1.0.conv1.convnn', 'layer4.1.conv2.convnn']) == 0
-    assert Image.open(out).size == figure_size(2)
+                     '--layers', 'layer1.0.conv1.convnn', 'layer4.1.conv2.convnn', 'layer1.0.conv1.convnn']) == 0
+    assert Image.open(out).size == figure_size(2)  # (a layer named twice: one panel)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -206,7 +206,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint, name)
     (w, h), records, (qx, qy) = neighbor_map(model, args.out, image, query, args.layers, args.img_size)
-    shown = len(args.layers) if args.layers else len(records)
+    shown = len(set(args.layers)) if args.layers else len(records)
     print(f'wrote {args.out} ({w}x{h} px): {shown} ConvNN layers of {name}, query pixel ({qx}, {qy})')
     return 0
 

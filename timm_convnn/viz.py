@@ -154,6 +154,7 @@ def neighbor_map(model: nn.Module, out_path: str, image: Optional[Image.Image] =
                          f'[0, {h - 1}] (pixels, origin top left)')
     records = neighbors(model, x)
     if layers:
+        layers = list(dict.fromkeys(layers))  # (a name given twice: one panel)
         unknown = [n for n in layers if n not in records]
         if unknown:
             raise ValueError(f'no ConvNN layer named {unknown}; layers: {", ".join(records)}')
