@@ -54,6 +54,8 @@ def test_backend_switch_and_dispatch_on_cpu(backend, monkeypatch):
     ConvNN2d(8, 8)(img)
     assert calls == [] and get_backend() == 'auto'
     if not triton_attention.interpreting():
+        # TRITON_INTERPRET set after the kernels were decorated (compiled ones): still no CPU path, the clear error
+        monkeypatch.setenv('TRITON_INTERPRET', '1')
         backend('triton')
         reason = triton_attention.triton_unavailable_reason(x.device)  # no triton, too old a triton, or this:
         if triton_attention.triton_available(torch.device('cuda')):
@@ -563,8 +565,23 @@ torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(),
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default,
                       (qs.detach(), ks.detach(), 5, torch.tensor([3, 0, 9, 4]), torch.arange(17)),
                       test_utils=('test_schema', 'test_faketensor'))
-# a model end to end, and inspection (hooks) falling back to the PyTorch path with the same neighbours
+# double backward (create_graph=True, a gradient penalty): the eager fused op refuses it, as the custom op does (its
+# gradients had no graph: second derivatives silently lacked the ConvNN term)
 set_backend('triton')
+layer = ConvNNAttention(16, num_heads=2, num_neighbors=4)
+x = torch.randn(1, 9, 16, requires_grad=True)
+try:
+    torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    results['double_backward'] = 'ran'
+except RuntimeError as e:
+    results['double_backward'] = 'have no double backward' in str(e)
+# a backward hook on the aggregation (as a forward one) takes the layer to the PyTorch path, where it fires
+hooked = []
+layer.aggregate.register_full_backward_hook(lambda m, grad_in, grad_out: hooked.append(1))
+before = len(calls)
+layer(x).sum().backward()
+results['backward_hook'] = [len(calls) - before, len(hooked)]
+# a model end to end, and inspection (hooks) falling back to the PyTorch path with the same neighbours
 model = timm.create_model('vit_tiny_convnn_all', img_size=32, patch_size=8, depth=2, num_classes=3).eval()
 img = torch.randn(2, 3, 32, 32)
 before = len(calls)
@@ -653,6 +670,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         first = {'first': [True] * 3} if case.startswith('nan_key') else {}
         assert r[case] == dict(ids=True, nan=True, rest=True, **first), (case, r[case])
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
+    assert r['double_backward'] is True and r['backward_hook'] == [0, 1], (r['double_backward'], r['backward_hook'])
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
     for case in ('packed_row', 'packed_row_64', 'packed_row_pairs', 'packed_row_pairs_odd_k', 'packed_row_topk',

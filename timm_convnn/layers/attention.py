@@ -359,8 +359,16 @@ class ConvNNAttention(nn.Module):
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
             and not (self.training and self.attn_drop.p > 0)
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
-            and not (self.aggregate._forward_hooks or self.aggregate._forward_pre_hooks))  # inspection hooks
+            and not self._aggregate_hooked())
         return triton_attention.use_fused(supported, device)
+
+    @torch.jit.unused
+    def _aggregate_hooked(self) -> bool:
+        """Hooks on the aggregation (``inspect`` records neighbours with one): they see its module called, which the
+        fused kernels do not do, so the layer runs the PyTorch path. (Global module hooks are not looked at: one on
+        every module would take every ConvNN layer off the kernels.)"""
+        agg = self.aggregate
+        return bool(agg._forward_hooks or agg._forward_pre_hooks or agg._backward_hooks or agg._backward_pre_hooks)
 
     @torch.jit.unused
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -89,7 +89,8 @@ def select_neighbors(
         qs: (B, G, N, D) query similarity features.
         ks: (B, G, M, D) token similarity features (M tokens; candidates index into them).
         num_neighbors: K. Clamped to the number of candidates (all: M; listed: len(candidates)).
-        candidates: optional (r,) int64 token ids shared by all queries. None means all M tokens.
+        candidates: optional (r,) int64 token ids shared by all queries, distinct (the fused CUDA kernel may leave a
+            slot empty for a repeated id). None means all M tokens.
         query_index: (N,) int64 token id of each query, required with ``candidates``: the query token itself is
             always a candidate (added when it is not in the list, never counted twice).
         budget_bytes: the largest fp32 score slice computed at once (queries are processed in chunks). 8 MiB

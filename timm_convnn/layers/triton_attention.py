@@ -169,8 +169,13 @@ except ImportError:  # CPU-only installs without triton: the PyTorch path serves
 MIN_TRITON = (3, 4)
 
 
+# Triton decides when it decorates a kernel, at this module's import, whether the kernel runs in its interpreter: the
+# flag as it was then (set later, the kernels are still compiled ones, which need a GPU)
+_INTERPRETING = os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
 def interpreting() -> bool:
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+    return _INTERPRETING
 
 
 def _version(text: str) -> Tuple[int, ...]:
@@ -1255,6 +1260,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_idx, grad_p):
+        if torch.is_grad_enabled():  # create_graph: the kernels' gradients have no graph of their own
+            raise RuntimeError(
+                'the fused ConvNN attention kernels have no double backward (create_graph=True, e.g. a gradient '
+                'penalty); the custom op refuses it too. Its gradients would be constants, and second derivatives '
+                'silently miss the ConvNN term')
         qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
         dq, dk, dv, dw = _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
         return dq, dk, dv, dw, None, None, None
@@ -1279,7 +1289,7 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
     """ConvNN attention: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv), depthwise weights
     (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
     ids (r,) shared by all queries (each query is a candidate of itself too, as in the PyTorch path); None: all
-    tokens. ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype, as PyTorch multiplies), the
+    tokens (distinct ids, as for ``fused_select``). ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype, as PyTorch multiplies), the
     dot similarity's d ** -0.5 applied inside the kernels rather than to a copy of q (one elementwise pass fewer each
     way, and no scaled copy kept for the backward); the gradient is with respect to ``qs``."""
     reason = triton_unavailable_reason(qs.device)
@@ -1373,8 +1383,9 @@ def fused_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candida
     (N,) token id of each query) only those tokens and the query's own are candidates, K = min(num_neighbors, r),
     as in the PyTorch path (exact ties at the K-th place may keep another of the tied tokens). What
     ``functional.select_scored_neighbors`` returns, without the (N, M) score matrix or ``torch.topk``; no autograd
-    graph (selection needs none). Inputs: ``select_unsupported``; token ids must lie in 0 .. M - 1 (not checked:
-    that would synchronise with the GPU)."""
+    graph (selection needs none). Inputs: ``select_unsupported``; token ids must lie in 0 .. M - 1 and the
+    candidate ids be distinct (not checked: that would synchronise with the GPU; a repeated id can leave a slot
+    empty, -inf score, where the PyTorch path keeps both copies)."""
     bad = select_unsupported(qs, ks, num_neighbors, candidates, query_index)
     if bad is not None:
         raise ValueError(bad)
