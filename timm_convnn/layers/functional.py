@@ -399,6 +399,7 @@ class _GatherDot(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        triton_attention.refuse_double_backward('the selected scores')  # (the gradients below are built in place)
         q, k, idx = ctx.saved_tensors
         need_q, need_k = _needs_input_grad(ctx, 0, 1)
         if _dense_backward_is_cheaper(k.shape[2], idx.shape[-1]):
@@ -582,6 +583,7 @@ class _NeighborAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        triton_attention.refuse_double_backward('the neighbour aggregation')
         v, idx, rho, weight = ctx.saved_tensors
         rho = rho if ctx.has_rho else None
         need_v, need_rho, need_w = _needs_input_grad(ctx, 0, 2, 3)

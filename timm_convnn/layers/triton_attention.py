@@ -265,6 +265,15 @@ def use_fused(supported: bool, device: torch.device) -> bool:
     return True
 
 
+def refuse_double_backward(what: str) -> None:
+    """In a custom backward: an error under create_graph=True (grad mode on in the backward), which ConvNN's backward
+    passes do not support (their gradients would be constants, and second derivatives silently miss the ConvNN
+    terms)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f'ConvNN has no double backward ({what}): create_graph=True through a ConvNN layer (a '
+                           f'gradient penalty, a second-order optimizer) is not supported')
+
+
 def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(1, x) - 1).bit_length())
 
@@ -1260,11 +1269,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_idx, grad_p):
-        if torch.is_grad_enabled():  # create_graph: the kernels' gradients have no graph of their own
-            raise RuntimeError(
-                'the fused ConvNN attention kernels have no double backward (create_graph=True, e.g. a gradient '
-                'penalty); the custom op refuses it too. Its gradients would be constants, and second derivatives '
-                'silently miss the ConvNN term')
+        refuse_double_backward('the fused attention kernels')
         qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
         dq, dk, dv, dw = _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
         return dq, dk, dv, dw, None, None, None
