@@ -763,6 +763,12 @@ def test_fused_launches_split_the_batch_for_the_grid_and_int32_offsets():
         assert chunks(batch, real, real.contiguous()) == chunks(batch, real.to('meta')) == [(0, batch)][:batch]
 
 
+def test_token_ids_reach_the_kernels_on_the_features_device():
+    # a candidate list made on the CPU for CUDA features would hand the kernel a host pointer: the ids are moved
+    ids = triton_attention._int32_ids(torch.arange(5), torch.device('meta'))
+    assert ids.device.type == 'meta' and ids.dtype == torch.int32 and ids.is_contiguous()
+
+
 def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
     # Triton launches on the current CUDA device, on its current stream: each call makes its tensors' GPU current for
     # its launches (_on_device), so that a model on cuda:1 without torch.cuda.set_device (timm's validate.py /

@@ -1120,11 +1120,12 @@ def _dense_dot(q: torch.Tensor, k: torch.Tensor) -> str:
 
 
 def _int32_ids(ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Token ids (a candidate list, query ids) as the kernels read them, int32 and contiguous; without: a one-element
-    placeholder that the kernels never read."""
+    """Token ids (a candidate list, query ids) as the kernels read them, int32, contiguous and on ``device`` (a CPU
+    list given with CUDA features would hand the kernel a host pointer); without: a one-element placeholder that the
+    kernels never read."""
     if ids is None:
         return torch.empty(1, device=device, dtype=torch.int32)
-    return ids.to(torch.int32).contiguous()
+    return ids.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
