@@ -2,7 +2,7 @@
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .models._pretrained import PretrainedWeightsError
 from .version import __version__
@@ -36,24 +36,20 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive whole number, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive number of pixels, got {value}')
-    return value
+def _positive(unit: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1 of ``unit``, else argparse's one-line error naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a positive whole number, got {text!r}') from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f'must be a positive number of {unit}, got {value}')
+        return value
+    return parse
 
 
-def _epochs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a whole number of epochs, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1 epoch, got {value}')
-    return value
+_pixels, _epochs = _positive('pixels'), _positive('epochs')
 
 
 def _kv(text: str):
@@ -235,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('digits', help='write scikit-learn digits as an ImageFolder (train/, validation/)')
     p.add_argument('out_dir')
-    p.add_argument('--img-size', type=_positive_int, default=32)
+    p.add_argument('--img-size', type=_pixels, default=32)
     p.set_defaults(func=_cmd_digits, friendly_errors=True)
 
     def export_args(p):
@@ -295,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--query', help='X,Y pixel of the model input (after resize and crop); default: the centre')
     p.add_argument('--out', default='neighbors.png', help='output PNG (default: neighbors.png)')
     p.add_argument('--layers', nargs='+', help='only these ConvNN layers (module names)')
-    p.add_argument('--img-size', type=_positive_int,
+    p.add_argument('--img-size', type=_pixels,
                    help='input size in pixels; a fixed-size model (ViT) is built for it (default: the model\'s own '
                         'size, which --model-kwargs img_size=N sets)')
     p.add_argument('--model-kwargs', nargs='*', type=_kv, metavar='KEY=VALUE', help='create_model kwargs')
