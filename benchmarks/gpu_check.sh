@@ -23,19 +23,22 @@
 # the second call right after the first):
 #   run(command='GPU_CHECK_STAGES="tests models row listed sweep optin" GPU_CHECK_BUDGET_S=440 '
 #               'bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"], timeout_s=450)
-#   run(command='GPU_CHECK_STAGES="<what skipped.txt names> scripts ops threshold compile profile select fp32" '
-#               'GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh', carry=[".whl", ".timm_scripts"],
-#       timeout_s=<budget_left_s - 10>)
+#   run(command='GPU_CHECK_STAGES="<stages skipped.txt names, optin last> scripts ops threshold optin compile '
+#               'profile select fp32" GPU_CHECK_BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_check.sh',
+#       carry=[".whl", ".timm_scripts"], timeout_s=<budget_left_s - 10>)
 # (the first call's stages are the decisions: the built-in launches' correctness and model level, then the opt-in
 # launches that might reach the issue's targets, at model level against timm and in the sweep; its limits add up to
-# more than 440 s, and skipped.txt names what it did not reach. The second call's order: what users run and no GPU has
-# run yet first (timm's scripts on the fused kernels: stage scripts, about 100 s), the operator table of the README
-# and the threshold passes for the `all` target next, then torch.compile and the diagnostics.)
+# more than 440 s, and skipped.txt names the stages it did not reach (rerun whole). The second call's order: the
+# timing stages skipped, what users run and no GPU has run yet (timm's scripts on the fused kernels: stage scripts,
+# about 100 s), the operator table of the README and the threshold passes for the `all` target, then the opt-in
+# launches' CUDA tests (300 s at most: only needed for a launch worth building in), torch.compile, the diagnostics.)
 # (2026-11-30: tests, ops, models and select took 241 s of wall time, 20 CUDA tests 99 s of it, and the machine's
 # start about 30 s.)
 set -uo pipefail
 stages="${GPU_CHECK_STAGES:-tests models row listed sweep optin profile ops threshold select fp32 scripts compile}"
 budget="${GPU_CHECK_BUDGET_S:-590}"
+budget="${budget%.*}"  # (whole seconds: bash arithmetic stops at a decimal point, and with it every stage)
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: GPU_CHECK_BUDGET_S must be seconds, got '$budget'" >&2; exit 2; }
 dry="${GPU_CHECK_DRY:-0}"
 if [ -n "${OUT:-}" ]; then
   out="$(mktemp -d)"
@@ -59,8 +62,8 @@ limited() {
   local limit=$1 left=$(( budget - SECONDS - 20 ))
   shift
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 15 ]; then
-    echo "skipped, ${left} s of the budget left: $*" | tee -a "$out/skipped.txt" >&3
+  if [ "$limit" -lt 15 ]; then  # (the stage named: a second call reruns it whole)
+    echo "skipped (stage ${stage:-?}), ${left} s of the budget left: $*" | tee -a "$out/skipped.txt" >&3
     return 0
   fi
   if [ "$dry" = 1 ]; then
@@ -68,7 +71,7 @@ limited() {
     SECONDS=$(( SECONDS + limit ))
     return 0
   fi
-  timeout "$limit" "$@"
+  timeout -k 10 "$limit" "$@"  # (-k: a child that outlives SIGTERM, stuck in a driver call, is killed 10 s later)
 }
 
 # 1. the fused kernels against the PyTorch path on the GPU, the launches they choose themselves (fp32 / bf16 / fp16,
@@ -202,11 +205,17 @@ for stage in $stages; do
   declare -F "stage_$stage" > /dev/null || { echo "gpu_check.sh: unknown stage '$stage'" >&2; exit 2; }
 done
 if [ "$dry" != 1 ]; then
-  python -m pip install --quiet --no-deps .whl/timm-1.0.31-py3-none-any.whl 2>&1 | tail -2
-  python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
-  python -c 'import timm_convnn' 2>/dev/null || export PYTHONPATH="$PWD"  # no setuptools there: run from the tree
+  pip_offline=(--quiet --no-deps --no-index --disable-pip-version-check)  # (no network there: no waits on it)
+  python -m pip install "${pip_offline[@]}" .whl/timm-1.0.31-py3-none-any.whl 2>&1 | tail -2
+  python -m pip install "${pip_offline[@]}" --no-build-isolation -e . 2>&1 | tail -2 || true
+  # the tree on the path whatever the editable install did (too old a setuptools refuses it; `python -c` would
+  # import the package from the working directory anyway, benchmarks/*.py would not)
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import torch, timm, triton, timm_convnn
 print(torch.__version__, timm.__version__, triton.__version__, torch.cuda.get_device_name())"
+  # an older timm (the machine's own, when .whl was not carried) fails the tests: stop before spending the budget
+  python -c "import sys, timm; sys.exit(tuple(map(int, timm.__version__.split('.')[:3])) < (1, 0, 31))" || {
+    echo "gpu_check.sh: timm >= 1.0.31 is needed (carry .whl: see the header)" >&2; exit 2; }
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 fi
 for stage in $stages; do

@@ -114,8 +114,8 @@ def sweep_best(rows: List[Dict[str, Any]]) -> List[Tuple[Tuple, Dict[str, Any], 
 
 def _launch(row: Dict[str, Any]) -> str:
     """A sweep row's launch settings (none: the built-in launch of a --contention row)."""
-    keys = ('impl', 'block_m', 'warps', 'select', 'keys', 'dot', 'dw_copies', 'row_copies', 'listed', 'block_c',
-            'dtype')
+    keys = ('impl', 'stream', 'block_m', 'warps', 'select', 'keys', 'dot', 'dw_copies', 'row_copies', 'listed',
+            'block_c', 'dtype')
     return ' '.join(f'{k}={row[k]}' for k in keys if row.get(k) is not None) or 'built in'
 
 

@@ -428,6 +428,28 @@ def test_gpu_summary_reads_a_stored_h200_run(tmp_path):
     assert '- no model-level results' in out and '- no operator-level results' in out
 
 
+def test_model_ratios_are_written_as_each_pair_completes(monkeypatch):
+    # a run cut short (a later pair failing, or the stage's time limit) keeps the ratios of the pairs it completed:
+    # gpu_summary shows only rows that name their baseline
+    from timm_convnn import bench
+    monkeypatch.setattr(bench, '_fused_layers', lambda *a: 0)
+
+    def timed(name, *args):
+        if name == 'resnet50':
+            raise RuntimeError('out of memory')
+        return dict(model=name, infer_img_s=50. if 'convnn' in name else 100., train_img_s=10., train_peak_bytes=4,
+                    infer_faults=None, train_faults=None)
+    monkeypatch.setattr(bench, '_bench_model', timed)
+    rows, seen = [], []
+    pairs = [('vit_tiny_convnn_all', 'vit_tiny_patch16_224'), ('resnet50_convnn_branch', 'resnet50')]
+    with pytest.raises(RuntimeError, match='out of memory'):
+        bench.model_benchmark(torch.device('cpu'), pairs, 2, None, False, False, False, 0, 1, {}, ('auto',),
+                              log=lambda line: seen.append([dict(r) for r in rows]), rows=rows)
+    first = rows[0]
+    assert first['model'] == 'vit_tiny_convnn_all' and first['baseline'] == 'vit_tiny_patch16_224'
+    assert first['infer_vs_baseline'] == 0.5 and 'baseline' in seen[1][0]  # (in the results written with the pair)
+
+
 def _gpu_check_dry(tmp_path, stages, budget):
     """benchmarks/gpu_check.sh with GPU_CHECK_DRY=1 (commands printed with their limits, each as if it took them all)
     in ``tmp_path``: (return code, stdout, stderr)."""
@@ -465,8 +487,14 @@ def test_gpu_check_script_runs_stages_in_order_within_its_budget(tmp_path):
     assert rc == 0, err
     assert '[0 s] timeout 260 python -m pytest' in out and '[260 s] timeout' not in out
     skipped = (tmp_path / 'gpu-out' / 'skipped.txt').read_text().splitlines()
-    assert len(skipped) == 2 and all(line.startswith('skipped, 10 s of the budget left: python benchmarks/bench.py')
-                                     for line in skipped)
+    assert len(skipped) == 2 and all(
+        line.startswith('skipped (stage row), 10 s of the budget left: python benchmarks/bench.py') for line in skipped)
+
+    # a budget in decimal seconds (from a status reading) is whole seconds; anything else stops before any work
+    rc, out, err = _gpu_check_dry(tmp_path, 'tests row', 290.7)
+    assert rc == 0 and '[0 s] timeout 260 python -m pytest' in out and 'syntax error' not in err, err
+    rc, out, err = _gpu_check_dry(tmp_path, 'tests', 'lots')
+    assert rc == 2 and "GPU_CHECK_BUDGET_S must be seconds, got 'lots'" in err and 'timeout' not in out
 
     rc, out, err = _gpu_check_dry(tmp_path, 'tests nonsense', 300)  # checked before anything runs
     assert rc == 2 and "unknown stage 'nonsense'" in err and 'timeout' not in out

@@ -24,7 +24,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -422,20 +422,28 @@ def model_benchmark(
                 row.update(backend=ran, fused_layers=fused)
                 done.setdefault(name, row)
                 rows.append(row)
+                _pair_ratios(pairs, done, rows)  # (before the log line, which writes the results of a run so far)
                 label = name + (f' [{row["backend"]}]' if row['backend'] else '')
                 faults = '' if row['infer_faults'] is None else (
                     f'  page faults / call {row["infer_faults"]:.0f} infer, {row["train_faults"]:.0f} train')
                 log(f'  {label:36s} infer {row["infer_img_s"]:9.1f} img/s  train {row["train_img_s"]:9.1f} img/s  '
                     f'train peak {row["train_peak_bytes"] / 2 ** 20:8.1f} MiB' + faults)
+    return rows
+
+
+def _pair_ratios(pairs: Sequence[Tuple[str, str]], done: Dict[str, Dict[str, Any]], rows: List[Dict[str, Any]]) -> None:
+    """Each timed ConvNN row of a pair whose timm model is timed too: its ratios to that baseline (set as soon as both
+    exist, so that a run cut short keeps the pairs it completed)."""
     for convnn, base in pairs:
-        t = done[base]
+        t = done.get(base)
+        if t is None:
+            continue
         for c in rows:
             if c['model'] == convnn:
                 c['baseline'] = base
                 c['infer_vs_baseline'] = c['infer_img_s'] / t['infer_img_s']
                 c['train_vs_baseline'] = c['train_img_s'] / t['train_img_s']
                 c['train_memory_vs_baseline'] = c['train_peak_bytes'] / max(1, t['train_peak_bytes'])
-    return rows
 
 
 # -- reports ---------------------------------------------------------------------------------------------------------
