@@ -214,7 +214,8 @@ if [ "$dry" != 1 ]; then
   python -c "import torch, timm, triton, timm_convnn
 print(torch.__version__, timm.__version__, triton.__version__, torch.cuda.get_device_name())"
   # an older timm (the machine's own, when .whl was not carried) fails the tests: stop before spending the budget
-  python -c "import sys, timm; sys.exit(tuple(map(int, timm.__version__.split('.')[:3])) < (1, 0, 31))" || {
+  python -c "import re, sys, timm
+sys.exit(tuple(map(int, re.findall(r'\d+', timm.__version__)[:3])) < (1, 0, 31))" || {
     echo "gpu_check.sh: timm >= 1.0.31 is needed (carry .whl: see the header)" >&2; exit 2; }
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 fi
