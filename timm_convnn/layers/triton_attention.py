@@ -1294,10 +1294,11 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ConvNN attention: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv), depthwise weights
     (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
-    ids (r,) shared by all queries (each query is a candidate of itself too, as in the PyTorch path); None: all
-    tokens (distinct ids, as for ``fused_select``). ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype, as PyTorch multiplies), the
-    dot similarity's d ** -0.5 applied inside the kernels rather than to a copy of q (one elementwise pass fewer each
-    way, and no scaled copy kept for the backward); the gradient is with respect to ``qs``."""
+    ids (r,) shared by all queries, distinct as for ``fused_select`` (each query is a candidate of itself too, as in
+    the PyTorch path); None: all tokens. ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype,
+    as PyTorch multiplies), the dot similarity's d ** -0.5 applied inside the kernels rather than to a copy of q (one
+    elementwise pass fewer each way, and no scaled copy kept for the backward); the gradient is with respect to
+    ``qs``."""
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
