@@ -292,19 +292,6 @@ def test_any_int_sample_seed_keys_the_eval_draw():
     assert conv(torch.randn(1, 4, 6, 6)).shape == (1, 4, 6, 6)
 
 
-@pytest.mark.parametrize('m', [ConvNNAttention(16, 2, num_neighbors=4), ConvNN2d(4, 4, weighting='softmax')],
-                         ids=['attention', 'conv2d'])
-def test_double_backward_is_refused_with_a_clear_error(m):
-    # the backward passes build their gradients in place, with no graph of their own: create_graph=True (a gradient
-    # penalty) says so at once (it had failed on the second backward, naming an in-place update)
-    x = torch.randn(1, 9, 16) if isinstance(m, ConvNNAttention) else torch.randn(1, 4, 5, 5)
-    x.requires_grad_()
-    with pytest.raises(RuntimeError, match=r'ConvNN has no double backward \(the '):
-        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
-    g, = torch.autograd.grad(m(x).square().sum(), x)  # a plain backward still runs
-    assert g.shape == x.shape and torch.isfinite(g).all()
-
-
 def test_listed_candidates_include_self_once():
     B, G, N, D, K = 2, 3, 40, 6, 8
     q = torch.randn(B, G, N, D)

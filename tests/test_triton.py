@@ -565,13 +565,15 @@ torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(),
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default,
                       (qs.detach(), ks.detach(), 5, torch.tensor([3, 0, 9, 4]), torch.arange(17)),
                       test_utils=('test_schema', 'test_faketensor'))
-# double backward (create_graph=True, a gradient penalty): the eager fused op refuses it, as the custom op does (its
-# gradients had no graph: second derivatives silently lacked the ConvNN term)
+# double backward (create_graph=True and a second backward, a gradient penalty): the eager fused op refuses the second
+# derivative (its gradients have no graph: it would silently lack the ConvNN term); the first one is the plain one
 set_backend('triton')
 layer = ConvNNAttention(16, num_heads=2, num_neighbors=4)
 x = torch.randn(1, 9, 16, requires_grad=True)
+g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+results['double_backward_first'] = (g - torch.autograd.grad(layer(x).square().sum(), x)[0]).abs().max().item()
 try:
-    torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    g.square().sum().backward()
     results['double_backward'] = 'ran'
 except RuntimeError as e:
     results['double_backward'] = 'ConvNN has no double backward (the fused attention kernels)' in str(e)
@@ -671,6 +673,7 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
         assert r[case] == dict(ids=True, nan=True, rest=True, **first), (case, r[case])
     assert r['saved_qkv'] == {'features': 3, 'storages': 1}, r['saved_qkv']
     assert r['double_backward'] is True and r['backward_hook'] == [0, 1], (r['double_backward'], r['backward_hook'])
+    assert r['double_backward_first'] == 0
     c = r['dense_op']
     assert c['diff'] < 1e-5 and c['short'] > 0.1 and 0.1 < c['own'] < 0.9, c
     for case in ('packed_row', 'packed_row_64', 'packed_row_pairs', 'packed_row_pairs_odd_k', 'packed_row_topk',
@@ -691,6 +694,74 @@ def test_kernels_under_the_triton_interpreter_match_the_pytorch_path(tmp_path):
     assert len(layers) == 16 and r['cnn_model_calls_triton'] == sum(layers) == 9 and r['cnn_model_calls_torch'] == 0
     assert r['cnn_model'] < 1e-4, r['cnn_model']
     assert r['inspect_calls'] == 0  # hooked aggregation: the PyTorch path, so the records are what ran
+
+
+_FUNC_INTERPRETED = r'''
+import json, torch
+import timm_convnn
+from torch.func import functional_call, grad, jacrev, vmap
+from timm_convnn.layers import ConvNN2d, ConvNNAttention, set_backend, triton_attention
+torch.manual_seed(0)
+launches = dict(fwd=0, bwd=0, select=0)
+
+class Counted:
+    def __init__(self, kernel, key):
+        self.kernel, self.key = kernel, key
+
+    def __getitem__(self, grid):
+        launches[self.key] += 1
+        return self.kernel[grid]
+
+for key in launches:
+    name = f'_convnn_{key}_kernel'
+    setattr(triton_attention, name, Counted(getattr(triton_attention, name), key))
+set_backend('triton')
+results = {}
+
+def per_sample(module, x):
+    """(grad, vmap(grad)) under torch.func against plain autograd on the same (fused) path, one sample at a time:
+    the largest difference, and the launches each took."""
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    loss = lambda p, t: functional_call(module, p, (t,)).square().sum()
+    before = dict(launches)
+    whole = grad(loss)(params, x)
+    samples = vmap(grad(lambda p, t: loss(p, t[None])), in_dims=(None, 0))(params, x)
+    used = {k: launches[k] - before[k] for k in launches}
+    diff = 0.
+    for i in range(-1, x.shape[0]):  # the whole batch, then each sample
+        module.zero_grad()
+        loss(dict(module.named_parameters()), x if i < 0 else x[i:i + 1]).backward()
+        got = whole if i < 0 else {k: v[i] for k, v in samples.items()}
+        for n, p in module.named_parameters():
+            diff = max(diff, (got[n] - p.grad).abs().max().item())
+    return dict(diff=diff, launches=used)
+
+for cand in ('all', 'random'):
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4, candidates=cand, num_samples=6).eval()
+    results['attention_' + cand] = per_sample(layer, torch.randn(3, 9, 16))
+layer = ConvNNAttention(8, num_heads=2, num_neighbors=3).eval()
+x = torch.randn(1, 5, 8)
+before = dict(launches)
+jac = jacrev(layer)(x)
+used = {k: launches[k] - before[k] for k in launches}
+results['jacobian'] = dict(diff=(jac - torch.autograd.functional.jacobian(layer, x)).abs().max().item(), launches=used)
+results['conv2d'] = per_sample(ConvNN2d(4, 4, num_neighbors=5).eval(), torch.randn(3, 4, 6, 6))
+print('RESULT ' + json.dumps(results))
+'''
+
+
+def test_fused_kernels_under_torch_func_transforms(tmp_path):
+    # the custom op's autograd registration does not serve torch.func (it refused grad, vmap and jacrev); the same
+    # launches now run through an autograd Function with vmap rules: a vmapped batch folds into the kernels' batch
+    r = run_interpreted(_FUNC_INTERPRETED, tmp_path, 'checked')
+    for case in ('attention_all', 'attention_random'):
+        # grad: one forward, one backward; vmap(grad): one folded forward, a backward per sample (dw sums over the
+        # batch)
+        assert r[case]['launches'] == dict(fwd=2, bwd=4, select=0) and r[case]['diff'] < 1e-5, (case, r[case])
+    # jacrev: the backward per cotangent (40), by the backward's vmap rule
+    assert r['jacobian']['launches'] == dict(fwd=1, bwd=40, select=0) and r['jacobian']['diff'] < 1e-5, r['jacobian']
+    # ConvNN2d: the selection kernel alone (its vmap rule folds the batch), aggregation on the PyTorch path
+    assert r['conv2d']['launches'] == dict(fwd=0, bwd=0, select=2) and r['conv2d']['diff'] < 1e-5, r['conv2d']
 
 
 def _recorded_launches(monkeypatch):

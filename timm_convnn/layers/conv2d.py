@@ -10,6 +10,7 @@ from .common import CandidateCache, NeighborAggregation, check_convnn_args, _che
 from .functional import (
     coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
     similarity_features, softmax_weights, split_raster)
+from .func_support import transforms_active
 from .symbolic import size_free
 
 __all__ = ['ConvNN2d', 'ConvNNBranch2d', 'conv2d_weight_to_convnn']
@@ -172,6 +173,14 @@ class ConvNN2d(nn.Module):
     def _refuse_fx(self, x: torch.Tensor) -> None:
         refuse_fx_proxies('ConvNN2d', x)
 
+    @torch.jit.unused
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        """Whether x is channels-last (and not also contiguous): the output keeps that memory format. Not under
+        ``torch.func`` transforms, whose batched tensors cannot answer the query (the output is contiguous there)."""
+        if transforms_active():
+            return False
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._refuse_fx(x)
@@ -183,7 +192,10 @@ class ConvNN2d(nn.Module):
         if H < 1 or W < 1:  # (no candidate to take; nn.Conv2d refuses such maps too)
             raise ValueError('ConvNN2d expects a map of at least 1 x 1, got ' + str(H) + ' x ' + str(W))
         p, s = self.padding, self.stride
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if torch.jit.is_scripting():
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else:
+            channels_last = self._channels_last(x)
         if p > 0:
             x = F.pad(x, (p, p, p, p))
         hp, wp = H + 2 * p, W + 2 * p

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_attention
+from .func_support import first_derivative_only, fold_batch, transformable, transforms_active
 from .symbolic import capturing, size_free, slots, sym_max, sym_min, sym_round
 
 __all__ = [
@@ -391,22 +392,43 @@ class _GatherDot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, idx, budget_bytes, scores):
-        ctx.save_for_backward(q, k, idx)
+        out = _GatherDot.compute(q, k, idx, budget_bytes, scores)
+        _GatherDot.save(ctx, (q, k, idx, budget_bytes, scores), out)
+        return out
+
+    @staticmethod
+    def compute(q, k, idx, budget_bytes, scores):
         if scores is not None:
             return scores.clone()
         with torch.no_grad():
             return _gather_dot_eager(q, k, idx, budget_bytes)
 
     @staticmethod
-    def backward(ctx, grad):
-        triton_attention.refuse_double_backward('the selected scores')  # (the gradients below are built in place)
-        q, k, idx = ctx.saved_tensors
-        need_q, need_k = _needs_input_grad(ctx, 0, 1)
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+
+    @staticmethod
+    def gradient_inputs(ctx, grad):
+        return (grad,) + tuple(ctx.saved_tensors) + _needs_input_grad(ctx, 0, 1)
+
+    @staticmethod
+    def gradients(grad, q, k, idx, need_q: bool, need_k: bool):
         if _dense_backward_is_cheaper(k.shape[2], idx.shape[-1]):
             dq, dk = _gather_dot_backward_dense(q, k, idx, grad, need_q, need_k)
         else:
             dq, dk = _gather_dot_backward_sparse(q, k, idx, grad, need_q, need_k)
         return dq, dk, None, None, None
+
+    @staticmethod
+    @first_derivative_only('the selected scores')  # (the gradients are built in place)
+    def backward(ctx, grad):
+        return _GatherDot.gradients(*_GatherDot.gradient_inputs(ctx, grad))
+
+
+# for torch.func transforms; q, k, idx, the scores and the gradients share the batch dimension (0), into which a
+# vmapped dimension folds
+_GatherDotTransformable = transformable(_GatherDot, 'the selected scores', fold_batch(0, 1, 2, 4),
+                                        fold_batch(0, 1, 2, 3))
 
 
 def _gather_dot_backward_dense(q, k, idx, grad, need_q: bool, need_k: bool, budget_bytes: int = 8 * 1024 * 1024):
@@ -463,7 +485,7 @@ def gather_dot(
     if torch.jit.is_scripting():
         return _gather_dot_eager(q, k, idx, budget_bytes)
     _refuse_torchscript_onnx_export()
-    return _GatherDot.apply(q, k, idx, budget_bytes, scores)
+    return (_GatherDotTransformable if transforms_active() else _GatherDot).apply(q, k, idx, budget_bytes, scores)
 
 
 def _apply_weight(g: torch.Tensor, weight: torch.Tensor, s: int, e: int, depthwise: bool) -> torch.Tensor:
@@ -572,27 +594,50 @@ class _NeighborAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, idx, rho, weight, depthwise: bool, budget_bytes: int):
-        ctx.depthwise = depthwise
-        ctx.budget_bytes = budget_bytes
-        ctx.has_rho = rho is not None
-        ctx.save_for_backward(v, idx, rho if rho is not None else v.new_zeros(0), weight)
+        out = _NeighborAggregate.compute(v, idx, rho, weight, depthwise, budget_bytes)
+        _NeighborAggregate.save(ctx, (v, idx, rho, weight, depthwise, budget_bytes), out)
+        return out
+
+    @staticmethod
+    def compute(v, idx, rho, weight, depthwise: bool, budget_bytes: int):
         with torch.no_grad():
             if depthwise and not size_free(idx.shape[2]):
                 return _aggregate_depthwise_forward(v, idx, rho, weight)
             return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
 
     @staticmethod
-    def backward(ctx, grad):
-        triton_attention.refuse_double_backward('the neighbour aggregation')
+    def save(ctx, inputs, output):
+        v, idx, rho, weight, ctx.depthwise, ctx.budget_bytes = inputs
+        ctx.has_rho = rho is not None
+        ctx.save_for_backward(v, idx, rho if rho is not None else v.new_zeros(0), weight)
+
+    @staticmethod
+    def gradient_inputs(ctx, grad):
         v, idx, rho, weight = ctx.saved_tensors
-        rho = rho if ctx.has_rho else None
-        need_v, need_rho, need_w = _needs_input_grad(ctx, 0, 2, 3)
-        if ctx.depthwise:
+        return (grad, v, idx, rho if ctx.has_rho else None, weight, ctx.depthwise, ctx.budget_bytes) + \
+            _needs_input_grad(ctx, 0, 2, 3)
+
+    @staticmethod
+    def gradients(grad, v, idx, rho: Optional[torch.Tensor], weight, depthwise: bool, budget_bytes: int,
+                  need_v: bool, need_rho: bool, need_w: bool):
+        if depthwise:
             grads = _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
                 v, idx, rho, weight, grad.contiguous(), need_v, need_rho, need_w)
         else:
-            grads = _aggregate_standard_backward(v, idx, rho, weight, grad, need_v, need_rho, need_w, ctx.budget_bytes)
+            grads = _aggregate_standard_backward(v, idx, rho, weight, grad, need_v, need_rho, need_w, budget_bytes)
         return grads + (None, None)
+
+    @staticmethod
+    @first_derivative_only('the neighbour aggregation')
+    def backward(ctx, grad):
+        return _NeighborAggregate.gradients(*_NeighborAggregate.gradient_inputs(ctx, grad))
+
+
+# for torch.func transforms; v, idx and rho share the batch dimension (0), into which a vmapped dimension folds, but
+# not the weights: vmapped weights (an ensemble) map by a call per entry, and so does the backward (the weights'
+# gradient sums over the batch)
+_NeighborAggregateTransformable = transformable(_NeighborAggregate, 'the neighbour aggregation', fold_batch(0, 1, 2),
+                                                fold_batch())
 
 
 def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, grad, need_v: bool, need_rho: bool,
@@ -660,7 +705,8 @@ def neighbor_aggregate(
     if torch.jit.is_scripting():
         return _aggregate_eager(v, idx, rho, weight, depthwise, budget_bytes)
     _refuse_torchscript_onnx_export()
-    return _NeighborAggregate.apply(v, idx, rho, weight, depthwise, budget_bytes)
+    function = _NeighborAggregateTransformable if transforms_active() else _NeighborAggregate
+    return function.apply(v, idx, rho, weight, depthwise, budget_bytes)
 
 
 @torch.jit.unused

@@ -28,6 +28,7 @@ The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU
 suite checks them against the PyTorch path.
 """
 import contextlib
+import functools
 import os
 import re
 from typing import ContextManager, List, Optional, Tuple
@@ -35,6 +36,7 @@ from typing import ContextManager, List, Optional, Tuple
 import torch
 
 from .backend import get_backend
+from .func_support import first_derivative_only, fold_batch, transformable, transforms_active
 from .symbolic import capturing, kept, slots
 
 __all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
@@ -263,15 +265,6 @@ def use_fused(supported: bool, device: torch.device) -> bool:
     if reason is not None:
         raise RuntimeError(f'TIMM_CONVNN_BACKEND / set_backend is "triton" but {reason}')
     return True
-
-
-def refuse_double_backward(what: str) -> None:
-    """In a custom backward: an error under create_graph=True (grad mode on in the backward), which ConvNN's backward
-    passes do not support (their gradients would be constants, and second derivatives silently miss the ConvNN
-    terms)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f'ConvNN has no double backward ({what}): create_graph=True through a ConvNN layer (a '
-                           f'gradient penalty, a second-order optimizer) is not supported')
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -1268,12 +1261,27 @@ class _EagerAttention(torch.autograd.Function):
         _setup_context(ctx, (qs, ks, v, weight, num_neighbors, candidates, q_scale), output)
         return output
 
+    compute = staticmethod(_attention_forward)
+    save = staticmethod(_setup_context)
+
     @staticmethod
+    def gradient_inputs(ctx, grad_out, grad_idx, grad_p):
+        return (grad_out,) + tuple(ctx.saved_tensors) + (ctx.q_scale,)
+
+    @staticmethod
+    def gradients(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale):
+        return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale) + (None, None, None)
+
+    @staticmethod
+    @first_derivative_only('the fused attention kernels')
     def backward(ctx, grad_out, grad_idx, grad_p):
-        refuse_double_backward('the fused attention kernels')
-        qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
-        dq, dk, dv, dw = _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
-        return dq, dk, dv, dw, None, None, None
+        return _EagerAttention.gradients(*_EagerAttention.gradient_inputs(ctx, grad_out, grad_idx, grad_p))
+
+
+# under torch.func transforms (the custom op's autograd registration does not serve them): q, k, v and the outputs
+# share the batch dimension, into which a vmapped dimension folds; the backward maps by a loop (dw sums over it)
+_TransformableAttention = transformable(_EagerAttention, 'the fused attention kernels', fold_batch(0, 1, 2),
+                                        fold_batch())
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -1304,6 +1312,8 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
         raise RuntimeError(reason)
     if _eager(qs, ks, v, weight, candidates):
         return _EagerAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale)
+    if transforms_active() and not capturing():
+        return _TransformableAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale)
     return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates, q_scale)
 
 
@@ -1343,6 +1353,9 @@ def _convnn_select_fake(qs, ks, num_neighbors, candidates=None, query_index=None
     K = _num_kept(num_neighbors, ks.shape[2], candidates)
     return qs.new_empty(B, G, N, K, dtype=torch.int32), qs.new_empty(B, G, N, K, dtype=torch.float32)
 
+
+# vmap: the features share the batch dimension, into which a vmapped dimension folds (mapped token ids: a loop)
+_convnn_select.register_vmap(functools.partial(fold_batch(0, 1), _convnn_select))
 
 _SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

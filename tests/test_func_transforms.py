@@ -1,0 +1,98 @@
+"""``torch.func`` transforms through ConvNN (PyTorch path; the fused kernels under them: ``test_triton.py``): grad,
+per-sample gradients (``vmap(grad)``), Jacobians, vmapped ensembles, each against plain autograd on the same model,
+one sample or one model at a time; and second derivatives, which ConvNN does not have, refused where they are taken."""
+import pytest
+import torch
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+import timm
+from timm_convnn import ConvNN2d, ConvNNAttention
+
+SECOND_DERIVATIVE = r'ConvNN has no double backward \(the '
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, depth=2) if name.startswith('vit') else {}
+    return timm.create_model(name, num_classes=3, **kwargs).eval()
+
+
+def _autograd(module: torch.nn.Module, x: torch.Tensor) -> dict:
+    """d sum(module(x) ** 2) / d parameters, by plain autograd."""
+    module.zero_grad()
+    module(x).square().sum().backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def _check_per_sample_gradients(module: torch.nn.Module, x: torch.Tensor) -> None:
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+
+    def loss(p, inputs):
+        return functional_call(module, (p, buffers), (inputs,)).square().sum()
+
+    whole = grad(loss)(params, x)
+    per_sample = vmap(grad(lambda p, sample: loss(p, sample[None])), in_dims=(None, 0))(params, x)
+    expected = _autograd(module, x)
+    for n in params:
+        torch.testing.assert_close(whole[n], expected[n], msg=n)
+    for i in range(x.shape[0]):
+        expected = _autograd(module, x[i:i + 1])
+        for n in params:
+            torch.testing.assert_close(per_sample[n][i], expected[n], msg=f'{n}, sample {i}')
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_convnn_all_k16', 'vit_tiny_convnn_random', 'resnet18_convnn_branch'])
+def test_per_sample_gradients_of_models_match_autograd(name):
+    # the autograd Functions had no setup_context: every torch.func transform refused them
+    _check_per_sample_gradients(_model(name), torch.randn(3, 3, 32, 32))
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(num_neighbors=5),
+    dict(num_neighbors=4, weighting='softmax', similarity='euclidean', stride=2, padding=1),
+    dict(num_neighbors=3, candidates='random', num_samples=8, coords='append', aggregation='depthwise'),
+], ids=['plain', 'softmax_strided', 'random_coords_depthwise'])
+def test_per_sample_gradients_of_conv2d_layers_match_autograd(kwargs):
+    torch.manual_seed(0)
+    _check_per_sample_gradients(ConvNN2d(4, 4, **kwargs).eval(), torch.randn(3, 4, 7, 7))
+
+
+def test_jacobian_of_attention_matches_autograd():
+    torch.manual_seed(0)
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4).eval()
+    x = torch.randn(1, 9, 16)
+    # jacrev maps the backward over the output's 144 cotangents (the gradient Functions' vmap rules)
+    torch.testing.assert_close(jacrev(layer)(x), torch.autograd.functional.jacobian(layer, x))
+
+
+def test_vmapped_ensemble_matches_each_model():
+    models = [_model('vit_tiny_convnn_all_k16') for _ in range(3)]
+    for i, m in enumerate(models):  # three different models
+        torch.manual_seed(i)
+        for p in m.parameters():
+            p.data.normal_(0, 0.1)
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 3, 32, 32)
+    # the weights are vmapped too: the aggregation maps by one call per model
+    out = vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in models]))
+
+
+@pytest.mark.parametrize('m', [ConvNNAttention(16, 2, num_neighbors=4), ConvNN2d(4, 4, weighting='softmax')],
+                         ids=['attention', 'conv2d'])
+def test_second_derivatives_are_refused_where_they_are_taken(m):
+    # the backward passes build their gradients without a graph: create_graph=True gives the first derivative (which
+    # torch.func.grad always asks for), differentiating it again raises (before 2026-12-03 create_graph itself did)
+    x = torch.randn(1, 9, 16) if isinstance(m, ConvNNAttention) else torch.randn(1, 4, 5, 5)
+    x.requires_grad_()
+    plain, = torch.autograd.grad(m(x).square().sum(), x)
+    for out in (m(x).square().sum(), m(x).sum()):  # a differentiable, then a constant incoming gradient
+        g, = torch.autograd.grad(out, x, create_graph=True)
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match=SECOND_DERIVATIVE):
+            g.square().sum().backward()
+    g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g, plain)
+    with pytest.raises(RuntimeError, match=SECOND_DERIVATIVE):
+        grad(lambda t: grad(lambda u: m(u).square().sum())(t).square().sum())(x.detach())
