@@ -36,6 +36,14 @@ def test_heads_must_divide_dim(heads):
         ConvNNAttention(32, num_heads=heads)
 
 
+@pytest.mark.parametrize('kwargs', [{}, {'attn_head_dim': 8}])
+def test_heads_must_be_an_int(kwargs):
+    # a bool (an int to isinstance) was refused as 'groups must be an int', an internal argument's name
+    for heads in (True, 2.0):
+        with pytest.raises(TypeError, match=f'num_heads must be an int.*; got {type(heads).__name__} {heads}'):
+            ConvNNAttention(32, num_heads=heads, **kwargs)
+
+
 def test_attention_bad_inputs():
     m = ConvNNAttention(32, 4)
     with pytest.raises(ValueError, match=r'expects \(B, N, C\) input, got a 4-D tensor'):
@@ -98,6 +106,9 @@ def test_layer_arguments_are_checked_where_given():
         (lambda: ConvNNBranch2d(8, 16, branch_ratio=0, num_neighbors=0), ValueError, r'num_neighbors \(K\)'),
         (lambda: ConvNNBranch2d(8, 16, branch_ratio=0.01, candidates='foo'), ValueError, "got 'foo'"),
         (lambda: ConvNNBranch2d('8', 16, branch_ratio=0), TypeError, "in_channels must be an int >= 1; got str '8'"),
+        # (sample_seed too: it was not checked when no ConvNN path is built)
+        (lambda: ConvNNBranch2d(8, 16, branch_ratio=0, sample_seed='3'), TypeError, "sample_seed must be an int"),
+        (lambda: ConvNNBranch2d(8, 16, branch_ratio=0.01, sample_seed=1.5), TypeError, "sample_seed must be an int"),
         (lambda: ConvNNBranch2d(8, 8, aggregation='depthwise'), ValueError,
          r"depthwise' needs the ConvNN branch's output channels, round\(branch_ratio \* out_channels\) = 4, to equal "
          'in_channels=8'),

@@ -134,11 +134,11 @@ class ConvNNAttention(nn.Module):
                 raise TypeError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
             if min(grid_size) < 1:
                 raise ValueError(f'grid_size must be None or (rows, cols), two positive ints; got {grid_size!r}')
+        _check_int('num_heads', num_heads, 1 if attn_head_dim is not None else None)
         if attn_head_dim is not None:  # (heads of their own width: any number of them)
-            _check_int('num_heads', num_heads, 1)
             _check_int('attn_head_dim', attn_head_dim, 1)
         else:
-            if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            if num_heads < 1 or dim % num_heads:
                 raise ValueError(f'num_heads must be a positive divisor of dim={dim}; got num_heads={num_heads}')
             attn_head_dim = dim // num_heads
         if (qk_norm or scale_norm) and norm_layer is None:

@@ -284,7 +284,7 @@ class ConvNNBranch2d(nn.Module):
         # (checked here too: without ConvNN channels, at lambda 0 or one that rounds to none, no ConvNN2d is built)
         check_convnn_args(
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords,
-            neighbor_order or 'rank', coord_scale)
+            neighbor_order or 'rank', coord_scale, sample_seed)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.branch_ratio = float(branch_ratio)
