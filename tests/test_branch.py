@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from timm_convnn import ConvNN2d, ConvNNBranch2d
+from timm_convnn.layers import ConvNNBranchAttention
 
 
 def _names(m):
@@ -63,3 +64,46 @@ def test_strided_geometry_matches_conv(stride, hw):
     conv = nn.Conv2d(4, 8, 3, stride=stride, padding=1)
     x = torch.randn(1, 4, *hw)
     assert m(x).shape == conv(x).shape
+
+
+def test_dilated_conv_path_keeps_same_geometry():
+    # the conv path is padded by (k // 2) * dilation: same geometry as the ConvNN path, and the dilated conv itself
+    m = ConvNNBranch2d(4, 8, dilation=2).eval()
+    x = torch.randn(1, 4, 5, 5)
+    assert m(x).shape == (1, 8, 5, 5)
+    conv = nn.Conv2d(4, 4, 3, dilation=2, padding=2)
+    conv.load_state_dict(m.conv.state_dict())
+    torch.testing.assert_close(m.conv(x), conv(x), atol=0, rtol=0)
+
+
+def test_branch_attention_channel_split_rounds():
+    # round(lambda * head_dim) ConvNN channels per head (0.3 * 16 = 4.8 -> 5), the rest attention
+    m = ConvNNBranchAttention(32, 2, branch_ratio=0.3)
+    assert (m.convnn_head_channels, m.attn_head_channels) == (5, 11)
+    assert m.aggregate.weight.shape[0] == 2 * 5
+
+
+def test_branch_attention_is_deterministic_in_eval():
+    # attention dropout acts in training only, on both branches
+    m = ConvNNBranchAttention(32, 2, branch_ratio=0.5, num_neighbors=4, attn_drop=0.5).eval()
+    x = torch.randn(2, 10, 32)
+    assert torch.equal(m(x), m(x))
+
+
+def test_branch_attention_matches_definition():
+    # per head: the first c channels of q, k, v mixed by top-K ConvNN (unit depthwise weights: masked softmax
+    # attention at scale c ** -0.5), the other d - c by softmax attention (scale (d - c) ** -0.5); concatenated
+    # ConvNN-first per head, heads merged as timm's Attention merges them, then proj
+    dim, heads, n, K, B = 32, 2, 12, 4, 2
+    hd = dim // heads
+    m = ConvNNBranchAttention(dim, heads, branch_ratio=0.25, num_neighbors=K, qkv_bias=True).double().eval()
+    c = m.convnn_head_channels
+    assert c == 4
+    x = torch.randn(B, n, dim, dtype=torch.float64)
+    q, k, v = m.qkv(x).reshape(B, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    s = q[..., :c] @ k[..., :c].transpose(-1, -2) * c ** -0.5
+    kth = s.topk(K, dim=-1).values[..., -1:]
+    convnn = s.masked_fill(s < kth, float('-inf')).softmax(-1) @ v[..., :c]
+    attn = (q[..., c:] @ k[..., c:].transpose(-1, -2) * (hd - c) ** -0.5).softmax(-1) @ v[..., c:]
+    out = torch.cat([convnn, attn], -1).transpose(1, 2).reshape(B, n, dim)
+    torch.testing.assert_close(m(x), m.proj(out), atol=1e-10, rtol=0)

@@ -115,6 +115,23 @@ def test_warm_start_counts(src_name, name, replaced, new_per_layer):
     assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
 
 
+@pytest.mark.parametrize('wrapper', ['model', 'state_dict'])
+@pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn'])
+def test_checkpoint_filters_unwrap_saved_checkpoints(name, wrapper):
+    # a checkpoint saved as {'model': state_dict, ...} (torchvision's / DeiT's reference scripts) or
+    # {'state_dict': state_dict, ...} (timm's train.py) holds the weights of the model: they all load, strictly
+    vgg = name.startswith('vgg')
+    kwargs = dict(num_classes=3, mlp_ratio=0.01) if vgg else dict(num_classes=3)  # (a light VGG pre-logits MLP)
+    src, model = timm.create_model(name, **kwargs), timm.create_model(name, **kwargs)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    filter_fn = vgg_filter if vgg else resnet_filter
+    state_dict = filter_fn({wrapper: src.state_dict(), 'epoch': 3}, model)
+    model.load_state_dict(state_dict, strict=True)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_vgg_filter_converts_torchvision_checkpoints():
     # torchvision's VGG-11-BN checkpoint layout (Linear classifier) -> timm's (ConvMlp pre-logits, head): by
     # definition, timm's own vgg11_bn with the converted weights computes torchvision's model; the ConvNN model then
@@ -223,6 +240,47 @@ def test_train_step_under_autocast(name):
     assert all(g.dtype == p.dtype and bool(torch.isfinite(g).all()) for g, p in zip(grads, params))
     # the same parameters get a gradient (ResNet's zero-init last norm of each block stops it in fp32 as well)
     assert [bool(g.any()) for g in grads] == reached and any(reached)
+
+
+@pytest.mark.parametrize('padding, dilation', [(1, 1), (2, 2), (0, 1), (2, 1), (1, 2)])
+def test_conv_factory_replaces_same_padded_3x3_convs_only(padding, dilation):
+    # the factory stands in for nn.Conv2d (timm's conv_layer hook): a 3x3 conv that keeps the map size (padding equal
+    # to the dilation) becomes a ConvNN layer of the conv's output shape; ConvNN cannot shrink a map as a conv with
+    # other padding does, so that is refused; other kernel sizes stay plain convs
+    from timm_convnn.models._cnn import ConvNNConvFactory
+    conv = nn.Conv2d(4, 6, 3, padding=padding, dilation=dilation)
+    x = torch.randn(1, 4, 9, 9)
+    for factory, kind in ((ConvNNConvFactory(), ConvNN2d), (ConvNNConvFactory(branch_ratio=0.5), ConvNNBranch2d)):
+        if conv(x).shape[-2:] == x.shape[-2:]:
+            layer = factory(4, 6, 3, padding=padding, dilation=dilation)
+            assert type(layer) is kind and layer(x).shape == conv(x).shape
+        else:
+            with pytest.raises(ValueError, match=f'"same"-padded 3x3 convs; got padding={padding}, '
+                                                 f'dilation={dilation}'):
+                factory(4, 6, 3, padding=padding, dilation=dilation)
+        plain = factory(4, 6, 1, padding=padding, dilation=dilation)
+        assert type(plain) is nn.Conv2d and (plain.padding, plain.dilation) == ((padding,) * 2, (dilation,) * 2)
+
+
+def test_resnet_output_stride_dilates_as_timm_does():
+    # timm's ResNet with output_stride=8 dilates the 3x3 convs of layer3 / layer4 instead of striding: the branch
+    # layers' conv path takes the stride, padding and dilation of the conv it replaces in timm's own resnet18, the
+    # ConvNN path its stride; the feature maps are timm's
+    model = timm.create_model('resnet18_convnn_branch', output_stride=8, device='meta')
+    ref = dict(timm.create_model('resnet18', output_stride=8, device='meta').named_modules())
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ConvNNBranch2d)}
+    assert len(layers) == 16 and any(ref[n].dilation != (1, 1) for n in layers)
+    for n, m in layers.items():
+        conv = ref[n]
+        assert (m.conv.kernel_size, m.conv.stride, m.conv.padding, m.conv.dilation) == \
+            (conv.kernel_size, conv.stride, conv.padding, conv.dilation), n
+        assert m.convnn.stride == conv.stride[0], n
+    ours = timm.create_model('resnet18_convnn_branch', output_stride=8, features_only=True).eval()
+    timms = timm.create_model('resnet18', output_stride=8, features_only=True).eval()
+    assert ours.feature_info.reduction() == timms.feature_info.reduction()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert [f.shape for f in ours(x)] == [f.shape for f in timms(x)]
 
 
 def test_convnn_kwargs_reach_every_layer():

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_convnn import ConvNN2d, ConvNNAttention, ConvNNBranch2d
+from timm_convnn import ConvNN2d, ConvNNAttention, ConvNNBranch2d, conv2d_weight_to_convnn
+from timm_convnn.layers import ConvNNBranchAttention
 from timm_convnn.layers.common import NeighborAggregation
 
 
@@ -160,3 +161,33 @@ def test_plain_fx_tracing_says_what_to_use_instead():
             torch.fx.symbolic_trace(module)
     names = timm.models.get_graph_node_names(timm.create_model('resnet18_convnn'))[1]
     assert 'layer1.0.conv1' in names  # a leaf there
+
+
+@pytest.mark.parametrize('ratio', [0, -0.1, 1.5])
+def test_branch_attention_ratio_range(ratio):
+    with pytest.raises(ValueError, match=r'branch_ratio \(lambda\) must be in \(0, 1\]'):
+        ConvNNBranchAttention(32, 2, branch_ratio=ratio)
+
+
+@pytest.mark.parametrize('name', ['num_neighbors', 'sample_seed'])
+def test_bools_are_not_ints(name):
+    # bool is an int subclass: True would be taken as K = 1 / seed 1
+    with pytest.raises(TypeError, match=f'{name}.* must be an int.*; got bool True'):
+        ConvNNAttention(32, 4, **{name: True})
+
+
+def test_aggregation_channels_must_divide_by_groups():
+    with pytest.raises(ValueError, match=r'out_channels \(6\) must be divisible by groups \(4\)'):
+        NeighborAggregation(4, 6, 3, groups=4, depthwise=False, init='default')
+
+
+def test_conv_conversions_refuse_what_they_cannot_map():
+    with pytest.raises(ValueError, match=r'from_conv2d needs equal strides; got stride=\(1, 2\)'):
+        ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=1, stride=(1, 2)))
+    with pytest.raises(ValueError, match=r'expected a square \(out, in, k, k\) Conv2d weight, got shape \(4, 3, 3, 5'):
+        conv2d_weight_to_convnn(torch.randn(4, 3, 3, 5))
+
+
+def test_conv_zero_width_map():
+    with pytest.raises(ValueError, match='expects a map of at least 1 x 1, got 5 x 0'):
+        ConvNN2d(8, 4)(torch.randn(1, 8, 5, 0))

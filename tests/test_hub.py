@@ -3,6 +3,7 @@ import argparse
 import csv
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -205,6 +206,25 @@ def test_warm_start_tag_from_timm_repo(name, source, cache, tmp_path):
     import_timm_test_models().test_model_load_pretrained(name, 1)
 
 
+WARM_TAGS = [n for n in timm.list_pretrained('*convnn*') if '.from_timm_' in n]
+
+
+@pytest.mark.parametrize('name', WARM_TAGS)
+def test_warm_start_tag_preprocessing_is_the_source_weights(name):
+    # a warm-start tag loads timm's weights: the preprocessing they were trained / evaluated with (train and test
+    # sizes, crop, interpolation, mean, std), their classes and license are the source tag's
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.hf_hub_id.startswith('timm/')
+    source = timm.models.get_pretrained_cfg(cfg.hf_hub_id[len('timm/'):])
+    assert source is not None and cfg.tag == 'from_timm_' + source.tag
+    keys = ('input_size', 'test_input_size', 'min_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode',
+            'interpolation', 'mean', 'std', 'num_classes', 'license')
+    assert {k: getattr(cfg, k) for k in keys} == {k: getattr(source, k) for k in keys}
+    for kw in ({}, dict(use_test_size=True)):
+        assert timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict(), **kw) == \
+            timm.data.resolve_data_config({}, pretrained_cfg=source.to_dict(), **kw)
+
+
 def test_no_weights_and_unknown_tag_list_the_tags_with_weights():
     with pytest.raises(RuntimeError, match=r'Tags with weights: vit_tiny_convnn_all\.from_timm_augreg_in21k_ft_in1k'):
         timm.create_model('vit_tiny_convnn_all.nonexistent', pretrained=True)
@@ -288,6 +308,48 @@ def test_model_cards_render_for_every_family(name):
     assert '| `num_neighbors` | `9` |' in text and 'Not measured' in text and '@article{kang2025convnn' in text
     assert ('ViT with ConvNN' in text) == name.startswith('vit')
     assert "pipeline('image-classification', model='org/card')" in text  # what the transformers test runs
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('vit_small_convnn_branch', dict(img_size=32, patch_size=8, depth=1, branch_ratio=0.25)),
+    ('resnet18_convnn_branch', dict(layers=(1, 1, 1, 1), branch_ratio=0.75)),
+    ('vit_tiny_convnn_random', dict(img_size=32, patch_size=4, depth=1)),
+])
+def test_exported_args_and_card_hold_every_option_of_the_layers(name, kwargs, cache, tmp_path):
+    # every ConvNN option (the model kwargs the model files accept) is exported with the value the layers hold, set
+    # at build or later on the layers themselves; branch_ratio for the branch models only
+    from timm_convnn.layers import ConvNN2d, ConvNNAttention
+    from timm_convnn.models.vit_convnn import CONVNN_KWARGS
+    opts = dict(num_neighbors=5, candidates='random', num_samples=12, similarity='euclidean', weighting='ones',
+                aggregation='standard', coords='append', neighbor_order='position')
+    model = timm.create_model(name, num_classes=3, **opts, **kwargs)
+    layers = [m for m in model.modules() if isinstance(m, (ConvNNAttention, ConvNN2d))]
+    for m in layers:
+        m.coord_scale = 2.5  # (on the layers only, not a create_model argument)
+    expect = dict(opts, coord_scale=2.5)
+    if 'branch_ratio' in kwargs:
+        expect['branch_ratio'] = kwargs['branch_ratio']
+    assert set(CONVNN_KWARGS) - set(expect) == set(() if 'branch' in name else ('branch_ratio',))
+    assert hub.convnn_model_args(model) == expect
+    folder = hub.save(model, tmp_path / 'export')
+    model_args = json.loads((folder / 'config.json').read_text())['model_args']
+    assert {k: v for k, v in model_args.items() if k in CONVNN_KWARGS} == expect
+    card = (folder / 'README.md').read_text()
+    for k, v in expect.items():
+        assert f'| `{k}` | `{v!r}` |' in card, k
+    assert ('`branch_ratio`' in card) == ('branch_ratio' in kwargs)
+    cache.add_folder('org/options', folder)  # and the loaded model's layers are built with them
+    assert hub.convnn_model_args(timm.create_model('hf-hub:org/options', pretrained=True)) == expect
+
+
+def test_card_of_a_non_square_model_states_height_x_width(tmp_path):
+    # timm's input_size is (C, H, W); the card's "Input" line is H x W (as the export tests read it)
+    model = timm.create_model('vit_tiny_convnn_all', img_size=(32, 64), patch_size=8, depth=1, num_classes=3)
+    assert timm.data.resolve_input_data_config(model)['input_size'] == (3, 32, 64)
+    assert '- **Input:** 32 x 64, mean' in hub.render_model_card(model)
+    hub.save(model, tmp_path)
+    assert json.loads((tmp_path / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 64]
+    assert '- **Input:** 32 x 64, mean' in (tmp_path / 'README.md').read_text()
 
 
 @pytest.mark.parametrize('name,kwargs,size', [
@@ -452,6 +514,94 @@ def test_export_of_unreadable_checkpoints_fails_in_one_line(tmp_path, capsys):
             assert 'Traceback' not in err and 'weights_only' not in err  # not torch's advice to unpickle anyway
 
 
+def _load_error(load, path):
+    try:
+        load(path)
+    except Exception as e:
+        return e
+    raise AssertionError(f'{path} loaded')
+
+
+@pytest.mark.parametrize('name', ['empty', 'garbage', 'truncated', 'legacy_truncated', 'legacy_cut_short'])
+def test_unreadable_checkpoint_errors_are_recognised(name, tmp_path):
+    # what torch.load (weights only) and timm's load_state_dict around it raise for a file that is no checkpoint:
+    # EOFError, pickle.UnpicklingError, and timm's RuntimeError (about weights_only) or torch's zip-reader one; for a
+    # damaged file of torch's legacy (non-zip) format, struct.error or torch's 'unexpected EOF' RuntimeError
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'w': torch.ones(8)}, path, _use_new_zipfile_serialization=not name.startswith('legacy'))
+    data = path.read_bytes()
+    files = {'empty': b'', 'garbage': b'not a checkpoint\n', 'truncated': data[:len(data) // 2],
+             'legacy_truncated': data[:len(data) // 2], 'legacy_cut_short': data[:-3]}
+    path.write_bytes(files[name])
+    errors = [_load_error(lambda p: torch.load(p, weights_only=True), path),
+              _load_error(timm.models.load_state_dict, path)]
+    assert all(hub.is_unreadable_checkpoint(e) for e in errors), [repr(e) for e in errors]
+
+
+@pytest.mark.parametrize('error, unreadable', [
+    (pickle.UnpicklingError(), True),
+    (EOFError(), True),
+    (RuntimeError('weights_only=True blocked loading this checkpoint'), True),
+    (RuntimeError('PytorchStreamReader failed reading zip archive'), True),
+    (RuntimeError('Error(s) in loading state_dict for ResNet:\n\tsize mismatch for fc.weight'), False),
+    (TypeError("load() got an unexpected keyword argument 'weights_only'"), False),  # (a torch without it)
+])
+def test_is_unreadable_checkpoint_by_error_type(error, unreadable):
+    # the file's fault (its bytes cannot be read) vs a state dict that does not fit the model, or anything else
+    assert hub.is_unreadable_checkpoint(error) is unreadable
+
+
+def test_export_of_a_ddp_checkpoint_strips_the_module_prefix(cache, tmp_path):
+    # a run trained with DistributedDataParallel may save its weights as 'module.<name>': the export holds the
+    # model's own names (a strict load of the rebuilt model), EMA or not
+    from safetensors.torch import load_file
+    model, ema_model, run = _train_checkpoint(tmp_path)
+    ckpt = torch.load(run / 'model_best.pth.tar', weights_only=False)
+    for key in ('state_dict', 'state_dict_ema'):
+        ckpt[key] = {f'module.{k}': v for k, v in ckpt[key].items()}
+    torch.save(ckpt, run / 'ddp.pth.tar')
+    _, state_dict, _ = hub.load_train_checkpoint(run / 'ddp.pth.tar')
+    assert state_dict.keys() == model.state_dict().keys()
+    for ema, source in ((False, model), (True, ema_model)):
+        out = hub.export_checkpoint(run / 'ddp.pth.tar', tmp_path / f'exported_{ema}', use_ema=ema)
+        assert load_file(str(out / 'model.safetensors')).keys() == source.state_dict().keys()
+        cache.add_folder(f'org/ddp-{ema}', out)
+        assert _same_weights(source, timm.create_model(f'hf-hub:org/ddp-{ema}', pretrained=True))
+
+
+def test_train_summary_of_a_resumed_run(tmp_path):
+    # a resumed train.py run appends its epochs to summary.csv after a header row of its own (train.py writes the
+    # header whenever a run starts): every epoch of both runs counts, the repeated header is no epoch
+    header = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    first = [[0, 2.1, 1.9, 55.0, 90.0, 1e-3], [1, 1.2, 0.8, 70.0, 95.0, 5e-4]]
+    resumed = [[2, 1.0, 0.7, 82.5, 97.0, 4e-4], [3, 0.9, 0.75, 80.0, 98.5, 1e-4]]
+    with open(tmp_path / 'summary.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerows([header, *first, header, *resumed])
+    best = max(first + resumed, key=lambda r: r[3])
+    assert hub.read_train_summary(tmp_path / 'summary.csv') == dict(
+        epochs=4, best_epoch=best[0], best_top1=best[3], best_top5=best[4], last_top1=resumed[-1][3],
+        last_top5=resumed[-1][4], last_eval_loss=resumed[-1][2])
+
+
+@pytest.mark.parametrize('args, expect', [
+    # timm's train.py: create_model(in_chans=--in-chans, else --input-size[0], num_classes=--num-classes,
+    # global_pool=--gp, bn_momentum=--bn-momentum, bn_eps=--bn-eps, **--model-kwargs) (drop rates and --img-size
+    # change no weights / are not passed)
+    (dict(in_chans=None, input_size=[1, 32, 32], num_classes=10, gp='avgmax', bn_momentum=0.05, bn_eps=1e-4,
+          model_kwargs={'patch_size': 4, 'img_size': 32}, img_size=48, drop=0.1, drop_path=0.2),
+     dict(in_chans=1, num_classes=10, global_pool='avgmax', bn_momentum=0.05, bn_eps=1e-4, patch_size=4, img_size=32)),
+    (dict(in_chans=2, input_size=[1, 32, 32], num_classes=None, gp=None, bn_momentum=None, bn_eps=None,
+          model_kwargs={}),
+     dict(in_chans=2)),
+    (dict(in_chans=None, input_size=None, num_classes=None, gp=None, bn_momentum=None, bn_eps=None,
+          model_kwargs=None),
+     dict()),
+])
+def test_train_model_kwargs_are_what_train_py_passes_to_create_model(args, expect):
+    assert hub.train_model_kwargs(args) == expect
+
+
 def test_push_uploads_exactly_the_exported_files(tmp_path, monkeypatch):
     model, _, run = _train_checkpoint(tmp_path)
     record = {}
@@ -479,6 +629,21 @@ def test_push_uploads_exactly_the_exported_files(tmp_path, monkeypatch):
         'README.md', 'config.json', 'model.safetensors']
     with pytest.raises(ValueError, match='org/name'):
         hub.push(run / 'model_best.pth.tar', 'no-org', dry_run=True)
+
+
+def test_weights_table_states_what_each_tag_holds(restore_registry):
+    # a tag registered for ConvNN-trained weights shows its notes (its top-1), or points at its model card; a
+    # warm-start tag (the ConvNN layers new) is never measured
+    arch = 'vit_tiny_convnn_random'
+    hub.register_pretrained(f'{arch}.trained_in1k', hf_hub_id='org/trained', notes='top-1 71.3')
+    hub.register_pretrained(f'{arch}.plain_in1k', hf_hub_id='org/plain')
+    rows = {line.split(' | ')[0][3:-1]: line for line in hub.weights_table().splitlines()[2:]}
+    assert rows[f'{arch}.trained_in1k'] == f'| `{arch}.trained_in1k` | `org/trained` | yes | top-1 71.3 |'
+    assert rows[f'{arch}.plain_in1k'] == f'| `{arch}.plain_in1k` | `org/plain` | yes | see model card |'
+    warm = f'{arch}.from_timm_augreg_in21k_ft_in1k'
+    assert rows[warm] == (f'| `{warm}` | `timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k` | '
+                          f'no: warm start (ConvNN layers new) | not measured |')
+    assert len(rows) == len(timm.list_pretrained('*convnn*'))
 
 
 def test_readme_weights_table_is_current():

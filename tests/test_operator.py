@@ -630,3 +630,153 @@ def test_candidate_lists_are_not_cached_while_tracing(monkeypatch):
     torch.testing.assert_close(traced(x), expect)
     layer(x)
     assert len(drawn) == 2
+
+
+def test_listed_selection_keeps_min_k_r_distinct_ids():
+    # K > r listed candidates: K is clamped to r (never r + 1, which took the masked duplicate of a listed query, i.e.
+    # the query token twice), and the ids are the top of the dense scores masked to the list plus the query itself
+    B, G, N, D, K = 2, 2, 12, 4, 7
+    qs, ks = torch.randn(B, G, N, D, dtype=torch.float64), torch.randn(B, G, N, D, dtype=torch.float64)
+    cand = torch.tensor([1, 4, 6, 9])  # queries 1, 4, 6, 9 are listed (r candidates), the others have r + 1
+    idx = FN.select_neighbors(qs, ks, K, cand, torch.arange(N))
+    assert idx.shape == (B, G, N, cand.numel())
+    srt = idx.sort(-1).values
+    assert (srt[..., 1:] != srt[..., :-1]).all(), 'a token was selected twice'
+    allowed = torch.zeros(N, N, dtype=torch.bool)
+    allowed[:, cand] = True
+    allowed[torch.arange(N), torch.arange(N)] = True
+    dense = (qs @ ks.transpose(-1, -2)).masked_fill(~allowed, float('-inf'))
+    assert torch.equal(idx, dense.topk(cand.numel(), dim=-1).indices)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_softmax_weights_are_fp32_for_half_scores(dtype):
+    s = (torch.randn(2, 3, 5, 9) * 4).to(dtype)
+    rho = FN.softmax_weights(s)
+    assert rho.dtype == torch.float32
+    torch.testing.assert_close(rho, torch.softmax(s.float(), -1), atol=0, rtol=0)
+
+
+def test_standard_aggregation_keeps_fp64_under_autocast():
+    # autocast leaves fp64 alone (as for a matmul): the standard aggregation of fp64 values stays fp64, unrounded
+    B, G, N, M, C, K = 2, 2, 7, 9, 3, 4
+    v = torch.randn(B, G, M, C, dtype=torch.float64)
+    rho = torch.rand(B, G, N, K, dtype=torch.float64)
+    w = torch.randn(G, 5, C, K, dtype=torch.float64)
+    idx = _rand_idx(B, G, N, M, K)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = FN.neighbor_aggregate(v, idx, rho, w, False)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, FN.neighbor_aggregate(v, idx, rho, w, False), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('height,width', [(3, 5), (5, 3)])
+def test_coordinate_grid_definition(height, width):
+    # raster order, (x, y) columns, both axes centred and sharing the spacing 2 / (max(h, w) - 1): +-1 along the
+    # longer axis
+    grid = FN.coordinate_grid(height, width, torch.device('cpu'), torch.float64)
+    step = 2. / (max(height, width) - 1)
+    ref = torch.tensor([[(c - (width - 1) / 2) * step, (r - (height - 1) / 2) * step]
+                        for r in range(height) for c in range(width)], dtype=torch.float64)
+    torch.testing.assert_close(grid, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grid.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    longer = 0 if width > height else 1
+    assert grid[:, longer].min() == -1 and grid[:, longer].max() == 1
+
+
+def test_attention_token_coords_are_scaled_raster_grid_after_prefix():
+    # coords='append': prefix tokens at the centre (0, 0), patch tokens at coord_scale * their (x, y) on the
+    # (rows, cols) grid, in raster order
+    m = ConvNNAttention(16, 2, coords='append', coord_scale=0.7, num_prefix_tokens=1, grid_size=(2, 6))
+    coords = m._token_coords(1 + 12, torch.device('cpu'), torch.float64)
+    step = 2. / 5
+    ref = [[0., 0.]] + [[0.7 * (c - 2.5) * step, 0.7 * (r - 0.5) * step] for r in range(2) for c in range(6)]
+    torch.testing.assert_close(coords, torch.tensor(ref, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_attention_append_coords_matches_dense_oracle():
+    # coords='append', dot similarity, K < n: scores <[q, s c], [k, s c]> / sqrt(d + 2) (coordinates appended to
+    # both queries and keys), top-K per query, softmax over the kept, depthwise aggregation in rank order
+    dim, heads, K, s = 16, 2, 5, 1.5
+    hd = dim // heads
+    m = ConvNNAttention(dim, heads, num_neighbors=K, coords='append', coord_scale=s, num_prefix_tokens=1,
+                        grid_size=(3, 4), qkv_bias=True).double().eval()
+    with torch.no_grad():
+        m.aggregate.weight.copy_(torch.rand_like(m.aggregate.weight) + 0.5)  # the slot order matters
+    B, n = 2, 1 + 12
+    x = torch.randn(B, n, dim, dtype=torch.float64)
+    q, k, v = m.qkv(x).reshape(B, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    c = torch.zeros(n, 2, dtype=torch.float64)
+    c[1:] = torch.tensor([[(col - 1.5) * 2 / 3, (row - 1) * 2 / 3] for row in range(3) for col in range(4)]) * s
+    c = c.expand(B, heads, n, 2)
+    scores = torch.cat([q, c], -1) @ torch.cat([k, c], -1).transpose(-1, -2) * (hd + 2) ** -0.5
+    top = scores.topk(K, dim=-1)
+    rho = top.values.softmax(-1)  # (B, H, n, K)
+    bi, hi = torch.arange(B)[:, None, None, None], torch.arange(heads)[None, :, None, None]
+    nb = v[bi, hi, top.indices]  # (B, H, n, K, hd)
+    w = m.aggregate.weight.view(heads, hd, K).transpose(1, 2)  # (H, K, hd)
+    out = (nb * rho[..., None] * w[None, :, None]).sum(-2)
+    ref = m.proj(out.transpose(1, 2).reshape(B, n, dim))
+    torch.testing.assert_close(m(x), ref, atol=1e-10, rtol=0)
+
+
+def test_position_order_with_softmax_and_unit_weights_equals_rank_order():
+    # with unit depthwise weights the slots' order cannot matter: sorting the ids into position order must move their
+    # scores (softmax weights) with them
+    attn = ConvNNAttention(16, 2, num_neighbors=5, neighbor_order='position').double().eval()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    y = attn(x)
+    attn.neighbor_order = 'rank'
+    torch.testing.assert_close(y, attn(x), atol=1e-12, rtol=0)
+    conv = ConvNN2d(6, 6, num_neighbors=5, padding=1, aggregation='depthwise', weighting='softmax',
+                    neighbor_order='position').double().eval()
+    with torch.no_grad():
+        conv.aggregate.weight.fill_(1.)
+    img = torch.randn(2, 6, 6, 7, dtype=torch.float64)
+    y = conv(img)
+    conv.neighbor_order = 'rank'
+    torch.testing.assert_close(y, conv(img), atol=1e-12, rtol=0)
+
+
+def test_default_aggregation_init_is_conv1d_init():
+    # init='default' is nn.Conv1d(in, out, K)'s: weights and bias uniform in +-1 / sqrt(fan_in), fan_in = in * K
+    from timm_convnn.layers.common import NeighborAggregation
+    agg = NeighborAggregation(4, 512, 3, depthwise=False, bias=True, init='default')
+    bound = (4 * 3) ** -0.5
+    for p in (agg.weight, agg.bias):
+        assert 0.5 * bound < p.abs().max() <= bound  # (512 values: all below half the bound with chance 2 ** -512)
+    assert agg.weight.shape == nn.Conv1d(4, 512, 3).weight.shape
+
+
+def test_biased_standard_convnn2d_under_autocast_gives_autocast_dtype():
+    # as nn.Conv2d: under CPU bf16 autocast a (biased) standard ConvNN2d outputs bf16 whatever its fp32 bias
+    conv = ConvNN2d(4, 6, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = conv(x)
+        assert nn.Conv2d(4, 6, 3, padding=1)(x).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), conv(x), atol=0.1, rtol=0.05)
+
+
+def test_candidate_cache_holds_at_most_max_entries():
+    from timm_convnn.layers.common import CandidateCache
+    cache = CandidateCache()
+    for i in range(CandidateCache.max_entries + 5):
+        assert cache.get((i,), lambda: torch.tensor([i])).tolist() == [i]
+        assert len(cache.lists) <= CandidateCache.max_entries
+
+
+def test_convnn2d_candidate_cache_follows_padding(monkeypatch):
+    # padding is part of the cache key (the ids index the padded raster): a changed padding gets its own list
+    from timm_convnn.layers import conv2d
+    c = ConvNN2d(8, 8, candidates='random', num_samples=20, padding=1).eval()
+    img = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        c(img)
+    before = c._candidate_ids(9, 9, img.device)
+    drawn = _counting(monkeypatch, conv2d, 'random_candidates')
+    c.padding = 0
+    ids = c._candidate_ids(9, 9, img.device)
+    assert len(drawn) == 1 and not torch.equal(ids, before)
+    assert torch.equal(ids, c._make_candidate_ids(9, 9, img.device))

@@ -111,6 +111,43 @@ def test_model_kwargs_reach_every_layer():
     assert model.blocks[0].attn.num_prefix_tokens == 2
 
 
+def _readme_vit_modes():
+    """The README's ViT table (Models section): mode -> (candidates, K, r or None), candidates in the layer's terms."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    words = {'all tokens': 'all', 'random': 'random', 'regular grid': 'spatial', 'half of each head': 'all'}
+    modes = {}
+    for line in readme.split('## Models')[1].splitlines():
+        if line.startswith('| `vit_{tiny,small,base}_convnn_'):
+            name, text, k, r = [c.strip() for c in line.strip('|').split('|')]
+            candidates = [v for w, v in words.items() if text.startswith(w)]
+            assert len(candidates) == 1, line
+            modes[name.strip('`').split('_convnn_')[1]] = (candidates[0], int(k), None if r == '-' else int(r))
+    return modes
+
+
+@pytest.mark.parametrize('name', VIT_NAMES)
+def test_variants_are_the_readme_table(name):
+    # each registered name builds what the README's table says: candidates, K and r in every block's layer, the
+    # branch variants half ConvNN (lambda 0.5); the sizes are timm's ViT-Ti/S/B patch 16
+    modes = _readme_vit_modes()
+    assert sorted(modes) == sorted(MODES)
+    candidates, k, r = modes[name.split('_convnn_')[1]]
+    model = timm.create_model(name, device='meta')
+    ref = timm.create_model(f"vit_{name.split('_')[1]}_patch16_224", device='meta')
+    assert len(model.blocks) == len(ref.blocks) and model.embed_dim == ref.embed_dim
+    assert model.patch_embed.patch_size == ref.patch_embed.patch_size
+    for blk, ref_blk in zip(model.blocks, ref.blocks):
+        attn = blk.attn
+        assert (attn.candidates, attn.num_neighbors, attn.num_heads) == (candidates, k, ref_blk.attn.num_heads)
+        if r is not None:
+            assert attn.num_samples == r
+        branch = name.endswith('_branch')
+        assert type(attn) is (ConvNNBranchAttention if branch else ConvNNAttention)
+        if branch:
+            assert attn.branch_ratio == 0.5
+
+
 @pytest.mark.parametrize('name', VIT_NAMES)
 def test_data_config(name):
     cfg = timm.data.resolve_data_config({}, model=timm.create_model(name, device='meta'))

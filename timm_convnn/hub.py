@@ -12,6 +12,7 @@ import csv
 import datetime
 import json
 import pickle
+import struct
 import string
 import sys
 import tempfile
@@ -221,10 +222,11 @@ def require_checkpoint_file(path: Union[str, Path]) -> None:
 def is_unreadable_checkpoint(e: BaseException) -> bool:
     """Whether ``e`` (from ``torch.load``, or timm's loading around it) says the file itself could not be read, as
     opposed to e.g. a state dict that does not fit the model."""
-    if isinstance(e, (pickle.UnpicklingError, EOFError)):
+    if isinstance(e, (pickle.UnpicklingError, EOFError, struct.error)):  # (struct: a truncated legacy-format file)
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and ('weights_only' in text or 'PytorchStreamReader' in text)
+    return isinstance(e, RuntimeError) and any(
+        words in text for words in ('weights_only', 'PytorchStreamReader', 'unexpected EOF'))
 
 
 def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueError:
