@@ -1099,6 +1099,38 @@ def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('name, kernel', [('vit_tiny_convnn_all_k16', 'fused_attention'),
+                                          ('vit_tiny_convnn_random', 'fused_attention'),
+                                          ('resnet18_convnn_branch', 'fused_select')])
+def test_fused_per_sample_gradients_on_cuda(name, kernel, backend, monkeypatch):
+    # torch.func on the fused path (test_fused_kernels_under_torch_func_transforms under the interpreter): per-sample
+    # gradients by vmap(grad) equal plain autograd one sample at a time, both through the kernels
+    import timm
+    from torch.func import functional_call, grad, vmap
+    backend('auto')
+    calls = []
+    real = getattr(triton_attention, kernel)
+    monkeypatch.setattr(triton_attention, kernel, lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, depth=2) if name.startswith('vit') else {}
+    model = timm.create_model(name, num_classes=5, **kwargs).cuda().eval()
+    x = torch.randn(3, 3, 64, 64, device='cuda')
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, t):
+        return functional_call(model, (p, buffers), (t,)).square().sum()
+
+    per_sample = vmap(grad(lambda p, t: loss(p, t[None])), in_dims=(None, 0))(params, x)
+    assert calls
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[n][i], p.grad, atol=1e-4, rtol=1e-3, msg=f'{n}, sample {i}')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('name, kernel, launch', [
     ('vit_tiny_convnn_all_k16', 'fused_attention', {}), ('vit_tiny_convnn_random', 'fused_attention', {}),
     # the sampled candidates ranked as one score row (CONFIG fwd_listed='row'), packed keys in bf16, and the backward's
