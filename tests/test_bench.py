@@ -510,3 +510,50 @@ def _collected(root, keyword, mark, path='tests/test_triton.py'):
          path], cwd=root, capture_output=True, text=True, timeout=600)
     assert selection.returncode == 0, selection.stdout[-3000:]
     return {line for line in selection.stdout.splitlines() if '::' in line}
+
+
+def test_ratios_to_sdpa_are_time_and_memory_over_sdpas_for_the_same_n_and_pass():
+    from timm_convnn.bench import _add_ratios
+
+    def row(impl, n, pass_, ms, peak):
+        return dict(impl=impl, n=n, pass_=pass_, ms=ms, peak_bytes=peak)
+    rows = [row('sdpa', 65, 'fwd', 2., 100), row('sdpa', 65, 'fwd+bwd', 4., 400), row('convnn', 65, 'fwd', 6., 50),
+            row('convnn', 65, 'fwd+bwd', 2., 800), row('paper', 197, 'fwd', 1., 10)]  # (no SDPA row at n 197)
+    _add_ratios(rows)
+    assert [(r.get('time_vs_sdpa'), r.get('memory_vs_sdpa')) for r in rows] == [
+        (1., 1.), (1., 1.), (6. / 2., 50 / 100), (2. / 4., 800 / 400), (None, None)]
+
+
+def test_pair_ratios_are_the_convnn_model_over_its_timm_baseline():
+    from timm_convnn.bench import _pair_ratios
+    convnn = dict(model='c', infer_img_s=50., train_img_s=30., train_peak_bytes=600, infer_peak_bytes=7)
+    base = dict(model='t', infer_img_s=100., train_img_s=10., train_peak_bytes=200, infer_peak_bytes=999)
+    rows = [convnn, base]
+    _pair_ratios([('c', 't')], {'c': convnn, 't': base}, rows)
+    assert (convnn['baseline'], convnn['infer_vs_baseline'], convnn['train_vs_baseline'],
+            convnn['train_memory_vs_baseline']) == ('t', 50. / 100., 30. / 10., 600 / 200)
+    assert 'baseline' not in base
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224:vit_tiny_patch16_224'],
+     "--pairs takes CONVNN:TIMM; got 'vit_tiny_convnn_random:vit_tiny_patch16_224:vit_tiny_patch16_224'"),
+    (['--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224', '--model-kwargs', '=1'],
+     "--model-kwargs takes KEY=VALUE items; got '=1'"),
+])
+def test_bench_checks_pairs_and_model_kwargs_before_timing(tmp_path, args, message):
+    from timm_convnn import bench
+    from timm_convnn.cli import build_parser
+    parsed = build_parser().parse_args(['bench', '--models', '--device', 'cpu', '--out', str(tmp_path / 'b')] + args)
+    with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+        bench._check_args(parsed)
+
+
+def test_bench_without_a_level_checks_the_model_kwargs_before_timing(tmp_path):
+    # neither --ops nor --models times both levels: --model-kwargs is checked before the operator level is timed
+    from timm_convnn import bench
+    from timm_convnn.cli import build_parser
+    parsed = build_parser().parse_args(['bench', '--device', 'cpu', '--out', str(tmp_path / 'b'), '--pairs',
+                                        'vit_tiny_convnn_random:vit_tiny_patch16_224', '--model-kwargs', 'bogus=1'])
+    with pytest.raises(ValueError, match="vit_tiny_convnn_random does not take {'bogus': 1}"):
+        bench._check_args(parsed)

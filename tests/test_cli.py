@@ -211,3 +211,85 @@ def test_neighbors_img_size_with_pretrained_vit_weights(tmp_path, monkeypatch, c
             '--out', str(tmp_path / 'x.png')]
     assert cli.main(argv) == 0
     assert 'query pixel (32, 32)' in capsys.readouterr().out
+
+
+def test_cli_defaults_are_the_api_defaults():
+    # `timm-convnn demo` trains as long as run_demo() does, `timm-convnn digits` writes the size the API writes
+    import inspect
+    from timm_convnn.data import write_digits_imagefolder
+    from timm_convnn.demo import run_demo
+    parser = cli.build_parser()
+    assert parser.parse_args(['demo']).epochs == inspect.signature(run_demo).parameters['epochs'].default
+    assert parser.parse_args(['digits', 'd']).img_size == \
+        inspect.signature(write_digits_imagefolder).parameters['img_size'].default
+
+
+def test_model_kwargs_items_without_a_value_are_argparse_errors(tmp_path, capsys):
+    for argv in (['neighbors', 'resnet18_convnn', '--out', str(tmp_path / 'x.png')],
+                 ['export', str(tmp_path / 'c.pth'), str(tmp_path / 'out')]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv + ['--model-kwargs', 'in_chans'])
+        assert info.value.code == 2
+        assert "argument --model-kwargs: expected KEY=VALUE, got 'in_chans'" in capsys.readouterr().err
+    assert not (tmp_path / 'x.png').exists() and not (tmp_path / 'out').exists()
+
+
+def test_neighbors_pretrained_and_checkpoint_are_exclusive(tmp_path, capsys):
+    argv = ['neighbors', 'resnet18_convnn', '--pretrained', '--checkpoint', str(tmp_path / 'missing.pth'),
+            '--out', str(tmp_path / 'x.png')]
+    assert cli.main(argv) == 2
+    assert 'use --pretrained or --checkpoint, not both' in _one_line_error(capsys, 'neighbors')
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_neighbors_counts_a_layer_named_twice_once(tmp_path, capsys):
+    out = tmp_path / 'x.png'
+    argv = ['neighbors', 'resnet18_convnn', '--img-size', '32', '--out', str(out), '--layers', 'layer1.0.conv1',
+            'layer1.0.conv1']
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f'wrote {out} (') and ': 1 ConvNN layers of resnet18_convnn, query pixel' in text, text
+
+
+def test_selfcheck_marks_each_failing_identity_and_times_both_candidate_modes(monkeypatch, capsys):
+    real, timed = selfcheck._conv_identity, []
+
+    def broken(*args):
+        c = real(*args)
+        c.error = 1.0
+        return c
+
+    monkeypatch.setattr(selfcheck, '_conv_identity', broken)
+    monkeypatch.setattr(selfcheck, '_speed', lambda *a: timed.append(a[5]) or [f'{a[5]:>7} K={a[4]:<3}'])
+    assert selfcheck.run_selfcheck(quick=True) == 1
+    text = capsys.readouterr().out
+    assert len(re.findall(r'^convolution identity .* FAIL$', text, flags=re.M)) == 3, text
+    assert len(re.findall(r'^attention identity .* ok$', text, flags=re.M)) == 3, text
+    assert '3 identity check(s) FAILED' in text and sorted(timed) == ['all', 'random']
+
+
+def test_selfcheck_speed_ratio_is_convnn_time_over_sdpa_time(monkeypatch):
+    times = iter([2.0, 6.0])
+    monkeypatch.setattr(selfcheck, '_time_ms', lambda fn, repeats: next(times))
+    cells = selfcheck._speed(1, 17, 32, 2, 4, 'all', 1)
+    convnn_ms, sdpa_ms, ratio = (float(c.strip().rstrip('msx ')) for c in cells[1:])
+    assert sorted([convnn_ms, sdpa_ms]) == [2.0, 6.0] and ratio == pytest.approx(convnn_ms / sdpa_ms, abs=0.01)
+
+
+def test_selfcheck_error_is_the_largest_deviation(monkeypatch):
+    # an identity broken at one output element only must fail: the check reports max |diff|, not an average
+    from timm_convnn import layers
+
+    class OneOff(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            out = self.conv(x).clone()
+            out.view(-1)[0] += 1e-3
+            return out
+
+    monkeypatch.setattr(layers.ConvNN2d, 'from_conv2d', staticmethod(OneOff))
+    check = selfcheck._conv_identity(4, 6, 1, 3, torch.float64)
+    assert check.error == pytest.approx(1e-3) and not check.ok

@@ -60,3 +60,31 @@ def test_train_model_progress_output(progress, capfd):
         assert out == '' and '6/6' in err, err  # tqdm's bar: 2 epochs x 3 steps
     else:
         assert out == '' and err == ''
+
+
+def test_digits_split_scales_the_16_grey_levels_to_0_255():
+    import numpy as np
+    xt, _, xv, _ = digits_split()
+    levels = {int(round(v * 255 / 16)) for v in range(17)}  # scikit-learn's digits: integer levels 0..16
+    values = set(np.unique(np.concatenate([xt.ravel(), xv.ravel()])).tolist())
+    assert values <= levels and {0, 255} <= values and xt.dtype == np.uint8
+
+
+def test_digits_split_seed_and_tensor_labels():
+    _, yt, xv, yv = digits_split(seed=0)
+    _, _, xv1, _ = digits_split(seed=1)
+    assert not (xv.shape == xv1.shape and (xv == xv1).all())  # another seed, another validation draw
+    x_train, y_train, x_val, y_val = digits_tensors(img_size=8)
+    assert len(x_train) == len(y_train) and len(x_val) == len(y_val)
+    assert torch.equal(y_train, torch.from_numpy(yt)) and torch.equal(y_val, torch.from_numpy(yv))
+
+
+def test_train_model_prints_the_mean_step_loss_of_each_epoch(monkeypatch, capfd):
+    from timm_convnn import demo
+    monkeypatch.setattr(demo, 'LabelSmoothingCrossEntropy', lambda smoothing: lambda logits, y: logits.sum() * 0 + 1.5)
+    x, y = torch.rand(48, 3, 8, 8), torch.randint(0, 10, (48,))
+    model = timm.create_model('vit_tiny_convnn_random', img_size=8, patch_size=4, embed_dim=16, depth=1,
+                              num_heads=1, num_classes=10)
+    train_model(model, (x, y, x[:16], y[:16]), epochs=2, batch_size=16, desc='tiny', progress=None)
+    out = capfd.readouterr().out
+    assert re.findall(r'^tiny: epoch \d/2, mean loss ([0-9.]+),', out, flags=re.M) == ['1.500', '1.500'], out

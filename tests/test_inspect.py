@@ -209,3 +209,75 @@ def test_info_json(capsys):
     assert 'branch_ratio = 0.5' in text and 'timm/resnet50.a1_in1k' in text
     counts = [int(line.split(' x ')[0]) for line in text.splitlines() if ' x ConvNN2d(' in line]
     assert sum(counts) == 16 and len(counts) == 7  # 16 ConvNN 3x3s in 7 distinct shapes / strides
+
+
+def test_list_gflops_column_unless_no_flops(capsys):
+    from timm_convnn.utils import count_flops
+    name = 'vit_tiny_convnn_random_k16'
+    flops = count_flops(timm.create_model(name, device='meta'), (3, 224, 224)) / 1e9
+    for extra, gflops in (([], f'{flops:.2f}'), (['--no-flops'], '-')):
+        assert cli_main(['list', name] + extra) == 0
+        rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f'| {name} |')]
+        assert len(rows) == 1 and [c.strip() for c in rows[0].strip('|').split('|')][2] == gflops, (extra, rows)
+
+
+def test_query_index_and_positions_are_raster_order_on_a_non_square_grid():
+    from timm_convnn.inspect import LayerNeighbors
+    # a class token, then 2 rows of 3 patch tokens
+    m = LayerNeighbors('x', 'ConvNNAttention', torch.arange(7).view(1, 1, 1, 7), None, (2, 3), (2, 3),
+                       num_prefix_tokens=1)
+    assert [m.query_index(r, c) for r in range(2) for c in range(3)] == [1, 2, 3, 4, 5, 6]
+    for r, c in ((2, 0), (0, 3), (-1, 0)):
+        with pytest.raises(ValueError, match='outside its 2 x 3 query grid'):
+            m.query_index(r, c)
+    rows, cols = m.positions()
+    assert rows.flatten().tolist() == [-1, 0, 0, 0, 1, 1, 1] and cols.flatten().tolist() == [-1, 0, 1, 2, 0, 1, 2]
+
+
+def test_strided_cnn_layer_on_an_odd_map_records_every_output_pixel():
+    from timm_convnn.layers import ConvNN2d
+    model = torch.nn.Sequential(ConvNN2d.from_conv2d(torch.nn.Conv2d(4, 8, 3, stride=2, padding=1))).eval()
+    x = torch.randn(1, 4, 15, 15)
+    with torch.no_grad():
+        out_hw = tuple(model(x).shape[-2:])
+    m = neighbors(model, x)['0']
+    assert m.query_grid == out_hw == (8, 8) and m.key_grid == (15, 15) and m.stride == 2
+    assert m.indices.shape[2] == out_hw[0] * out_hw[1]
+
+
+def test_a_layer_run_twice_is_recorded_twice():
+    from timm_convnn.layers import ConvNN2d
+    layer = ConvNN2d.from_conv2d(torch.nn.Conv2d(4, 4, 3, padding=1))
+    maps = neighbors(torch.nn.Sequential(layer, layer).eval(), torch.randn(1, 4, 6, 6))
+    assert list(maps) == ['0', '0#2']
+
+
+def test_list_pattern_word_matches_as_a_substring():
+    from timm_convnn.catalog import convnn_model_names
+    every = timm.list_models('*convnn*')
+    assert convnn_model_names('random') == [n for n in every if 'random' in n]
+    assert 'vit_tiny_convnn_random' in convnn_model_names('random')
+    assert convnn_model_names('vit_tiny*') == [n for n in every if n.startswith('vit_tiny')]
+
+
+def test_figure_size_fits_its_panels_in_rows_of_at_most_four():
+    from timm_convnn.viz import COLUMNS, PAD, PANEL, TITLE
+    assert COLUMNS == 4
+    width = lambda cols: cols * (PANEL + PAD) + PAD  # noqa: E731
+    height = lambda rows: rows * (PANEL + TITLE + PAD) + PAD  # noqa: E731
+    assert figure_size(1) == (width(1), height(1)) and figure_size(3) == (width(3), height(1))
+    assert figure_size(4) == (width(4), height(1)) and figure_size(5) == (width(4), height(2))
+    assert figure_size(9) == (width(4), height(3)) and figure_size(2, panel=100) == (2 * 108 + 8, 136 + 8)
+
+
+def test_query_x_is_the_column_and_y_the_row(tmp_path):
+    # query (x 28, y 2) of a 32 px input on 8 x 8 patches: the outlined cell is the top-right one of the panel
+    from timm_convnn.viz import PAD, PANEL, TITLE
+    out = tmp_path / 'q.png'
+    neighbor_map(_vit(depth=1), str(out), query=(28, 2), layers=['blocks.0.attn'], img_size=32)
+    png, cell = Image.open(out), PANEL // 8
+
+    def outlined(row, col):
+        x0, y0 = PAD + col * cell, PAD + TITLE + row * cell
+        return QUERY_RGB in {png.getpixel((x, y)) for x in range(x0, x0 + cell) for y in range(y0, y0 + cell)}
+    assert outlined(0, 7) and not outlined(7, 0)

@@ -372,3 +372,41 @@ def test_cuda_benchmark_py(bench):
     result = json.loads(out.stdout[out.stdout.index('--result') + len('--result'):])
     key = 'infer_samples_per_sec' if bench == 'inference' else 'train_samples_per_sec'
     assert result['model'] == 'vit_tiny_convnn_all_k16' and result[key] > 0
+
+
+def test_launcher_without_a_script_prints_its_usage_and_fails(capsys):
+    # as python without a script to run: usage and exit 2; --help asked for: usage and exit 0
+    from timm_convnn import run
+    for argv, code in (([], 2), (['--help'], 0), (['-h'], 0)):
+        with pytest.raises(SystemExit) as info:
+            run.main(argv)
+        assert info.value.code == code, argv
+        assert 'python -m timm_convnn.run PATH/TO/train.py' in capsys.readouterr().out
+
+
+def test_launcher_puts_the_script_folder_first_on_the_path(tmp_path, monkeypatch):
+    # as `python SCRIPT` does: a script importing a module next to it (train.py's own helpers) finds it
+    from timm_convnn import run
+    monkeypatch.setattr(run, 'posterize_zero_bits_as_black', lambda: False)  # (leave timm's RandAugment alone)
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    (tmp_path / 'sibling_of_probe_7f3a.py').write_text('VALUE = 42\n')
+    (tmp_path / 'probe.py').write_text('import sys, sibling_of_probe_7f3a\n'
+                                       'sys.modules["_probe_result_7f3a"] = (sibling_of_probe_7f3a.VALUE, sys.argv)\n')
+    monkeypatch.delitem(sys.modules, 'sibling_of_probe_7f3a', raising=False)
+    monkeypatch.delitem(sys.modules, '_probe_result_7f3a', raising=False)
+    run.main([str(tmp_path / 'probe.py'), '--x'])
+    assert sys.modules.pop('_probe_result_7f3a') == (42, [str(tmp_path / 'probe.py'), '--x'])
+    assert sys.path[0] == str(tmp_path)
+    sys.modules.pop('sibling_of_probe_7f3a', None)
+
+
+def test_zero_bit_posterize_is_black_in_the_images_mode_and_size():
+    import numpy as np
+    from PIL import Image, ImageOps
+    from timm_convnn.run import posterize_or_black
+    for mode in ('L', 'RGB'):
+        img = Image.new(mode, (3, 2), 200 if mode == 'L' else (200, 100, 50))
+        black = posterize_or_black(img, 0)
+        assert (black.mode, black.size) == (mode, (3, 2)) and not np.asarray(black).any()
+        assert np.array_equal(np.asarray(posterize_or_black(img, 2)), np.asarray(ImageOps.posterize(img, 2)))

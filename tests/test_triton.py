@@ -1421,3 +1421,32 @@ def test_fused_path_needs_a_recent_triton(backend, monkeypatch):
     monkeypatch.setattr(triton_attention, '_INSTALL_REASON', triton_attention._too_old('3.4.0'))
     backend('auto')
     assert _layer()._fused_supported(50, cuda)
+
+
+def test_forward_queries_per_program_at_the_rule_boundaries():
+    # STREAM_BLOCK_QUERIES streaming queries up to K 32 (16 above); sm_100 and its relatives (sm_103: B300) take 32;
+    # fp32 products stream on 64 queries on Hopper (sm_90) only
+    ta = triton_attention
+    assert ta._fwd_block_m(True, False, 32, 64, False) == ta.STREAM_BLOCK_QUERIES == 64
+    assert ta._fwd_block_m(True, False, 33, 64, False) == ta.BLOCK_QUERIES == 16
+    for arch in (100, 103):
+        assert ta._fwd_block_m(True, False, 16, 64, False, arch=arch) == ta.STREAM_BLOCK_QUERIES // 2 == 32, arch
+    for arch in (80, 86, 89, 100, 120):
+        assert ta._fwd_block_m(True, True, 16, 64, False, arch=arch) == ta.BLOCK_QUERIES, arch
+    assert ta._fwd_block_m(True, True, 16, 64, False, arch=90) == ta.STREAM_BLOCK_QUERIES
+    assert ta._fwd_block_m(False, False, 16, 64, False, arch=100) == ta.BLOCK_QUERIES  # the row kernel: 16 anywhere
+
+
+def test_num_kept_clamps_to_the_tokens_or_to_the_candidate_list():
+    ta = triton_attention
+    assert ta._num_kept(9, 100, None) == 9 and ta._num_kept(9, 4, None) == 4
+    assert ta._num_kept(9, 100, torch.arange(5)) == 5 and ta._num_kept(3, 100, torch.arange(5)) == 3
+
+
+def test_entry_span_and_batch_chunks_of_broadcast_tensors():
+    ta = triton_attention
+    assert ta._entry_span(torch.empty(2, 3, 4, 5, device='meta')) == 3 * 4 * 5  # one entry of a contiguous tensor
+    assert ta._entry_span(torch.empty(2, 5, 4, 3, device='meta').transpose(1, 3)) == 3 * 4 * 5
+    # a batch broadcast over stride 0 (one entry in memory): split for the grid only
+    shared = torch.empty(1, 2, 4, 16, device='meta').expand(70000, -1, -1, -1)
+    assert ta._batch_chunks(70000, shared) == [(0, 65535), (65535, 70000)]
