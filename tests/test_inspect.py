@@ -263,11 +263,11 @@ def test_list_pattern_word_matches_as_a_substring():
 def test_figure_size_fits_its_panels_in_rows_of_at_most_four():
     from timm_convnn.viz import COLUMNS, PAD, PANEL, TITLE
     assert COLUMNS == 4
-    width = lambda cols: cols * (PANEL + PAD) + PAD  # noqa: E731
-    height = lambda rows: rows * (PANEL + TITLE + PAD) + PAD  # noqa: E731
+    width = lambda cols, panel=PANEL: cols * (panel + PAD) + PAD  # noqa: E731
+    height = lambda rows, panel=PANEL: rows * (panel + TITLE + PAD) + PAD  # noqa: E731
     assert figure_size(1) == (width(1), height(1)) and figure_size(3) == (width(3), height(1))
     assert figure_size(4) == (width(4), height(1)) and figure_size(5) == (width(4), height(2))
-    assert figure_size(9) == (width(4), height(3)) and figure_size(2, panel=100) == (2 * 108 + 8, 136 + 8)
+    assert figure_size(9) == (width(4), height(3)) and figure_size(2, panel=100) == (width(2, 100), height(1, 100))
 
 
 def test_query_x_is_the_column_and_y_the_row(tmp_path):

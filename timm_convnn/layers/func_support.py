@@ -111,8 +111,8 @@ def fold_batch(*positions: int) -> Callable:
         mapped = [i for i, d in enumerate(in_dims) if d is not None]
         if all(i in positions for i in mapped):
             out = call(*[_mapped_first(a, in_dims[i], size).flatten(0, 1)
-                                   if i in positions and isinstance(a, torch.Tensor) else a
-                                   for i, a in enumerate(args)])
+                         if i in positions and isinstance(a, torch.Tensor) else a
+                         for i, a in enumerate(args)])
             return _unfolded(out, size)
         outs = [call(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
                 for j in range(size)]
