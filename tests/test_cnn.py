@@ -325,3 +325,23 @@ def test_resnet50_branch_peak_memory_is_bounded():
     from peak_memory import measure_peak
     peak = measure_peak('resnet50_convnn_branch', batch_size=8, img_size=224)
     assert 0 < peak < 2 ** 30, peak / 2 ** 20
+
+
+@pytest.mark.parametrize('name', ['resnet18_convnn', 'resnet18_convnn_branch'])
+def test_grad_checkpointing_recomputes_the_same_neighbours(name):
+    # timm's set_grad_checkpointing (train.py --grad-checkpointing) through the ResNet stages: each ConvNN layer runs
+    # again in the backward, with the same gradients as without it. (VGG has none, as timm's VGG.)
+    model = timm.create_model(name, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    runs, grads = [], []
+    for checkpointing in (False, True):
+        calls = []
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in _convnn_layers(model)]
+        model.set_grad_checkpointing(checkpointing)
+        grads.append(torch.autograd.grad(model(x).logsumexp(-1).mean(), list(model.parameters())))
+        runs.append(len(calls))
+        for h in hooks:
+            h.remove()
+    assert runs == [len(_convnn_layers(model)), 2 * len(_convnn_layers(model))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

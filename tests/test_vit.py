@@ -354,3 +354,31 @@ def test_set_input_size_moves_the_layers_to_the_new_patch_grid(name, kwargs):
     resized.set_input_size(patch_size=8)
     assert resized.blocks[0].attn.grid_size == (20, 28)
     assert resized(torch.randn(1, 3, 160, 224)).shape == (1, 3)
+
+
+def _hooked_forward_backward(model, x, layer_type, checkpointing):
+    """Loss gradients of ``model`` on x, and how many times its ``layer_type`` layers ran (training mode, the same RNG
+    state each call: random candidates draw the same ids)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if isinstance(m, layer_type)]
+    model.set_grad_checkpointing(checkpointing)
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(x).logsumexp(-1).mean(), params)
+    for h in hooks:
+        h.remove()
+    return grads, len(calls)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_convnn_random', 'vit_tiny_convnn_branch'])
+def test_grad_checkpointing_recomputes_the_same_neighbours(name):
+    # timm's set_grad_checkpointing (train.py --grad-checkpointing): each block runs again in the backward; the
+    # recompute must draw the same random candidates (checkpoint restores the RNG state), or the gradients change
+    model = timm.create_model(name, img_size=64, patch_size=8, num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64)
+    layer = (ConvNNAttention, ConvNNBranchAttention)
+    plain, plain_calls = _hooked_forward_backward(model, x, layer, False)
+    ckpt, ckpt_calls = _hooked_forward_backward(model, x, layer, True)
+    assert plain_calls == len(model.blocks) and ckpt_calls == 2 * len(model.blocks)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
