@@ -7,6 +7,8 @@ from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import timm
 from timm_convnn import ConvNN2d, ConvNNAttention
+from timm_convnn.layers import functional
+from timm_convnn.layers.func_support import fold_batch
 
 SECOND_DERIVATIVE = r'ConvNN has no double backward \(the '
 
@@ -74,7 +76,7 @@ def test_vmapped_ensemble_matches_each_model():
             p.data.normal_(0, 0.1)
     params, buffers = stack_module_state(models)
     x = torch.randn(2, 3, 32, 32)
-    # the weights are vmapped too: the aggregation maps by one call per model
+    # the weights are vmapped too: the aggregation folds the models into its groups (one call)
     out = vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(params, buffers)
     torch.testing.assert_close(out, torch.stack([m(x) for m in models]))
 
@@ -96,3 +98,77 @@ def test_second_derivatives_are_refused_where_they_are_taken(m):
     torch.testing.assert_close(g, plain)
     with pytest.raises(RuntimeError, match=SECOND_DERIVATIVE):
         grad(lambda t: grad(lambda u: m(u).square().sum())(t).square().sum())(x.detach())
+
+
+@pytest.mark.parametrize('aggregation', ['depthwise', 'standard'])
+def test_per_sample_gradients_take_one_aggregation_backward(aggregation, monkeypatch):
+    # the samples fold into the batch of the aggregation's backward, which returns the weights' gradient per sample
+    # (until 2026-12-03 a backward call per sample)
+    calls = []
+    name = f'_aggregate_{aggregation}_backward'
+    real = getattr(functional, name)
+    monkeypatch.setattr(functional, name, lambda *a: calls.append((tuple(a[0].shape), a[-1])) or real(*a))
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4, aggregation=aggregation).eval()
+    _check_per_sample_gradients(layer, torch.randn(5, 9, 16))
+    # grad of the batch, vmap(grad) over its 5 samples, then plain autograd 6 times
+    assert calls[:2] == [((5, 2, 9, 8), 1), ((5, 2, 9, 8), 5)] and len(calls) == 8
+
+
+_CALLS = []
+
+
+class _Scale(torch.autograd.Function):
+    """y[b, g, n, c] = x[b, g, n, c] * w[g, c]: weights per group, under fold_batch's rules with a limit of 4 groups a
+    call (calls recorded in _CALLS)."""
+    @staticmethod
+    def forward(x, w):
+        _CALLS.append(('forward', tuple(x.shape), tuple(w.shape)))
+        return x * w[:, None, :]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _ScaleGradients.apply(g, *ctx.saved_tensors)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_batch(0, weights=(1,), most_groups=4)(_Scale.apply, info, in_dims, *args)
+
+
+class _ScaleGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(g, x, w):
+        _CALLS.append(('backward', tuple(g.shape), tuple(w.shape)))
+        return g * w[:, None, :], (g * x).sum((0, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return fold_batch(0, 1, weights=(2,), weight_outputs=(1,), most_groups=4)(
+            _ScaleGradients.apply, info, in_dims, *args)
+
+
+def test_fold_batch_folds_into_groups_in_calls_of_at_most_most_groups():
+    x, w = torch.randn(5, 2, 3, 4), torch.randn(2, 4)
+    loss = lambda w_, x_: _Scale.apply(x_, w_).square().sum()
+    _CALLS.clear()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(w, x[:, None])
+    # the forward folds the samples into the batch; the backward, whose weight gradient is per sample, into the groups:
+    # 5 samples x 2 groups in calls of at most 4 groups
+    assert _CALLS == [('forward', (5, 2, 3, 4), (2, 4))] + [('backward', (1, g, 3, 4), (g, 4)) for g in (4, 4, 2)]
+    for i in range(5):
+        w_ = w.clone().requires_grad_()
+        (x[i:i + 1] * w_[:, None, :]).square().sum().backward()
+        torch.testing.assert_close(per_sample[i], w_.grad)
+    # an ensemble of 5 weights on one input: the forward folds them into the groups
+    ws = torch.randn(5, 2, 4)
+    _CALLS.clear()
+    out = vmap(lambda w_: _Scale.apply(x, w_))(ws)
+    assert _CALLS == [('forward', (5, g, 3, 4), (g, 4)) for g in (4, 4, 2)]
+    torch.testing.assert_close(out, torch.stack([x * w_[:, None, :] for w_ in ws]))

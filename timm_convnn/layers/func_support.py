@@ -101,34 +101,88 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-def fold_batch(*positions: int) -> Callable:
+def fold_batch(*positions: int, weights: Sequence[int] = (), weight_outputs: Sequence[int] = (),
+               entries: Optional[int] = None, most_groups: Optional[int] = None,
+               most_entry_elements: Optional[int] = None) -> Callable:
     """A vmap rule ``rule(call, info, in_dims, *args)`` for a function (a Function's ``apply``, a custom op) whose
-    tensor arguments at ``positions`` and tensor outputs share a leading batch dimension: the mapped dimension folds
-    into it (unmapped arguments there are expanded), one call, unfolded again. Where any other argument is mapped (e.g.
-    the weights, vmapped over an ensemble; with no ``positions``, always) the rule maps by a loop, a call per entry."""
+    tensor arguments at ``positions`` are (B, G, ...) (batch, groups: heads), like its tensor outputs, and whose
+    arguments at ``weights`` are per group, (G, ...) (e.g. depthwise weights; ``weight_outputs``: the outputs shaped
+    so, e.g. the weights' gradient).
+
+    The mapped dimension folds into the batch (a view where it is the leading one; unmapped arguments there are
+    expanded), one call, unfolded again, while only ``positions`` are mapped, and the function returns nothing per
+    weight or can return it per entry: ``entries``, the position of an int argument that the rule sets to the number
+    of entries folded, for a function that then returns its ``weight_outputs`` per equal run of the batch, (entries *
+    G, ...) (the gradient of unmapped weights is per entry: per-sample gradients, ``jacrev``). Otherwise (vmapped
+    weights: an ensemble; such a gradient from a function without ``entries``) it folds into the groups: entry e's group g becomes group e * G + g, of the arguments at ``positions``
+    (dim 1) and of the weights (dim 0, expanded where unmapped), so the weights' gradient comes out per entry from one
+    call (or one per ``most_groups`` groups / ``most_entry_elements`` elements per batch entry, a kernel's limits).
+    Where any other argument is mapped (e.g. a candidate list) the rule maps by a loop, a call per entry."""
     def rule(call: Callable, info, in_dims: Sequence[Optional[int]], *args):
         size = info.batch_size
         mapped = [i for i, d in enumerate(in_dims) if d is not None]
-        if all(i in positions for i in mapped):
+        if not all(i in positions or i in weights for i in mapped):
+            return _stacked([call(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
+                             for j in range(size)])
+        if (not weight_outputs or entries is not None) and not any(i in weights for i in mapped):
             out = call(*[_mapped_first(a, in_dims[i], size).flatten(0, 1)
-                         if i in positions and isinstance(a, torch.Tensor) else a
+                         if i in positions and isinstance(a, torch.Tensor) else size if i == entries else a
                          for i, a in enumerate(args)])
-            return _unfolded(out, size)
-        outs = [call(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
-                for j in range(size)]
-        return _stacked(outs)
+            return _unfolded(out, size, ())
+        args = [_mapped_first(a, in_dims[i], size) if (i in positions or i in weights) and isinstance(a, torch.Tensor)
+                else a for i, a in enumerate(args)]
+        step = _entries_per_call(args, positions, size, most_groups, most_entry_elements)
+        outs = [call(*[a[s:s + step].movedim(0, 1).flatten(1, 2) if i in positions and isinstance(a, torch.Tensor)
+                       else a[s:s + step].flatten(0, 1) if i in weights and isinstance(a, torch.Tensor) else a
+                       for i, a in enumerate(args)])  # (the ``entries`` argument keeps its 1: one entry per group)
+                for s in range(0, size, step)]
+        unfolded = [_unfolded(o, min(step, size - s), weight_outputs, groups=True)
+                    for o, s in zip(outs, range(0, size, step))]
+        return _concatenated(unfolded)
     return rule
+
+
+def _entries_per_call(args, positions: Sequence[int], size: int, most_groups: Optional[int],
+                      most_entry_elements: Optional[int]) -> int:
+    """How many vmapped entries one call folds into its groups: all, unless that passes a kernel's limit on groups
+    or on the elements of one batch entry (``args``: mapped dimension first)."""
+    step = size
+    for i in positions:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            if most_groups is not None:
+                step = min(step, most_groups // max(1, a.shape[2]))
+            if most_entry_elements is not None:
+                step = min(step, most_entry_elements // max(1, a[0, 0].numel()))
+    return max(1, step)
 
 
 def _mapped_first(x: torch.Tensor, dim: Optional[int], size: int) -> torch.Tensor:
     return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
 
 
-def _unfolded(out, size: int):
+def _unfolded(out, size: int, weight_outputs: Sequence[int], groups: bool = False):
+    """A folded call's outputs and their mapped dims: the leading ``size`` entries of the batch, or of the groups (dim
+    1; dim 0 for ``weight_outputs``)."""
+    def one(o, i):
+        if o is None:
+            return None, None
+        dim = 0 if (not groups or i in weight_outputs) else 1
+        return o.unflatten(dim, (size, -1)), dim
     if isinstance(out, tuple):
-        return (tuple(o.unflatten(0, (size, -1)) if o is not None else None for o in out),
-                tuple(0 if o is not None else None for o in out))
-    return out.unflatten(0, (size, -1)), 0
+        pairs = [one(o, i) for i, o in enumerate(out)]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return one(out, 0)
+
+
+def _concatenated(parts):
+    """The per-chunk (outputs, dims) of a rule concatenated along their mapped dims."""
+    if len(parts) == 1:
+        return parts[0]
+    outs, dims = zip(*parts)
+    if not isinstance(dims[0], tuple):
+        return torch.cat(outs, dims[0]), dims[0]
+    return (tuple(torch.cat(o, d) if d is not None else None for o, d in zip(zip(*outs), dims[0])), dims[0])
 
 
 def _stacked(outs):

@@ -554,10 +554,11 @@ def _aggregate_depthwise_forward(v, idx, rho: Optional[torch.Tensor], weight):
 
 
 def _aggregate_depthwise_backward(v, idx, rho: Optional[torch.Tensor], weight, grad, need_v: bool, need_rho: bool,
-                                  need_w: bool):
+                                  need_w: bool, weight_entries: int = 1):
     """Gradients of the depthwise aggregation in the forward's query blocks, re-gathering the neighbour rows g:
     d rho = <g, w * grad> per slot, d w = sum over queries of rho * g * grad, d v += rho * w *
-    grad scattered to the neighbours by index_add_ (on a quiet 2-core CPU 3x faster than index_put_(accumulate))."""
+    grad scattered to the neighbours by index_add_ (on a quiet 2-core CPU 3x faster than index_put_(accumulate)).
+    ``weight_entries`` E > 1: d w per each of E equal runs of the batch, (E * G, C, K) (per-sample gradients)."""
     B, G, M, C = v.shape
     N, K = idx.shape[2], idx.shape[3]
     table, rows, blocks, slice_weight, rho_s = _depthwise_setup(v, idx, rho, weight)
@@ -586,7 +587,7 @@ def _aggregate_depthwise_backward(v, idx, rho: Optional[torch.Tensor], weight, g
             dv.index_add_(0, r, gw.view(-1, C))
     return (dv.view(B, G, M, C) if dv is not None else None, None,
             drho.view(B, G, N, K) if drho is not None else None,
-            dw.view(B, G, K, C).sum(0).transpose(1, 2) if dw is not None else None)
+            dw.view(weight_entries, -1, G, K, C).sum(1).transpose(2, 3).flatten(0, 1) if dw is not None else None)
 
 
 class _NeighborAggregate(torch.autograd.Function):
@@ -615,16 +616,19 @@ class _NeighborAggregate(torch.autograd.Function):
     def gradient_inputs(ctx, grad):
         v, idx, rho, weight = ctx.saved_tensors
         return (grad, v, idx, rho if ctx.has_rho else None, weight, ctx.depthwise, ctx.budget_bytes) + \
-            _needs_input_grad(ctx, 0, 2, 3)
+            _needs_input_grad(ctx, 0, 2, 3) + (1,)
 
     @staticmethod
     def gradients(grad, v, idx, rho: Optional[torch.Tensor], weight, depthwise: bool, budget_bytes: int,
-                  need_v: bool, need_rho: bool, need_w: bool):
+                  need_v: bool, need_rho: bool, need_w: bool, weight_entries: int):
+        """The gradients; with ``weight_entries`` E > 1 the weights' per each of E equal runs of the batch (E * G,
+        ...) (torch.func's per-sample gradients: the samples folded into the batch)."""
         if depthwise:
             grads = _aggregate_depthwise_backward(  # grad arrives as a transposed view from the head merge
-                v, idx, rho, weight, grad.contiguous(), need_v, need_rho, need_w)
+                v, idx, rho, weight, grad.contiguous(), need_v, need_rho, need_w, weight_entries)
         else:
-            grads = _aggregate_standard_backward(v, idx, rho, weight, grad, need_v, need_rho, need_w, budget_bytes)
+            grads = _aggregate_standard_backward(v, idx, rho, weight, grad, need_v, need_rho, need_w, budget_bytes,
+                                                 weight_entries)
         return grads + (None, None)
 
     @staticmethod
@@ -633,22 +637,25 @@ class _NeighborAggregate(torch.autograd.Function):
         return _NeighborAggregate.gradients(*_NeighborAggregate.gradient_inputs(ctx, grad))
 
 
-# for torch.func transforms; v, idx and rho share the batch dimension (0), into which a vmapped dimension folds, but
-# not the weights: vmapped weights (an ensemble) map by a call per entry, and so does the backward (the weights'
-# gradient sums over the batch)
-_NeighborAggregateTransformable = transformable(_NeighborAggregate, 'the neighbour aggregation', fold_batch(0, 1, 2),
-                                                fold_batch())
+# for torch.func transforms: v, idx and rho are (B, G, ...), the weights (G, ...); a vmapped dimension folds into the
+# batch (the backward then gives the weights' gradient per entry: per-sample gradients), or into the groups where the
+# weights are vmapped (an ensemble)
+_NeighborAggregateTransformable = transformable(
+    _NeighborAggregate, 'the neighbour aggregation', fold_batch(0, 1, 2, weights=(3,)),
+    fold_batch(0, 1, 2, 3, weights=(4,), weight_outputs=(3,), entries=10))
 
 
 def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, grad, need_v: bool, need_rho: bool,
-                                 need_w: bool, budget_bytes: int):
-    """Gradients of the standard (full Conv1d) aggregation, in slot chunks that fit the budget; re-gathers v."""
+                                 need_w: bool, budget_bytes: int, weight_entries: int = 1):
+    """Gradients of the standard (full Conv1d) aggregation, in slot chunks that fit the budget; re-gathers v.
+    ``weight_entries`` E > 1: d w per each of E equal runs of the batch, (E * G, Cout, C, K)."""
     B, G, M, C = v.shape
     N, K = idx.shape[2], idx.shape[3]
     table = v.reshape(B * G * M, C)
     dv = torch.zeros(B * G * M, C, dtype=v.dtype, device=v.device) if need_v else None
     drho = torch.empty_like(rho) if (need_rho and rho is not None) else None
-    dw = torch.zeros_like(weight) if need_w else None
+    E = weight_entries
+    dw = weight.new_zeros((E,) + tuple(weight.shape)) if need_w else None
     step = _slot_chunk(idx, max(C, grad.shape[-1]), budget_bytes)
     for s in range(0, K, step):
         e = min(K, s + step)
@@ -661,14 +668,14 @@ def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, gr
             drho[..., s:e] = (gw * g).sum(-1)
         if dw is not None:
             g_rho = g * rho[..., s:e].unsqueeze(-1) if rho is not None else g
-            # sum over B, N of grad (Cout) x g_rho (ks, C) -> (G, Cout, ks, C)
-            gt = grad.permute(1, 3, 0, 2).reshape(G, grad.shape[-1], B * N)
-            gr = g_rho.permute(1, 0, 2, 3, 4).reshape(G, B * N, (e - s) * C)
-            dw[:, :, :, s:e] = torch.matmul(gt, gr).view(G, -1, e - s, C).transpose(2, 3)
+            # sum over B (each of its E runs), N of grad (Cout) x g_rho (ks, C) -> (E, G, Cout, ks, C)
+            gt = grad.unflatten(0, (E, -1)).permute(0, 2, 4, 1, 3).reshape(E, G, grad.shape[-1], B // E * N)
+            gr = g_rho.unflatten(0, (E, -1)).permute(0, 2, 1, 3, 4, 5).reshape(E, G, B // E * N, (e - s) * C)
+            dw[..., s:e] = torch.matmul(gt, gr).view(E, G, -1, e - s, C).transpose(3, 4)
         if dv is not None:
             gv = gw * rho[..., s:e].unsqueeze(-1) if rho is not None else gw
             dv.index_add_(0, _flat_rows(idx[..., s:e], M), gv.reshape(-1, C))
-    return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw
+    return dv.view(B, G, M, C) if dv is not None else None, None, drho, dw.flatten(0, 1) if dw is not None else None
 
 
 def neighbor_aggregate(

@@ -917,6 +917,7 @@ if triton is not None:
 
 _INT32_MAX = 2 ** 31 - 1
 _GRID_Z = 65535  # CUDA's limit on the third grid axis (the batch)
+_GRID_Y = 65535  # and on the second (the heads)
 
 
 def _entry_span(x: torch.Tensor) -> int:
@@ -1279,9 +1280,13 @@ class _EagerAttention(torch.autograd.Function):
 
 
 # under torch.func transforms (the custom op's autograd registration does not serve them): q, k, v and the outputs
-# share the batch dimension, into which a vmapped dimension folds; the backward maps by a loop (dw sums over it)
-_TransformableAttention = transformable(_EagerAttention, 'the fused attention kernels', fold_batch(0, 1, 2),
-                                        fold_batch())
+# are (B, H, ...), the weights (H * Dv, 1, K); a vmapped dimension folds into the batch, or into the heads where the
+# weights are vmapped and in the backward (dw is per entry), within the grid's and the int32 offsets' limits
+_TransformableAttention = transformable(
+    _EagerAttention, 'the fused attention kernels',
+    fold_batch(0, 1, 2, weights=(3,), most_groups=_GRID_Y, most_entry_elements=_INT32_MAX),
+    fold_batch(0, 1, 2, 3, 5, 6, weights=(4,), weight_outputs=(3,), most_groups=_GRID_Y,
+               most_entry_elements=_INT32_MAX))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
