@@ -206,8 +206,10 @@ def test_train_vit_via_launcher_then_validate_reproduces_top1(trained_vit, digit
 
 @needs_scripts
 def test_train_resnet_via_device_modules_and_resume(digits_dir, tmp_path):
+    # (with --grad-checkpointing: timm's set_grad_checkpointing, whose numerics test_cnn.py checks)
     args = ['--data-dir', str(digits_dir), '--output', str(tmp_path), '--experiment', 'resnet',
-            '--device-modules', 'timm_convnn', '--model', 'resnet18_convnn_branch', *DATA_ARGS, *TRAIN_ARGS]
+            '--device-modules', 'timm_convnn', '--model', 'resnet18_convnn_branch', '--grad-checkpointing',
+            *DATA_ARGS, *TRAIN_ARGS]
     # --device-modules registers the models by itself: autoload off here
     env = dict(ENV, TIMM_CONVNN_AUTOLOAD='0')
     _run([sys.executable, f'{SCRIPTS}/train.py', *args], env=env)
