@@ -142,7 +142,7 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     (['--neighbors', '0'], '--neighbors must be >= 1; got 0'),
     (['--iters', '0'], '--iters must be >= 1; got 0'),
     (['--modes', 'grid'], "--modes takes all, random, spatial; got 'grid'"),
-    (['--kernel-config', 'fwd_blockm=32'], "--kernel-config takes KEY=VALUE with KEY one of fwd_block_m, fwd_warps"),
+    (['--kernel-config', 'fwd_blockm=32'], "--kernel-config takes KEY=VALUE items with KEY one of fwd_block_m, fwd_warps"),
     (['--kernel-config', 'fwd_block_m'], "got 'fwd_block_m'"),
     (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
     pytest.param(['--device', 'cuda'], '--device cuda: torch sees no CUDA device here; use --device cpu',

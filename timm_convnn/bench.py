@@ -636,13 +636,26 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """``--model-kwargs KEY=VALUE`` items -> create_model kwargs (values as Python literals, else strings)."""
-    kwargs = {}
+    return _key_values(items, '--model-kwargs')
+
+
+def _kernel_config(items: Sequence[str]) -> Dict[str, Any]:
+    """``--kernel-config KEY=VALUE`` items -> CONFIG updates; unknown keys fail with the valid ones."""
+    from .layers.triton_attention import CONFIG
+    return _key_values(items, '--kernel-config', CONFIG)
+
+
+def _key_values(items: Sequence[str], option: str, keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``KEY=VALUE`` items -> {KEY: VALUE as a Python literal, else the string}; a KEY outside ``keys`` (when given),
+    an empty one or a missing ``=`` fails, naming ``option`` (and the valid keys)."""
+    parsed = {}
     for item in items:
         key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--model-kwargs takes KEY=VALUE items; got {item!r}')
-        kwargs[key] = _literal(value)
-    return kwargs
+        if not sep or not key or (keys is not None and key not in keys):
+            valid = f' with KEY one of {", ".join(keys)}' if keys is not None else ''
+            raise ValueError(f'{option} takes KEY=VALUE items{valid}; got {item!r}')
+        parsed[key] = _literal(value)
+    return parsed
 
 
 def _literal(value: str) -> Any:
@@ -651,18 +664,6 @@ def _literal(value: str) -> Any:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return value
-
-
-def _kernel_config(items: Sequence[str]) -> Dict[str, Any]:
-    """``--kernel-config KEY=VALUE`` items -> CONFIG updates; unknown keys fail with the valid ones."""
-    from .layers.triton_attention import CONFIG
-    config = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or key not in CONFIG:
-            raise ValueError(f'--kernel-config takes KEY=VALUE with KEY one of {", ".join(CONFIG)}; got {item!r}')
-        config[key] = _literal(value)
-    return config
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
