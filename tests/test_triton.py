@@ -755,6 +755,20 @@ used = {k: launches[k] - before[k] for k in launches}
 with torch.no_grad():
     expected = torch.stack([m(x) for m in layers])
 results['ensemble'] = dict(diff=(out - expected).abs().max().item(), launches=used)
+# nested: per-sample gradients of each model of the ensemble (the inner level folds the samples into the heads of the
+# backward, the outer the models)
+loss = lambda p, b, t: functional_call(layers[0], (p, b), (t[None],)).square().sum()
+before = dict(launches)
+nested = vmap(vmap(grad(loss), in_dims=(None, None, 0)), in_dims=(0, 0, None))(params, buffers, x)
+used = {k: launches[k] - before[k] for k in launches}
+diff = 0.
+for e, m in enumerate(layers):
+    for i in range(x.shape[0]):
+        m.zero_grad()
+        m(x[i:i + 1]).square().sum().backward()
+        for n, p in m.named_parameters():
+            diff = max(diff, (nested[n][e, i] - p.grad).abs().max().item())
+results['nested'] = dict(diff=diff, launches=used)
 print('RESULT ' + json.dumps(results))
 '''
 
@@ -771,6 +785,8 @@ def test_fused_kernels_under_torch_func_transforms(tmp_path):
     assert r['jacobian']['launches'] == dict(fwd=1, bwd=1, select=0) and r['jacobian']['diff'] < 1e-5, r['jacobian']
     # a vmapped ensemble of 3 layers (stacked weights): one forward, folded into the heads
     assert r['ensemble']['launches'] == dict(fwd=1, bwd=0, select=0) and r['ensemble']['diff'] < 1e-5, r['ensemble']
+    # per-sample gradients of each model (nested vmaps): still one forward and one backward
+    assert r['nested']['launches'] == dict(fwd=1, bwd=1, select=0) and r['nested']['diff'] < 1e-5, r['nested']
     # ConvNN2d: the selection kernel alone (its vmap rule folds the batch), aggregation on the PyTorch path
     assert r['conv2d']['launches'] == dict(fwd=0, bwd=0, select=2) and r['conv2d']['diff'] < 1e-5, r['conv2d']
 

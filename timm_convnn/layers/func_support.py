@@ -111,34 +111,36 @@ def fold_batch(*positions: int, weights: Sequence[int] = (), weight_outputs: Seq
 
     The mapped dimension folds into the batch (a view where it is the leading one; unmapped arguments there are
     expanded), one call, unfolded again, while only ``positions`` are mapped, and the function returns nothing per
-    weight or can return it per entry: ``entries``, the position of an int argument that the rule sets to the number
-    of entries folded, for a function that then returns its ``weight_outputs`` per equal run of the batch, (entries *
-    G, ...) (the gradient of unmapped weights is per entry: per-sample gradients, ``jacrev``). Otherwise (vmapped
-    weights: an ensemble; such a gradient from a function without ``entries``) it folds into the groups: entry e's group g becomes group e * G + g, of the arguments at ``positions``
-    (dim 1) and of the weights (dim 0, expanded where unmapped), so the weights' gradient comes out per entry from one
-    call (or one per ``most_groups`` groups / ``most_entry_elements`` elements per batch entry, a kernel's limits).
-    Where any other argument is mapped (e.g. a candidate list) the rule maps by a loop, a call per entry."""
+    weight or can return it per entry. ``entries``: the position of an int argument R, for a function that returns
+    its ``weight_outputs`` per each of R equal runs of the batch, (R * G, ...): the rule multiplies R by the number
+    of entries it folds (the gradient of unmapped weights is per entry: per-sample gradients, ``jacrev``; nested
+    levels multiply in turn). Otherwise (vmapped weights: an ensemble; such a gradient from a function without
+    ``entries``) it folds into the groups: entry e's group g becomes group e * G + g, of the arguments at
+    ``positions`` (dim 1) and of the weights (dim 0, expanded where unmapped), so the weights' gradient comes out per
+    entry from one call (or one per ``most_groups`` groups / ``most_entry_elements`` elements per batch entry, a
+    kernel's limits). Where any other argument is mapped (e.g. a candidate list) the rule maps by a loop, a call per
+    entry."""
     def rule(call: Callable, info, in_dims: Sequence[Optional[int]], *args):
         size = info.batch_size
         mapped = [i for i, d in enumerate(in_dims) if d is not None]
         if not all(i in positions or i in weights for i in mapped):
             return _stacked([call(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
                              for j in range(size)])
+        runs = args[entries] if entries is not None else 1  # (> 1 where an inner vmap level folded its entries)
         if (not weight_outputs or entries is not None) and not any(i in weights for i in mapped):
             out = call(*[_mapped_first(a, in_dims[i], size).flatten(0, 1)
-                         if i in positions and isinstance(a, torch.Tensor) else size if i == entries else a
+                         if i in positions and isinstance(a, torch.Tensor) else size * runs if i == entries else a
                          for i, a in enumerate(args)])
-            return _unfolded(out, size, ())
+            return _unfolded(out, size)
         args = [_mapped_first(a, in_dims[i], size) if (i in positions or i in weights) and isinstance(a, torch.Tensor)
                 else a for i, a in enumerate(args)]
         step = _entries_per_call(args, positions, size, most_groups, most_entry_elements)
         outs = [call(*[a[s:s + step].movedim(0, 1).flatten(1, 2) if i in positions and isinstance(a, torch.Tensor)
                        else a[s:s + step].flatten(0, 1) if i in weights and isinstance(a, torch.Tensor) else a
-                       for i, a in enumerate(args)])  # (the ``entries`` argument keeps its 1: one entry per group)
+                       for i, a in enumerate(args)])
                 for s in range(0, size, step)]
-        unfolded = [_unfolded(o, min(step, size - s), weight_outputs, groups=True)
-                    for o, s in zip(outs, range(0, size, step))]
-        return _concatenated(unfolded)
+        return _concatenated([_unfolded(o, min(step, size - s), weight_outputs, runs)
+                              for o, s in zip(outs, range(0, size, step))])
     return rule
 
 
@@ -161,14 +163,18 @@ def _mapped_first(x: torch.Tensor, dim: Optional[int], size: int) -> torch.Tenso
     return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
 
 
-def _unfolded(out, size: int, weight_outputs: Sequence[int], groups: bool = False):
-    """A folded call's outputs and their mapped dims: the leading ``size`` entries of the batch, or of the groups (dim
-    1; dim 0 for ``weight_outputs``)."""
+def _unfolded(out, size: int, weight_outputs: Optional[Sequence[int]] = None, runs: int = 1):
+    """A folded call's outputs and their mapped dims: the leading ``size`` entries of the batch (dim 0 of every
+    output; ``weight_outputs`` None), or of the groups: dim 1, and for ``weight_outputs``, (runs * size * G, ...) in
+    that order, the mapped dim moved first (dim 0), (size, runs * G, ...)."""
     def one(o, i):
         if o is None:
             return None, None
-        dim = 0 if (not groups or i in weight_outputs) else 1
-        return o.unflatten(dim, (size, -1)), dim
+        if weight_outputs is None:
+            return o.unflatten(0, (size, -1)), 0
+        if i in weight_outputs:
+            return o.unflatten(0, (runs, size, -1)).movedim(1, 0).flatten(1, 2), 0
+        return o.unflatten(1, (size, -1)), 1
     if isinstance(out, tuple):
         pairs = [one(o, i) for i, o in enumerate(out)]
         return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
