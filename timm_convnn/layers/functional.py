@@ -585,9 +585,10 @@ def _aggregate_depthwise_backward(v, idx, rho: Optional[torch.Tensor], weight, g
             if rh is not None:
                 gw.mul_(rh)
             dv.index_add_(0, r, gw.view(-1, C))
+    if dw is not None:  # summed over each run of the batch: (E * G, C, K)
+        dw = dw.view(weight_entries, B // weight_entries, G, K, C).sum(1).transpose(2, 3).flatten(0, 1)
     return (dv.view(B, G, M, C) if dv is not None else None, None,
-            drho.view(B, G, N, K) if drho is not None else None,
-            dw.view(weight_entries, -1, G, K, C).sum(1).transpose(2, 3).flatten(0, 1) if dw is not None else None)
+            drho.view(B, G, N, K) if drho is not None else None, dw)
 
 
 class _NeighborAggregate(torch.autograd.Function):
@@ -669,8 +670,8 @@ def _aggregate_standard_backward(v, idx, rho: Optional[torch.Tensor], weight, gr
         if dw is not None:
             g_rho = g * rho[..., s:e].unsqueeze(-1) if rho is not None else g
             # sum over B (each of its E runs), N of grad (Cout) x g_rho (ks, C) -> (E, G, Cout, ks, C)
-            gt = grad.unflatten(0, (E, -1)).permute(0, 2, 4, 1, 3).reshape(E, G, grad.shape[-1], B // E * N)
-            gr = g_rho.unflatten(0, (E, -1)).permute(0, 2, 1, 3, 4, 5).reshape(E, G, B // E * N, (e - s) * C)
+            gt = grad.unflatten(0, (E, B // E)).permute(0, 2, 4, 1, 3).reshape(E, G, grad.shape[-1], B // E * N)
+            gr = g_rho.unflatten(0, (E, B // E)).permute(0, 2, 1, 3, 4, 5).reshape(E, G, B // E * N, (e - s) * C)
             dw[..., s:e] = torch.matmul(gt, gr).view(E, G, -1, e - s, C).transpose(3, 4)
         if dv is not None:
             gv = gw * rho[..., s:e].unsqueeze(-1) if rho is not None else gw
