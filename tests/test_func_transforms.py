@@ -227,3 +227,25 @@ def test_fold_batch_folds_into_groups_in_calls_of_at_most_most_groups():
     out = vmap(lambda w_: _Scale.apply(x, w_))(ws)
     assert _CALLS == [('forward', (5, g, 3, 4), (g, 4)) for g in (4, 4, 2)]
     torch.testing.assert_close(out, torch.stack([x * w_[:, None, :] for w_ in ws]))
+
+
+def test_per_sample_gradients_in_training_with_random_candidates():
+    # train() mode draws random candidates from torch's RNG: vmap refuses that by default, as for dropout, and with
+    # randomness='same' every sample sees the one draw a plain forward makes from the same RNG state
+    torch.manual_seed(0)
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4, candidates='random', num_samples=5).train()
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    x = torch.randn(3, 9, 16)
+
+    def loss(p, t):
+        return functional_call(layer, p, (t[None],)).square().sum()
+
+    with pytest.raises(RuntimeError, match='randomness'):
+        vmap(grad(loss), in_dims=(None, 0))(params, x)
+    torch.manual_seed(1)
+    got = vmap(grad(loss), in_dims=(None, 0), randomness='same')(params, x)
+    for i in range(3):
+        torch.manual_seed(1)
+        expected = _autograd(layer, x[i:i + 1])
+        for n in expected:
+            torch.testing.assert_close(got[n][i], expected[n], msg=f'{n}, sample {i}')
