@@ -252,7 +252,7 @@ RECIPE_OVERRIDES = {
 @pytest.mark.parametrize('config', CONFIGS, ids=lambda p: p.stem)
 def test_every_recipe_trains_an_epoch_with_train_py(config, digits_subset, tmp_path):
     # each recipe, unchanged but for data and size, through the launcher: one epoch and its evaluation. The paper
-    # recipes' constant lr is sched 'constant' (timm 1.0.31's train.py fails on 'none'); the ImageNet recipes'
+    # recipes' constant lr is sched 'constant' (the repository's train.py fails on 'none'); the ImageNet recipes'
     # RandAugment runs under the launcher's posterize fix on Pillow >= 13
     args = [sys.executable, '-m', 'timm_convnn.run', f'{SCRIPTS}/train.py', '-c', str(config), '--dataset', '',
             '--data-dir', str(digits_subset), '--train-split', 'train', '--val-split', 'validation',

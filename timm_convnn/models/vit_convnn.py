@@ -1,9 +1,10 @@
 """ Vision Transformer with ConvNN token mixing.
 
-timm's own ``VisionTransformer`` (not a fork; ``VisionTransformerConvNN`` only extends ``set_input_size``) whose
-blocks mix tokens with ``ConvNNAttention``: for each token the top-K candidates by q/k similarity are weighted by a
-softmax over their scores and aggregated by a depthwise Conv1d(kernel K, stride K) initialised to ones. With K = n
-this is exactly the ViT's attention, so timm ViT weights give a faithful warm start (``checkpoint_filter_fn``).
+timm's own ``VisionTransformer`` (not a fork; ``VisionTransformerConvNN`` only extends ``__init__``, handing the layers
+the token layout, and ``set_input_size``) whose blocks mix tokens with ``ConvNNAttention``: for each token the top-K
+candidates by q/k similarity are weighted by a softmax over their scores and aggregated by a depthwise Conv1d(kernel
+K, stride K) initialised to ones. With K = n this is exactly the ViT's attention, so timm ViT weights give a faithful
+warm start (``checkpoint_filter_fn``).
 
 Paper: "Attention Via Convolutional Nearest Neighbors", Mingi Kang, Jeova Farias Sales Rocha Neto,
 https://arxiv.org/abs/2511.14137.
