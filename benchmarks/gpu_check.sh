@@ -76,9 +76,9 @@ limited() {
 
 # 1. the fused kernels against the PyTorch path on the GPU, the launches they choose themselves (fp32 / bf16 / fp16,
 #    row and streaming kernels, sampled candidates, the selection kernel, model train steps, the two fp32 product
-#    precisions, NaN keys, torch.func per-sample gradients; 26 tests: 20 of them took 99 s on 2026-11-30, each kernel
-#    variant compiled on first use; fp16, train.py's --amp default, added on 2026-12-02, and the 3 torch.func ones,
-#    added on 2026-12-03, have never run on a GPU). The 25 tests
+#    precisions, NaN keys, torch.func per-sample gradients, attention dropout; 29 tests: 20 of them took 99 s on
+#    2026-11-30, each kernel variant compiled on first use; fp16, train.py's --amp default, added on 2026-12-02, and
+#    the 3 torch.func and 3 dropout ones, added on 2026-12-03, have never run on a GPU). The 25 tests
 #    of opt-in launches (pytest marker optin) have a stage of their own. -v: a stage cut short by its limit still logs
 #    which tests passed
 stage_tests() {

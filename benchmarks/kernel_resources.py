@@ -21,7 +21,8 @@ bwd_listed='dense', block_c list positions at a time, 0: the built-in choice), b
 (0: the built-in choice), stages, topk (1: the row kernel's bitonic selection), pairs (1: its rounds two keys at a
 time, CONFIG fwd_select='pairs'), thr (1: a streamed case over all tokens takes the threshold passes of CONFIG
 fwd_stream='threshold'), packed (1: the row kernel ranks packed int32 keys, 0: exact ones; default: built in,
-packed for bf16 / fp16), dot (how fp32 features multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee),
+packed for bf16 / fp16), drop (1: attention dropout, the softmax weights times a noise tensor in fwd / bwd), dot (how
+fp32 features multiply: tf32x3, the default ``triton_attention.FP32_DOT``, or ieee),
 aligned (1, the default: compile as ``triton.jit`` specialises the kernels at run time for head dims divisible by 16
 (contiguous tensors or timm's permuted qkv views alike), i.e. every pointer 16-byte aligned and every stride divisible
 by 16, which vectorises loads and atomics; 0: no such assumption, far more registers).
@@ -47,7 +48,8 @@ DEFAULT_CASES = ('fwd:N=197,K=16', 'fwd:N=197,K=9', 'fwd:N=197,K=16,packed=0', '
                  'sel:K=9,D=128,dtype=fp32', 'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32',
                  'fwd:N=3137,K=16,dtype=fp32', 'fwd:N=3137,K=16,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
                  'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32', 'bwd:N=16385,K=16,cand=1',
-                 'bwd:N=16385,K=16,cand=1,dtype=fp32')
+                 'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=9,drop=1', 'bwd:K=9,drop=1',
+                 'bwd:N=16385,K=16,cand=1,drop=1')
 # GPU-wide memory fences and L1 invalidations (a CTA-scope MEMBAR comes with Hopper's asynchronous wgmma: harmless)
 _FENCE = r'\bMEMBAR\.[A-Z.]*(?:GPU|SYS)\b|\bCCTL\.[A-Z.]+'
 
@@ -57,7 +59,7 @@ def _parse(case: str):
     if kind not in ('fwd', 'bwd', 'sel'):
         raise ValueError(f'a case starts with fwd:, bwd: or sel:; got {case!r}')
     opts = dict(N=197, K=16, D=64, dtype='bf16', cand=0, row=0, r=128, block_m=0, warps=0, stages=3, topk=0, pairs=0,
-                packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0, thr=0)
+                packed=-1, aligned=1, dot=ta._dot_f32(), block_c=0, thr=0, drop=0)
     for item in filter(None, rest.split(',')):
         key, _, value = item.partition('=')
         if key not in opts:
@@ -78,7 +80,7 @@ def _signature(kind: str, o: dict, arch: int = 90):
     p = '*' + o['dtype']
     if kind == 'fwd':
         sig = dict(Q=p, Kf=p, V=p, W='*fp32', O=p, IDX='*i32', P='*fp32', CAND='*i32', SCR_S='*fp32',
-                   SCR_I='*i32', N='i32', M='i32', L='i32', H='i32', q_scale='fp32')
+                   SCR_I='*i32', NOISE='*fp32', N='i32', M='i32', L='i32', H='i32', q_scale='fp32')
         stream = _streams(kind, o)
         block_m = o['block_m'] or ta._fwd_block_m(stream, o['dtype'] == 'fp32', o['K'], o['D'], bool(o['cand']),
                                                   _per_tile(stream, o) > 0, arch)
@@ -89,7 +91,8 @@ def _signature(kind: str, o: dict, arch: int = 90):
                      DOT_F32=o['dot'], STREAM=stream, CANDIDATES=bool(o['cand']),
                      TOPK=bool(o['topk']) and not stream and not o['cand'], PAIRS=bool(o['pairs']) and not stream,
                      PACKED=(bool(o['packed']) if o['packed'] >= 0 else ta._use_packed_keys(o['dtype'] == 'fp32'))
-                     and not stream, PER_TILE=_per_tile(stream, o), CAP=ta._stream_cap(o['K']))
+                     and not stream, PER_TILE=_per_tile(stream, o), CAP=ta._stream_cap(o['K']),
+                     DROPOUT=bool(o['drop']))
         fn = ta._convnn_fwd_kernel
     elif kind == 'sel':
         sig = dict(Q=p, Kf=p, IDX='*i32', S='*fp32', CAND='*i32', QIDX='*i32', SCR_S='*fp32', SCR_I='*i32', N='i32',
@@ -103,15 +106,16 @@ def _signature(kind: str, o: dict, arch: int = 90):
         fn = ta._convnn_select_kernel
     else:
         sig = dict(GO=p, Q=p, Kf=p, V=p, W='*fp32', IDX='*i32', P='*fp32', DQo=p, DKo='*fp32', DVo='*fp32',
-                   DWo='*fp32', CAND='*i32', INV='*i32', N='i32', M='i32', L='i32', H='i32', DW_COPIES='i32',
-                   q_scale='fp32')
+                   DWo='*fp32', CAND='*i32', INV='*i32', NOISE='*fp32', N='i32', M='i32', L='i32', H='i32',
+                   DW_COPIES='i32', q_scale='fp32')
         block_m = o['block_m'] or _bwd_launch(o)[0]
         dense = bool(o['cand'])  # a candidate list's backward: the dense per-token sums (CONFIG bwd_listed='dense')
         # ROW_COPIES is 1 unless asked for, which triton.jit specialises as a constant
         const = dict(DQ=o['D'], DV=o['D'], NUM_K=o['K'], BLOCK_M=block_m,
                      BLOCK_DQ=ta._pow2(o['D']), BLOCK_DV=ta._pow2(o['D']), BLOCK_K=ta._pow2(o['K'], 2), ROW_COPIES=1,
                      DENSE=dense, BLOCK_C=o['block_c'] or _bwd_launch(o)[2],
-                     DENSE_DOT=(o['dot'] if o['dtype'] == 'fp32' else 'tf32') if dense else 'ieee')
+                     DENSE_DOT=(o['dot'] if o['dtype'] == 'fp32' else 'tf32') if dense else 'ieee',
+                     DROPOUT=bool(o['drop']))
         fn = ta._convnn_bwd_kernel
     sig.update({s: 'i32' for s in fn.arg_names if s.startswith('stride')})
     sig.update({c: 'constexpr' for c in const})

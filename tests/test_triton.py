@@ -791,6 +791,74 @@ def test_fused_kernels_under_torch_func_transforms(tmp_path):
     assert r['conv2d']['launches'] == dict(fwd=0, bwd=0, select=2) and r['conv2d']['diff'] < 1e-5, r['conv2d']
 
 
+_DROPOUT_INTERPRETED = r"""
+import json, torch
+import timm_convnn
+from timm_convnn.layers import ConvNNAttention, set_backend, triton_attention
+calls = []
+real = triton_attention.fused_attention
+triton_attention.fused_attention = lambda *a: calls.append(a[-1] is not None) or real(*a)
+results = {}
+
+def compare(name, make, x, **config):
+    # a layer in train() mode with attention dropout: both paths draw the same noise from the same RNG state (the
+    # fused path multiplies the kernels' softmax weights by it), so outputs and gradients must agree
+    triton_attention.CONFIG.update(config)
+    torch.manual_seed(0)
+    layer = make().train()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if 'aggregate' in n:
+                p.normal_()
+    g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for b in ('torch', 'triton'):
+        set_backend(b)
+        del calls[:]
+        torch.manual_seed(7)
+        xx = x.detach().requires_grad_()
+        y = layer(xx)
+        grads = torch.autograd.grad(y, [xx] + list(layer.parameters()), g)
+        outs[b] = (y, grads, list(calls))
+    set_backend('torch')
+    with torch.no_grad():
+        undropped = layer.eval()(x)  # (the dropout changed the output)
+    (y0, g0, c0), (y1, g1, c1) = outs['torch'], outs['triton']
+    results[name] = dict(out=(y0 - y1).abs().max().item(), scale=y0.abs().max().item(),
+                         grad=max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+                                  for a, b in zip(g0, g1)),
+                         torch_calls=c0, triton_calls=c1, dropped=(y0 - undropped).abs().max().item())
+    for key in config:
+        triton_attention.CONFIG[key] = None
+
+x = torch.randn(2, 50, 32)
+def layer(drop=0.3, **kw):
+    return lambda: ConvNNAttention(32, num_heads=2, num_neighbors=6, attn_drop=drop, num_prefix_tokens=1,
+                                   grid_size=(7, 7), **kw)
+
+compare('row', layer(), x)
+compare('row_bwd_8', layer(), x, bwd_block_m=8, bwd_warps=1)
+compare('stream', lambda: ConvNNAttention(32, num_heads=2, num_neighbors=9, attn_drop=0.3, num_prefix_tokens=1,
+                                          grid_size=(17, 17)), torch.randn(1, 290, 32))
+compare('random', layer(candidates='random', num_samples=20), x)
+compare('random_row_dense', layer(candidates='random', num_samples=20), x, fwd_listed='row', bwd_listed='dense')
+compare('spatial_dense', layer(candidates='spatial', num_samples=16), x, bwd_listed='dense')
+compare('drop_all', layer(drop=1.0), x)
+print('RESULT ' + json.dumps(results))
+"""
+
+
+def test_fused_attention_dropout_under_the_triton_interpreter(tmp_path):
+    # attention dropout in training ran on the PyTorch path until 2026-12-03 (the paper's CIFAR recipe sets
+    # attn_drop_rate 0.1): now the kernels take its noise, drawn as the PyTorch path draws it
+    r = run_interpreted(_DROPOUT_INTERPRETED, tmp_path, 'checked')
+    for case in ('row', 'row_bwd_8', 'stream', 'random', 'random_row_dense', 'spatial_dense', 'drop_all'):
+        c = r[case]
+        assert c['torch_calls'] == [] and c['triton_calls'] == [True], (case, c)  # the fused path, with noise
+        assert c['dropped'] > 1e-3 * c['scale'], (case, c)
+        assert c['out'] <= 1e-5 * max(1., c['scale']) and c['grad'] <= 1e-4, (case, c)
+
+
 def _recorded_launches(monkeypatch):
     """Replace the three kernels by recorders of (kernel, grid, arguments, keyword arguments) and let the fused ops
     take CPU tensors. Returns the record list."""
@@ -1126,6 +1194,33 @@ def test_fused_candidates_match_torch_on_cuda(candidates, launch, backend, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('candidates,side', [('all', 14), ('all', 28), ('random', 28)])
+def test_fused_attention_dropout_matches_torch_on_cuda(candidates, side, backend, monkeypatch):
+    # attention dropout in training (the paper's CIFAR recipe): the fused path draws its noise as the PyTorch path
+    # draws the dropout of its weights (same shape, fp32, the same RNG state), so both agree; fp32 with CUDA-core
+    # products, as in _fused_vs_torch_on_cuda
+    monkeypatch.setitem(triton_attention.CONFIG, 'fp32_dot', 'ieee')
+    calls = []
+    real = triton_attention.fused_attention
+    monkeypatch.setattr(triton_attention, 'fused_attention', lambda *a: calls.append(a[-1] is not None) or real(*a))
+    torch.manual_seed(0)
+    layer = ConvNNAttention(384, num_heads=6, num_neighbors=16, candidates=candidates, num_samples=128, attn_drop=0.1,
+                            num_prefix_tokens=1, grid_size=(side, side)).cuda().train()
+    x = torch.randn(4, side * side + 1, 384, device='cuda', requires_grad=True)
+    outs = {}
+    for b in ('torch', 'auto'):
+        backend(b)
+        torch.manual_seed(1)
+        y = layer(x)
+        outs[b] = (y, torch.autograd.grad(y.sum(), [x] + list(layer.parameters())))
+    assert calls == [True]
+    (y0, g0), (y1, g1) = outs['torch'], outs['auto']
+    assert (y0 - y1).abs().max() <= 1e-4 * y0.abs().max()
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('name, kernel', [('vit_tiny_convnn_all_k16', 'fused_attention'),
                                           ('vit_tiny_convnn_random', 'fused_attention'),
                                           ('resnet18_convnn_branch', 'fused_select')])
@@ -1379,12 +1474,44 @@ def test_fused_forward_dispatch(backend, monkeypatch):
     assert not _layer()._fused_supported(triton_attention.MAX_TOKENS + 1, cuda)
     assert _layer()._fused_supported(50, cuda, torch.bfloat16)
     assert not _layer()._fused_supported(50, cuda, torch.float64)  # the kernels compute in fp32: fp64 in PyTorch
+    # attention dropout in training: the kernels take its noise (since 2026-12-03); a dropout module of another kind,
+    # whose noise they could not draw, stays on the PyTorch path in training
+    assert _layer(attn_drop=0.1).train()._fused_supported(50, cuda)
+    other = _layer(attn_drop=0.1).train()
+    other.attn_drop = torch.nn.AlphaDropout(0.1)
+    assert not other._fused_supported(50, cuda) and other.eval()._fused_supported(50, cuda)
     backend('triton')
     assert _layer(candidates='spatial', num_samples=16)._fused_supported(50, torch.device('cpu'))
     assert not _layer(weighting='ones')._fused_supported(50, cuda)
     backend('torch')
     assert not _layer()._fused_supported(50, cuda)
     assert not _layer(candidates='random', num_samples=16)._fused_supported(50, cuda)
+
+
+def test_dropout_noise_reaches_the_fused_op(backend, monkeypatch):
+    # in training the layer hands the kernels attention dropout's noise: (B, heads, N, K) fp32, what nn.Dropout
+    # multiplies by (the kernels themselves: test_fused_attention_dropout_under_the_triton_interpreter)
+    monkeypatch.setattr(triton_attention, 'triton_unavailable_reason', lambda device: None)
+    got = []
+    monkeypatch.setattr(triton_attention, 'fused_attention',
+                        lambda qs, ks, v, w, k, cand, scale, noise: got.append(noise) or (qs[..., :16], None, None))
+    backend('triton')
+    layer = _layer(attn_drop=0.25, candidates='random', num_samples=8)
+    layer.train()(torch.randn(3, 50, 32))
+    layer.eval()(torch.randn(3, 50, 32))
+    _layer().train()(torch.randn(3, 50, 32))
+    noise = got[0]
+    assert noise.shape == (3, 2, 50, 6) and noise.dtype == torch.float32
+    assert torch.equal(noise.unique(), torch.tensor([0., 1 / 0.75])) and got[1:] == [None, None]
+
+
+def test_fused_attention_rejects_bad_dropout_noise():
+    x, w = torch.randn(1, 2, 5, 4), torch.ones(8, 1, 3)
+    for noise, got in ((torch.ones(1, 2, 5, 4), '(1, 2, 5, 4) torch.float32 on cpu'),
+                       (torch.ones(1, 2, 5, 3, dtype=torch.float16), '(1, 2, 5, 3) torch.float16 on cpu')):
+        with pytest.raises(ValueError,
+                           match=re.escape(f'takes the dropout noise as (1, 2, 5, 3) fp32 on cpu; got {got}')):
+            triton_attention.fused_attention(x, x, x, w, 3, None, 1.0, noise)
 
 
 def test_fused_path_needs_an_ampere_or_newer_nvidia_gpu(backend, monkeypatch):
@@ -1464,10 +1591,10 @@ def test_forward_queries_per_program_at_the_rule_boundaries():
     assert ta._fwd_block_m(False, False, 16, 64, False, arch=100) == ta.BLOCK_QUERIES  # the row kernel: 16 anywhere
 
 
-def test_num_kept_clamps_to_the_tokens_or_to_the_candidate_list():
+def testkept_neighbors_clamps_to_the_tokens_or_to_the_candidate_list():
     ta = triton_attention
-    assert ta._num_kept(9, 100, None) == 9 and ta._num_kept(9, 4, None) == 4
-    assert ta._num_kept(9, 100, torch.arange(5)) == 5 and ta._num_kept(3, 100, torch.arange(5)) == 3
+    assert ta.kept_neighbors(9, 100, None) == 9 and ta.kept_neighbors(9, 4, None) == 4
+    assert ta.kept_neighbors(9, 100, torch.arange(5)) == 5 and ta.kept_neighbors(3, 100, torch.arange(5)) == 3
 
 
 def test_entry_span_and_batch_chunks_of_broadcast_tensors():

@@ -41,7 +41,10 @@ def test_fused_kernels_compile_for_sm90_without_spills_or_fences(monkeypatch):
                  'sel:K=9,cand=1', 'sel:K=9,D=128,cand=1,dtype=fp32', 'fwd:N=16385,K=16,cand=1,row=1',
                  'bwd:N=16385,K=16,cand=1', 'bwd:N=16385,K=32,cand=1', 'fwd:N=16385,K=16,cand=1,row=1,dtype=fp32',
                  'bwd:N=16385,K=16,cand=1,dtype=fp32', 'fwd:N=197,K=16,block_m=64,warps=8,topk=1',
-                 'fwd:N=197,K=16,pairs=1', 'fwd:N=16385,K=16,thr=1', 'sel:K=9,D=128,N=3137,dtype=fp32,thr=1'):
+                 'fwd:N=197,K=16,pairs=1', 'fwd:N=16385,K=16,thr=1', 'sel:K=9,D=128,N=3137,dtype=fp32,thr=1',
+                 # attention dropout (the softmax weights times its noise), forward and backward
+                 'fwd:N=197,K=16,drop=1', 'fwd:N=3137,K=16,drop=1', 'bwd:K=16,drop=1', 'bwd:K=16,dtype=fp32,drop=1',
+                 'bwd:N=16385,K=16,cand=1,drop=1'):
         r = resources(case, arch=90)
         assert 0 < r['registers'] <= 255, r
         assert r['stack_bytes'] == 0 or not no_spills, r

@@ -357,7 +357,7 @@ class ConvNNAttention(nn.Module):
             dtype in (torch.float32, torch.float16, torch.bfloat16)
             and self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
-            and not (self.training and self.attn_drop.p > 0)
+            and (type(self.attn_drop) is nn.Dropout or not self.training)  # dropout: its noise goes in
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
             and not self._aggregate_hooked())
         return triton_attention.use_fused(supported, device)
@@ -374,13 +374,19 @@ class ConvNNAttention(nn.Module):
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                candidates: Optional[torch.Tensor]) -> torch.Tensor:
         """The fused kernels on per-head q, k, v. The dot similarity's scale is applied inside them: q goes in as the
-        view of timm's qkv buffer that it is, with no scaled copy made in the forward or kept for the backward."""
+        view of timm's qkv buffer that it is, with no scaled copy made in the forward or kept for the backward.
+        Attention dropout in training: the kernels multiply the softmax weights by the dropout's noise, drawn here as
+        the PyTorch path draws it (``attn_drop`` of a (B, heads, N, K) block, the same RNG calls)."""
         if self.similarity == 'dot':
             qs, ks, q_scale = q, k, dot_scale(q.shape[-1])
         else:
             (qs, ks), q_scale = similarity_features(q, k, self.similarity), 1.0
+        noise: Optional[torch.Tensor] = None
+        if self.training and self.attn_drop.p > 0:
+            kept = triton_attention.kept_neighbors(self.num_neighbors, k.shape[2], candidates)
+            noise = self.attn_drop(torch.ones(q.shape[0], q.shape[1], q.shape[2], kept, device=q.device))
         out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors,
-                                                     candidates, q_scale)
+                                                     candidates, q_scale, noise)
         return out
 
     def forward(

@@ -3,8 +3,9 @@ kernels (CUDA). ``TIMM_CONVNN_BACKEND`` sets the start value; ``set_backend`` ch
 
 Two kernels can serve a layer:
 * the fused attention forward and backward (``ConvNNAttention``): every token a candidate or a sampled list
-  (``random`` / ``spatial``), softmax weights, depthwise aggregation, rank order, K <= 64, no attention dropout in
-  training, not under ``torch.use_deterministic_algorithms(True)``, nothing hooked on the layer's aggregation;
+  (``random`` / ``spatial``), softmax weights, depthwise aggregation, rank order, K <= 64, attention dropout (in
+  training) by ``nn.Dropout`` if any, not under ``torch.use_deterministic_algorithms(True)``, nothing hooked on the
+  layer's aggregation;
 * otherwise, the top-K selection alone (``ConvNN2d``, and attention layers the forward does not cover): every token or
   a sampled list a candidate, fp32 / half / bf16 similarity features of at most 128 channels, K <= 64. It replaces the
   score matrix and ``torch.topk``; weights and aggregation stay in PyTorch (selection has no gradient, and no atomics:

@@ -39,9 +39,9 @@ from .backend import get_backend
 from .func_support import first_derivative_only, fold_batch, transformable, transforms_active
 from .symbolic import capturing, kept, slots
 
-__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'fused_select', 'select_unsupported',
-           'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON', 'MIN_CAPABILITY',
-           'COMPILE_OPTIONS']
+__all__ = ['triton_available', 'triton_unavailable_reason', 'fused_attention', 'kept_neighbors', 'fused_select',
+           'select_unsupported', 'use_fused', 'MAX_TOKENS', 'MAX_NEIGHBORS', 'MAX_SELECT_DIM', 'MIN_TRITON',
+           'MIN_CAPABILITY', 'COMPILE_OPTIONS']
 
 MAX_TOKENS = 1 << 18
 MAX_NEIGHBORS = 64
@@ -399,26 +399,28 @@ if triton is not None:
 
     @triton.jit
     def _rank_softmax_aggregate(
-            s, ids, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
+            s, ids, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr = False,
+            BLOCK_K: tl.constexpr, NO_ID: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr,
+            PAIRS: tl.constexpr = False,
     ):
         """``_rank`` with softmax; out = sum_r w[:, r] * p_r * v[id_r]. Stores out, ids, p."""
         sel_idx, sel_e, denom = _rank(s, ids, NO_ID, NUM_K, BLOCK_M, BLOCK_K, PACKED, True, PAIRS)
-        _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
-                                 DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+        _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn,
+                                 stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, DROPOUT)
 
     @triton.jit
     def _softmax_store_aggregate(
-            sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
+            sel_idx, sel_e, denom, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-            BLOCK_K: tl.constexpr,
+            BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr,
     ):
         """The K kept ids and softmax numerators ``sel_e`` (denominators ``denom``) of a block of queries: stores ids
         and weights, then out = sum_r w[:, r] * p_r * v[id_r]."""
         denom = tl.where(row_ok, denom, 1.)
         _store_selection(sel_idx, sel_e / denom[:, None], IDX, P, rows, row_ok, M, NUM_K, BLOCK_K)
-        _aggregate_stored(V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV)
+        _aggregate_stored(V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, DV, NUM_K, BLOCK_M, BLOCK_DV,
+                          DROPOUT)
 
     @triton.jit
     def _store_selection(sel_idx, prob, IDX, P, rows, row_ok, M, NUM_K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -441,9 +443,9 @@ if triton is not None:
 
     @triton.jit
     def _topk_softmax_aggregate(
-            s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
+            s, cols, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, M,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr,
+            BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, DROPOUT: tl.constexpr,
     ):
         """``_rank_softmax_aggregate`` for a whole score row block (token ids = columns), selecting with one bitonic
         ``tl.topk`` instead of K rounds of row reductions. Keys: exact int64 (order-preserving fp32 bits in the high
@@ -462,17 +464,19 @@ if triton is not None:
         keep = kk[None, :] < NUM_K
         m0 = tl.max(tl.where(keep, score, float('-inf')), axis=1)
         e = tl.where(keep, tl.exp(score - m0[:, None]), 0.)
-        _softmax_store_aggregate(sel_idx, e, tl.sum(e, axis=1), V, W, O, IDX, P, h, rows, row_ok, stride_vn,
-                                 stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+        _softmax_store_aggregate(sel_idx, e, tl.sum(e, axis=1), V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn,
+                                 stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, DROPOUT)
 
     @triton.jit
     def _aggregate_stored(
-            V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
+            V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on,
             DV: tl.constexpr, NUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+            DROPOUT: tl.constexpr,
     ):
         """out = sum_r w[:, r] * p_r * v[id_r] from the ids and weights this program has just stored, read back one
         slot at a time after a barrier (plain loads in the aggregation's own layout: no cross-lane extraction, no
-        layout conversion per slot). Stores out."""
+        layout conversion per slot). Stores out. DROPOUT: p_r times the attention dropout's multiplier NOISE (0 or
+        1 / (1 - p), laid out as P; the stored weights stay the softmax's, as the backward needs them)."""
         tl.debug_barrier()  # the stores of the selection are visible to every thread of the program
         row_off = rows * NUM_K
         dv = tl.arange(0, BLOCK_DV)
@@ -480,6 +484,8 @@ if triton is not None:
         for r in tl.static_range(NUM_K):
             jr = tl.load(IDX + row_off + r, mask=row_ok, other=0)
             pr = tl.load(P + row_off + r, mask=row_ok, other=0.)
+            if DROPOUT:
+                pr *= tl.load(NOISE + row_off + r, mask=row_ok, other=0.)
             vrow = tl.load(V + jr[:, None] * stride_vn + dv[None, :],
                            mask=row_ok[:, None] & (dv[None, :] < DV), other=0.).to(tl.float32)
             wr = tl.load(W + (h * NUM_K + r) * DV + dv, mask=dv < DV, other=0.).to(tl.float32)  # W: (H, K, DV)
@@ -487,14 +493,14 @@ if triton is not None:
         _store_out(acc, O, rows, row_ok, stride_on, DV, BLOCK_DV)
 
     @triton.jit
-    def _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K: tl.constexpr):
-        """V, O, IDX, P at this program's (batch, head) slice, derived from the program id where they are first
+    def _output_slices(V, O, IDX, P, NOISE, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K: tl.constexpr):
+        """V, O, IDX, P, NOISE at this program's (batch, head) slice, derived from the program id where they are first
         needed (pointers or slice indices held through the streaming loop cost registers)."""
         h = tl.program_id(1)
         b = tl.program_id(2)
         bh = b * H + h
         return (V + b * stride_vb + h * stride_vh, O + b * stride_ob + h * stride_oh, IDX + bh * N * NUM_K,
-                P + bh * N * NUM_K)
+                P + bh * N * NUM_K, NOISE + bh * N * NUM_K)
 
     @triton.jit
     def _query_block(Q, N, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, DQ: tl.constexpr,
@@ -678,7 +684,7 @@ if triton is not None:
 
     @triton.jit
     def _convnn_fwd_kernel(
-            Q, Kf, V, W, O, IDX, P, CAND, SCR_S, SCR_I,
+            Q, Kf, V, W, O, IDX, P, CAND, SCR_S, SCR_I, NOISE,
             N, M, L, H, q_scale,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_on,
@@ -686,7 +692,7 @@ if triton is not None:
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
             BLOCK_K: tl.constexpr, F32: tl.constexpr, DOT_F32: tl.constexpr, STREAM: tl.constexpr,
             CANDIDATES: tl.constexpr, TOPK: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr,
-            PER_TILE: tl.constexpr = 0, CAP: tl.constexpr = 64,
+            PER_TILE: tl.constexpr = 0, CAP: tl.constexpr = 64, DROPOUT: tl.constexpr = False,
     ):
         """Forward, one program per (batch x head, block of queries). STREAM=False (up to ``ROW_TOKENS`` tokens): the
         whole score row block in registers, ranked in place; with CANDIDATES the row holds the L listed tokens in
@@ -697,7 +703,8 @@ if triton is not None:
 
         Grid: (query blocks, heads, batch). q, k, v and the output are read and written in place through their
         (batch, head, token) strides (timm's attention hands over permuted views of one qkv buffer: no copies); offsets
-        are int32, the caller splits the batch so that they fit."""
+        are int32, the caller splits the batch so that they fit. DROPOUT: attention dropout, the softmax weights
+        times NOISE (B, H, N, NUM_K) in the aggregation (``_aggregate_stored``)."""
         h = tl.program_id(1)
         q, rows, row_ok, dq, kbase = _query_block(Q, N, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, DQ,
                                                   BLOCK_M, BLOCK_DQ)
@@ -709,9 +716,10 @@ if triton is not None:
             else:
                 best, best_i = _stream_top_k(q, Kf, kbase, CAND, rows, row_ok, dq, stride_kn, M, L, DQ, NUM_K,
                                              BLOCK_M, BLOCK_N, BLOCK_K, F32, DOT_F32, CANDIDATES)
-            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
-            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M, DV,
-                                    NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M, False)
+            V, O, IDX, P, NOISE = _output_slices(V, O, IDX, P, NOISE, N, H, stride_vb, stride_vh, stride_ob,
+                                                 stride_oh, NUM_K)
+            _rank_softmax_aggregate(best, best_i, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, M,
+                                    DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, M, False, DROPOUT)
         elif CANDIDATES:
             cols = tl.arange(0, BLOCK_N)
             listed = cols < L
@@ -720,28 +728,30 @@ if triton is not None:
             s = tl.where(ids[None, :] == rows[:, None], float('-inf'), s)  # the query itself: not twice
             s_self = _self_score(q, Kf, kbase, rows, row_ok, dq, stride_kn, DQ)
             s = tl.where(cols[None, :] == L, s_self[:, None], s)
-            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
+            V, O, IDX, P, NOISE = _output_slices(V, O, IDX, P, NOISE, N, H, stride_vb, stride_vh, stride_ob,
+                                                 stride_oh, NUM_K)
             if PACKED:
                 s = _packed_keys(s, cols, BLOCK_N)
             sel_col, sel_e, denom = _rank(s, cols[None, :], BLOCK_N, NUM_K, BLOCK_M, BLOCK_K, PACKED, True, PAIRS)
             # columns -> token ids: the list's, or the query's own
             sel_idx = tl.where(sel_col == L, rows[:, None], tl.load(CAND + sel_col, mask=sel_col < L, other=0))
-            _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on,
-                                     M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K)
+            _softmax_store_aggregate(sel_idx, sel_e, denom, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn,
+                                     stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, DROPOUT)
         else:
             cols = tl.arange(0, BLOCK_N)
             s = _scores(q, Kf, kbase, cols, cols < M, dq, stride_kn, DQ, F32, DOT_F32)
-            V, O, IDX, P = _output_slices(V, O, IDX, P, N, H, stride_vb, stride_vh, stride_ob, stride_oh, NUM_K)
+            V, O, IDX, P, NOISE = _output_slices(V, O, IDX, P, NOISE, N, H, stride_vb, stride_vh, stride_ob,
+                                                 stride_oh, NUM_K)
             if TOPK:
-                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M, DV,
-                                        NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED)
+                _topk_softmax_aggregate(s, cols, V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn, stride_on, M,
+                                        DV, NUM_K, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_K, PACKED, DROPOUT)
             elif PACKED:
-                _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, h, rows,
-                                        row_ok, stride_vn, stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
-                                        BLOCK_N, True, PAIRS)
+                _rank_softmax_aggregate(_packed_keys(s, cols, BLOCK_N), cols[None, :], V, W, O, IDX, P, NOISE, h,
+                                        rows, row_ok, stride_vn, stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K,
+                                        BLOCK_N, True, DROPOUT, PAIRS)
             else:
-                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, h, rows, row_ok, stride_vn, stride_on, M,
-                                        DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False)
+                _rank_softmax_aggregate(s, cols[None, :], V, W, O, IDX, P, NOISE, h, rows, row_ok, stride_vn,
+                                        stride_on, M, DV, NUM_K, BLOCK_M, BLOCK_DV, BLOCK_K, BLOCK_N, False, DROPOUT)
 
     @triton.jit
     def _convnn_select_kernel(
@@ -778,13 +788,13 @@ if triton is not None:
 
     @triton.jit
     def _convnn_bwd_kernel(
-            GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo, CAND, INV,
+            GO, Q, Kf, V, W, IDX, P, DQo, DKo, DVo, DWo, CAND, INV, NOISE,
             N, M, L, H, DW_COPIES, ROW_COPIES, q_scale,
             stride_gb, stride_gh, stride_gn, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
             stride_vb, stride_vh, stride_vn,
             DQ: tl.constexpr, DV: tl.constexpr, NUM_K: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
-            DENSE: tl.constexpr, BLOCK_C: tl.constexpr, DENSE_DOT: tl.constexpr,
+            DENSE: tl.constexpr, BLOCK_C: tl.constexpr, DENSE_DOT: tl.constexpr, DROPOUT: tl.constexpr = False,
     ):
         """Backward, one program per (batch x head, block of queries), through the K kept (query, token) pairs only:
         dq in registers; dk, dv and dw by relaxed atomics (only the sums after the kernel matter; Triton's default,
@@ -800,7 +810,10 @@ if triton is not None:
         program's queries first, as (BLOCK_C, channels) tiles of BLOCK_C list positions (one-hot matrices times the
         per-query terms on the tensor cores, fp32 operands multiplied as DENSE_DOT), then added with one
         atomic per listed token and channel instead of one per query, slot and channel; each query's own token gets
-        its terms directly."""
+        its terms directly.
+
+        DROPOUT: the forward aggregated the softmax weights times NOISE (laid out as P): dv and dw take the dropped
+        weights, and the weights' gradient is NOISE times the dropped weights' before it meets the softmax."""
         pid_m = tl.program_id(0)  # query blocks of one (batch, head) slice run next to each other (keys stay in L2)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -811,6 +824,7 @@ if triton is not None:
         V += b * stride_vb + h * stride_vh
         IDX += bh * N * NUM_K
         P += bh * N * NUM_K
+        NOISE += bh * N * NUM_K
         DQo += bh * N * DQ
         bch = (b * ROW_COPIES + (pid_m + b * tl.num_programs(0)) % ROW_COPIES) * H + h
         DKo += bch * M * DQ
@@ -839,7 +853,12 @@ if triton is not None:
             vrow = tl.load(V + jr[:, None] * stride_vn + dv_r[None, :], mask=mv, other=0.).to(tl.float32)
             wr = tl.load(W + (h * NUM_K + r) * DV + dv_r, mask=dv_r < DV, other=0.).to(tl.float32)
             t = vrow * go
-            dp = tl.where(kk[None, :] == r, tl.sum(t * wr[None, :], axis=1)[:, None], dp)
+            dpr = tl.sum(t * wr[None, :], axis=1)
+            if DROPOUT:
+                nr = tl.load(NOISE + row_off + r, mask=row_ok, other=0.)
+                pr *= nr  # the weight the forward aggregated with
+                dpr *= nr  # through the multiplier to the softmax weight
+            dp = tl.where(kk[None, :] == r, dpr[:, None], dp)
             tl.atomic_add(dw_base + r * DV + dv_r, tl.sum(pr[:, None] * t, axis=0), mask=dv_r < DV,
                           sem='relaxed')
             if not DENSE:
@@ -857,6 +876,8 @@ if triton is not None:
                 tl.atomic_add(DKo + jr[:, None] * DQ + dq_r[None, :], dsr[:, None] * q, mask=mq, sem='relaxed')
         tl.store(DQo + rows[:, None] * DQ + dq_r[None, :], (dq * q_scale).to(DQo.dtype.element_ty), mask=mq)
         if DENSE:
+            if DROPOUT:  # (dv's terms take the dropped weights)
+                p *= tl.load(NOISE + sel_off, mask=sel_mask, other=0.)
             _dense_listed_grads(go, q, p, ds, IDX, W, CAND, INV, DKo, DVo, h, rows, row_ok, row_off, L,
                                 DQ, DV, NUM_K, BLOCK_M, BLOCK_DQ, BLOCK_DV, BLOCK_K, BLOCK_C, DENSE_DOT)
 
@@ -1122,18 +1143,18 @@ def _int32_ids(ids: Optional[torch.Tensor], device: torch.device) -> torch.Tenso
     return ids.to(device=device, dtype=torch.int32).contiguous()
 
 
-def _num_kept(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
+def kept_neighbors(num_neighbors: int, num_tokens: int, candidates: Optional[torch.Tensor]) -> int:
     """K after clamping: to the token count, or with a candidate list to its length (as the PyTorch path does)."""
     return kept(num_neighbors, num_tokens if candidates is None else candidates.shape[0])
 
 
 def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                        num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward launches: ``timm_convnn::convnn_attention``, and the eager path (``_EagerAttention``)."""
     B, H, N, DQ = qs.shape
     M, DV = ks.shape[2], v.shape[3]
-    K = _num_kept(num_neighbors, M, candidates)
+    K = kept_neighbors(num_neighbors, M, candidates)
     q, k, vv = _in_place(qs), _in_place(ks), _in_place(v)
     w = _slot_major(weight, H, DV, K)
     # written token-major, (B, N, H, DV), and returned as its (B, H, N, DV) view: timm's head merge
@@ -1148,16 +1169,19 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
     fp32 = _fp32_products(q, k)
     block_m, per_tile, most, scr_s, scr_i = _top_k_launch(stream, fp32, K, DQ, candidates is not None, M, B, H, N,
                                                           (p, idx))
+    nz = noise if noise is not None else p  # (unread without DROPOUT)
     with _on_device(v):
-        for nb, (qb, kb, vb, ob, ib, pb) in _batch_slices(B, q, k, vv, out, idx, p, most=most) if H * N > 0 else ():
+        for nb, (qb, kb, vb, ob, ib, pb, nzb) in (
+                _batch_slices(B, q, k, vv, out, idx, p, nz, most=most) if H * N > 0 else ()):
             _convnn_fwd_kernel[(_cdiv(N, block_m), H, nb)](
-                qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, N, M, num_keys, H, q_scale, *_strides(q),
+                qb, kb, vb, w, ob, ib, pb, cand, scr_s, scr_i, nzb, N, M, num_keys, H, q_scale, *_strides(q),
                 *_strides(k), *_strides(vv), *_strides(out), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), F32=fp32, DOT_F32=_dot_f32(),
                 STREAM=stream, CANDIDATES=candidates is not None,
                 TOPK=CONFIG['fwd_select'] == 'topk' and not stream and candidates is None,
                 PAIRS=CONFIG['fwd_select'] == 'pairs' and not stream,
                 PACKED=_use_packed_keys(fp32) and not stream, PER_TILE=per_tile, CAP=_stream_cap(K),
+                DROPOUT=noise is not None,
                 num_warps=_fwd_warps(stream, fp32, candidates is not None, per_tile > 0), **COMPILE_OPTIONS)
     return out, idx, p
 
@@ -1165,14 +1189,14 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
 @torch.library.custom_op('timm_convnn::convnn_attention', mutates_args=())
 def _convnn_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                       num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale)
+                      noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale, noise)
 
 
 @_convnn_attention.register_fake
-def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None, q_scale=1.0):
+def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None, q_scale=1.0, noise=None):
     B, H, N, _ = qs.shape
-    K = _num_kept(num_neighbors, ks.shape[2], candidates)
+    K = kept_neighbors(num_neighbors, ks.shape[2], candidates)
     return (_in_place(v.new_empty(B, N, H, v.shape[3]).transpose(1, 2)), v.new_empty(B, H, N, K, dtype=torch.int32),
             v.new_empty(B, H, N, K, dtype=torch.float32))
 
@@ -1180,6 +1204,7 @@ def _convnn_attention_fake(qs, ks, v, weight, num_neighbors, candidates=None, q_
 def _attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
         idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
+        noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward launches: ``timm_convnn::convnn_attention_backward``, and the eager path's backward."""
     B, H, N, DQ = qs.shape
@@ -1202,15 +1227,17 @@ def _attention_backward(
     copies = max(1, min(CONFIG['bwd_dw_copies'] or DW_COPIES, programs))
     dw = torch.zeros(copies, H, K, DV, device=v.device, dtype=torch.float32)
     idx, p = idx.contiguous(), p.contiguous()
+    nz = noise.contiguous() if noise is not None else p  # (unread without DROPOUT)
     with _on_device(v):
-        for nb, (gb, qb, kb, vb, ib, pb, dqb, dkb, dvb) in (
-                _batch_slices(B, go, q, k, vv, idx, p, dq, dk, dv) if H * N > 0 else ()):
+        for nb, (gb, qb, kb, vb, ib, pb, dqb, dkb, dvb, nzb) in (
+                _batch_slices(B, go, q, k, vv, idx, p, dq, dk, dv, nz) if H * N > 0 else ()):
             _convnn_bwd_kernel[(_cdiv(N, block_m), H, nb)](
-                gb, qb, kb, vb, w, ib, pb, dqb, dkb, dvb, dw, cand, inv, N, M,
+                gb, qb, kb, vb, w, ib, pb, dqb, dkb, dvb, dw, cand, inv, nzb, N, M,
                 cand.numel(), H, copies, rc, q_scale,
                 *_strides(go), *_strides(q), *_strides(k), *_strides(vv), DQ=DQ, DV=DV, NUM_K=K, BLOCK_M=block_m,
                 BLOCK_DQ=_pow2(DQ), BLOCK_DV=_pow2(DV), BLOCK_K=_pow2(K, 2), DENSE=dense, BLOCK_C=block_c,
-                DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', num_warps=warps, **COMPILE_OPTIONS)
+                DENSE_DOT=_dense_dot(qs, ks) if dense else 'ieee', DROPOUT=noise is not None, num_warps=warps,
+                **COMPILE_OPTIONS)
     full_dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     full_dw.view(H, DV, -1)[:, :, :K] = dw.sum(0).transpose(1, 2)
     dk, dv = (t.squeeze(1) if rc == 1 else t.sum(1) for t in (dk, dv))
@@ -1221,12 +1248,14 @@ def _attention_backward(
 def _convnn_attention_backward(
         grad_out: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
         idx: torch.Tensor, p: torch.Tensor, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
+        noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale)
+    return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale, noise)
 
 
 @_convnn_attention_backward.register_fake
-def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, candidates=None, q_scale=1.0):
+def _convnn_attention_backward_fake(grad_out, qs, ks, v, weight, idx, p, candidates=None, q_scale=1.0,
+                                    noise=None):
     # contiguous, like the real gradients (empty_like would copy the strides of permuted inputs)
     return qs.new_empty(qs.shape), ks.new_empty(ks.shape), v.new_empty(v.shape), weight.new_empty(weight.shape)
 
@@ -1236,14 +1265,15 @@ def _setup_context(ctx, inputs, output):
     _, idx, p = output
     candidates = inputs[5] if len(inputs) > 5 else None
     ctx.q_scale = inputs[6] if len(inputs) > 6 else 1.0
-    ctx.save_for_backward(qs, ks, v, weight, idx, p, candidates)
+    noise = inputs[7] if len(inputs) > 7 else None
+    ctx.save_for_backward(qs, ks, v, weight, idx, p, candidates, noise)
     ctx.mark_non_differentiable(idx, p)
 
 
 def _backward(ctx, grad_out, grad_idx, grad_p):
-    qs, ks, v, weight, idx, p, candidates = ctx.saved_tensors
-    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale)
-    return dq, dk, dv, dw, None, None, None
+    qs, ks, v, weight, idx, p, candidates, noise = ctx.saved_tensors
+    dq, dk, dv, dw = _convnn_attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale, noise)
+    return dq, dk, dv, dw, None, None, None, None
 
 
 _convnn_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -1255,11 +1285,11 @@ class _EagerAttention(torch.autograd.Function):
     2-core CPU with the kernels stubbed out: ``benchmarks/host_overhead.py``)."""
 
     @staticmethod
-    def forward(ctx, qs, ks, v, weight, num_neighbors, candidates, q_scale):
+    def forward(ctx, qs, ks, v, weight, num_neighbors, candidates, q_scale, noise):
         # (a context argument, not a separate setup_context: autograd binds the arguments of that form to the
         # forward's signature through inspect at every call, about 60 us)
-        output = _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale)
-        _setup_context(ctx, (qs, ks, v, weight, num_neighbors, candidates, q_scale), output)
+        output = _attention_forward(qs, ks, v, weight, num_neighbors, candidates, q_scale, noise)
+        _setup_context(ctx, (qs, ks, v, weight, num_neighbors, candidates, q_scale, noise), output)
         return output
 
     compute = staticmethod(_attention_forward)
@@ -1267,11 +1297,12 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def gradient_inputs(ctx, grad_out, grad_idx, grad_p):
-        return (grad_out,) + tuple(ctx.saved_tensors) + (ctx.q_scale,)
+        qs, ks, v, weight, idx, p, candidates, noise = ctx.saved_tensors
+        return grad_out, qs, ks, v, weight, idx, p, candidates, ctx.q_scale, noise
 
     @staticmethod
-    def gradients(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale):
-        return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale) + (None, None, None)
+    def gradients(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale, noise):
+        return _attention_backward(grad_out, qs, ks, v, weight, idx, p, candidates, q_scale, noise) + (None,) * 4
 
     @staticmethod
     @first_derivative_only('the fused attention kernels')
@@ -1279,13 +1310,14 @@ class _EagerAttention(torch.autograd.Function):
         return _EagerAttention.gradients(*_EagerAttention.gradient_inputs(ctx, grad_out, grad_idx, grad_p))
 
 
-# under torch.func transforms (the custom op's autograd registration does not serve them): q, k, v and the outputs
-# are (B, H, ...), the weights (H * Dv, 1, K); a vmapped dimension folds into the batch, or into the heads where the
-# weights are vmapped and in the backward (dw is per entry), within the grid's and the int32 offsets' limits
+# under torch.func transforms (the custom op's autograd registration does not serve them): q, k, v, the dropout
+# noise and the outputs are (B, H, ...), the weights (H * Dv, 1, K); a vmapped dimension folds into the batch, or into
+# the heads where the weights are vmapped and in the backward (dw is per entry), within the grid's and the int32
+# offsets' limits
 _TransformableAttention = transformable(
     _EagerAttention, 'the fused attention kernels',
-    fold_batch(0, 1, 2, weights=(3,), most_groups=_GRID_Y, most_entry_elements=_INT32_MAX),
-    fold_batch(0, 1, 2, 3, 5, 6, weights=(4,), weight_outputs=(3,), most_groups=_GRID_Y,
+    fold_batch(0, 1, 2, 7, weights=(3,), most_groups=_GRID_Y, most_entry_elements=_INT32_MAX),
+    fold_batch(0, 1, 2, 3, 5, 6, 9, weights=(4,), weight_outputs=(3,), most_groups=_GRID_Y,
                most_entry_elements=_INT32_MAX))
 
 
@@ -1304,22 +1336,29 @@ def _eager(*tensors: Optional[torch.Tensor]) -> bool:
 
 def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
                     num_neighbors: int, candidates: Optional[torch.Tensor] = None, q_scale: float = 1.0,
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ConvNN attention: (B, H, N, Dq) similarity features, (B, H, M, Dq), values (B, H, M, Dv), depthwise weights
     (H * Dv, 1, K) -> (output (B, H, N, Dv), indices (B, H, N, K) int32, softmax weights fp32). ``candidates``: token
     ids (r,) shared by all queries, distinct as for ``fused_select`` (each query is a candidate of itself too, as in
     the PyTorch path); None: all tokens. ``q_scale``: the query features are ``qs * q_scale`` (rounded to qs's dtype,
     as PyTorch multiplies), the dot similarity's d ** -0.5 applied inside the kernels rather than to a copy of q (one
     elementwise pass fewer each way, and no scaled copy kept for the backward); the gradient is with respect to
-    ``qs``."""
+    ``qs``. ``noise``: attention dropout, (B, H, N, K) fp32 multipliers of the softmax weights in the aggregation
+    (what ``nn.Dropout`` multiplies by: 0 or 1 / (1 - p); K as ``kept_neighbors`` gives it); the returned weights are
+    the softmax's."""
+    if noise is not None:
+        expected = (qs.shape[0], qs.shape[1], qs.shape[2], kept_neighbors(num_neighbors, ks.shape[2], candidates))
+        if tuple(noise.shape) != expected or noise.dtype != torch.float32 or noise.device != qs.device:
+            raise ValueError(f'fused_attention takes the dropout noise as {expected} fp32 on {qs.device}; got '
+                             f'{tuple(noise.shape)} {noise.dtype} on {noise.device}')
     reason = triton_unavailable_reason(qs.device)
     if reason is not None:
         raise RuntimeError(reason)
-    if _eager(qs, ks, v, weight, candidates):
-        return _EagerAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale)
+    if _eager(qs, ks, v, weight, candidates, noise):
+        return _EagerAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale, noise)
     if transforms_active() and not capturing():
-        return _TransformableAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale)
-    return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates, q_scale)
+        return _TransformableAttention.apply(qs, ks, v, weight, num_neighbors, candidates, q_scale, noise)
+    return _convnn_attention(qs, ks, v, weight, num_neighbors, candidates, q_scale, noise)
 
 
 def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor] = None,
@@ -1327,7 +1366,7 @@ def _select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: 
     """The selection launch: ``timm_convnn::convnn_select``, and eager calls of ``fused_select``."""
     B, G, N, DQ = qs.shape
     M = ks.shape[2]
-    K = _num_kept(num_neighbors, M, candidates)
+    K = kept_neighbors(num_neighbors, M, candidates)
     q, k = _in_place(qs), _in_place(ks)
     idx = torch.empty(B, G, N, K, device=q.device, dtype=torch.int32)
     scores = torch.empty(B, G, N, K, device=q.device, dtype=torch.float32)
@@ -1355,7 +1394,7 @@ def _convnn_select(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candi
 @_convnn_select.register_fake
 def _convnn_select_fake(qs, ks, num_neighbors, candidates=None, query_index=None):
     B, G, N, _ = qs.shape
-    K = _num_kept(num_neighbors, ks.shape[2], candidates)
+    K = kept_neighbors(num_neighbors, ks.shape[2], candidates)
     return qs.new_empty(B, G, N, K, dtype=torch.int32), qs.new_empty(B, G, N, K, dtype=torch.float32)
 
 
