@@ -560,6 +560,10 @@ for dense in (None, 'dense'):
                           (qs, ks, v, w, 5, torch.tensor([3, 0, 9, 4, 12, 7])),
                           test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 triton_attention.CONFIG['bwd_listed'] = None
+# with attention dropout's noise, which the autograd context keeps for the backward too
+noise = torch.nn.functional.dropout(torch.ones(1, 2, 17, 5), 0.3)
+torch.library.opcheck(torch.ops.timm_convnn.convnn_attention.default, (qs, ks, v, w, 5, None, 0.25, noise),
+                      test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default, (qs.detach(), ks.detach(), 5),
                       test_utils=('test_schema', 'test_faketensor'))
 torch.library.opcheck(torch.ops.timm_convnn.convnn_select.default,
