@@ -848,6 +848,37 @@ compare('random', layer(candidates='random', num_samples=20), x)
 compare('random_row_dense', layer(candidates='random', num_samples=20), x, fwd_listed='row', bwd_listed='dense')
 compare('spatial_dense', layer(candidates='spatial', num_samples=16), x, bwd_listed='dense')
 compare('drop_all', layer(drop=1.0), x)
+
+# the op reads noise in any layout (a vmapped batch of one folds an unmapped noise into a stride-0 batch)
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 2, 9, 16, generator=g) for _ in range(3))
+w = torch.randn(32, 1, 4, generator=g)
+noise = torch.nn.functional.dropout(torch.ones(2, 2, 9, 4), 0.5)
+strided = noise.transpose(0, 1).contiguous().transpose(0, 1)
+a, b = (triton_attention.fused_attention(q, k, v, w, 4, None, 1.0, n)[0] for n in (noise, strided))
+results['strided_noise'] = (a - b).abs().max().item()
+
+# per-sample gradients in training (vmap's randomness='same': one noise for every sample) and an ensemble of
+# one-head layers, against the PyTorch path; an empty batch through the vmap rules
+from torch.func import functional_call, grad, stack_module_state, vmap
+def transforms(backend):
+    set_backend(backend)
+    torch.manual_seed(0)
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4, attn_drop=0.5).train()
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    x = torch.randn(3, 9, 16)
+    loss = lambda p, t: functional_call(layer, p, (t[None],)).square().sum()
+    torch.manual_seed(1)
+    per_sample = vmap(grad(loss), in_dims=(None, 0), randomness='same')(params, x)
+    layers = [ConvNNAttention(16, num_heads=1, num_neighbors=4, attn_drop=0.5).train() for _ in range(2)]
+    stacked, buffers = stack_module_state(layers)
+    torch.manual_seed(2)
+    ensemble = vmap(lambda p, b: functional_call(layers[0], (p, b), (x,)), randomness='same')(stacked, buffers)
+    empty = vmap(lambda p, b: functional_call(layers[0].eval(), (p, b), (x[:0],)))(stacked, buffers)
+    return per_sample, ensemble, tuple(empty.shape)
+(s0, e0, z0), (s1, e1, z1) = transforms('torch'), transforms('triton')
+results['transforms'] = dict(per_sample=max((s0[n] - s1[n]).abs().max().item() for n in s0),
+                             ensemble=(e0 - e1).abs().max().item(), empty=[z0, z1])
 print('RESULT ' + json.dumps(results))
 """
 
@@ -861,6 +892,9 @@ def test_fused_attention_dropout_under_the_triton_interpreter(tmp_path):
         assert c['torch_calls'] == [] and c['triton_calls'] == [True], (case, c)  # the fused path, with noise
         assert c['dropped'] > 1e-3 * c['scale'], (case, c)
         assert c['out'] <= 1e-5 * max(1., c['scale']) and c['grad'] <= 1e-4, (case, c)
+    assert r['strided_noise'] < 1e-6, r  # (read as contiguous before 2026-12-03: 4.1 here)
+    t = r['transforms']  # (NaN gradients and 4e17 outputs from a stride-0 noise; an IndexError on the empty batch)
+    assert t['per_sample'] < 1e-4 and t['ensemble'] < 1e-4 and t['empty'] == [[2, 0, 9, 16]] * 2, t
 
 
 def _recorded_launches(monkeypatch):
@@ -1507,6 +1541,22 @@ def test_dropout_noise_reaches_the_fused_op(backend, monkeypatch):
     noise = got[0]
     assert noise.shape == (3, 2, 50, 6) and noise.dtype == torch.float32
     assert torch.equal(noise.unique(), torch.tensor([0., 1 / 0.75])) and got[1:] == [None, None]
+    # the dropout module's own mode decides, as on the PyTorch path (Monte Carlo dropout: an eval model whose dropout
+    # is in training), and the noise is fp32 whatever torch's default dtype
+    del got[:]
+    layer.attn_drop.train()
+    layer(torch.randn(3, 50, 32))
+    layer.train()
+    layer.attn_drop.eval()
+    layer(torch.randn(3, 50, 32))
+    assert got[0] is not None and got[1] is None
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _layer(attn_drop=0.25).float().train()(torch.randn(3, 50, 32, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(saved)
+    assert got[2].dtype == torch.float32
 
 
 def test_fused_attention_rejects_bad_dropout_noise():

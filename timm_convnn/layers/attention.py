@@ -357,7 +357,7 @@ class ConvNNAttention(nn.Module):
             dtype in (torch.float32, torch.float16, torch.bfloat16)
             and self.weighting == 'softmax' and self.aggregation == 'depthwise' and self.neighbor_order == 'rank'
             and num_tokens <= triton_attention.MAX_TOKENS and self.num_neighbors <= triton_attention.MAX_NEIGHBORS
-            and (type(self.attn_drop) is nn.Dropout or not self.training)  # dropout: its noise goes in
+            and (type(self.attn_drop) is nn.Dropout or not self.attn_drop.training)  # dropout: its noise goes in
             and not torch.are_deterministic_algorithms_enabled()  # the fused backward accumulates with atomics
             and not self._aggregate_hooked())
         return triton_attention.use_fused(supported, device)
@@ -382,9 +382,10 @@ class ConvNNAttention(nn.Module):
         else:
             (qs, ks), q_scale = similarity_features(q, k, self.similarity), 1.0
         noise: Optional[torch.Tensor] = None
-        if self.training and self.attn_drop.p > 0:
+        if self.attn_drop.training and self.attn_drop.p > 0:  # (its own mode, as on the PyTorch path: MC dropout)
             kept = triton_attention.kept_neighbors(self.num_neighbors, k.shape[2], candidates)
-            noise = self.attn_drop(torch.ones(q.shape[0], q.shape[1], q.shape[2], kept, device=q.device))
+            noise = self.attn_drop(torch.ones(q.shape[0], q.shape[1], q.shape[2], kept, device=q.device,
+                                              dtype=torch.float32))
         out, _, _ = triton_attention.fused_attention(qs, ks, v, self.aggregate.weight, self.num_neighbors,
                                                      candidates, q_scale, noise)
         return out

@@ -155,7 +155,7 @@ def _entries_per_call(args, positions: Sequence[int], size: int, most_groups: Op
             if most_groups is not None:
                 step = min(step, most_groups // max(1, a.shape[2]))
             if most_entry_elements is not None:
-                step = min(step, most_entry_elements // max(1, a[0, 0].numel()))
+                step = min(step, most_entry_elements // max(1, a.shape[2:].numel()))
     return max(1, step)
 
 

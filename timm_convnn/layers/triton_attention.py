@@ -1169,7 +1169,7 @@ def _attention_forward(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weig
     fp32 = _fp32_products(q, k)
     block_m, per_tile, most, scr_s, scr_i = _top_k_launch(stream, fp32, K, DQ, candidates is not None, M, B, H, N,
                                                           (p, idx))
-    nz = noise if noise is not None else p  # (unread without DROPOUT)
+    nz = noise.contiguous() if noise is not None else p  # (unread without DROPOUT)
     with _on_device(v):
         for nb, (qb, kb, vb, ob, ib, pb, nzb) in (
                 _batch_slices(B, q, k, vv, out, idx, p, nz, most=most) if H * N > 0 else ()):
@@ -1345,7 +1345,7 @@ def fused_attention(qs: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, weight:
     elementwise pass fewer each way, and no scaled copy kept for the backward); the gradient is with respect to
     ``qs``. ``noise``: attention dropout, (B, H, N, K) fp32 multipliers of the softmax weights in the aggregation
     (what ``nn.Dropout`` multiplies by: 0 or 1 / (1 - p); K as ``kept_neighbors`` gives it); the returned weights are
-    the softmax's."""
+    the softmax's; ``noise`` gets no gradient."""
     if noise is not None:
         expected = (qs.shape[0], qs.shape[1], qs.shape[2], kept_neighbors(num_neighbors, ks.shape[2], candidates))
         if tuple(noise.shape) != expected or noise.dtype != torch.float32 or noise.device != qs.device:
