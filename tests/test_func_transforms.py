@@ -249,3 +249,15 @@ def test_per_sample_gradients_in_training_with_random_candidates():
         expected = _autograd(layer, x[i:i + 1])
         for n in expected:
             torch.testing.assert_close(got[n][i], expected[n], msg=f'{n}, sample {i}')
+
+
+def test_vmap_over_no_entries():
+    # vmap allows a mapped dimension of size 0 (e.g. the per-sample gradients of an empty batch): the rules return
+    # empty outputs of the right shapes (they once failed to unflatten a size-0 dimension)
+    layer = ConvNNAttention(16, num_heads=2, num_neighbors=4).eval()
+    assert vmap(layer)(torch.randn(0, 1, 9, 16)).shape == (0, 1, 9, 16)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    got = vmap(grad(lambda p, t: functional_call(layer, p, (t[None],)).sum()), in_dims=(None, 0))(
+        params, torch.randn(0, 9, 16))
+    assert {n: g.shape for n, g in got.items()} == {n: (0,) + p.shape for n, p in params.items()}
+    assert vmap(ConvNN2d(4, 4, weighting='softmax').eval())(torch.randn(0, 1, 4, 5, 5)).shape == (0, 1, 4, 5, 5)

@@ -122,6 +122,9 @@ def fold_batch(*positions: int, weights: Sequence[int] = (), weight_outputs: Seq
     entry."""
     def rule(call: Callable, info, in_dims: Sequence[Optional[int]], *args):
         size = info.batch_size
+        if size == 0:  # (vmap over no entries: one call on a zero entry for the outputs' shapes, none of it kept)
+            return _stacked([call(*[a.new_zeros(a.shape[:d] + a.shape[d + 1:]) if d is not None else a
+                                    for a, d in zip(args, in_dims)])], keep=0)
         mapped = [i for i, d in enumerate(in_dims) if d is not None]
         if not all(i in positions or i in weights for i in mapped):
             return _stacked([call(*[a.select(d, j) if d is not None else a for a, d in zip(args, in_dims)])
@@ -191,8 +194,11 @@ def _concatenated(parts):
     return (tuple(torch.cat(o, d) if d is not None else None for o, d in zip(zip(*outs), dims[0])), dims[0])
 
 
-def _stacked(outs):
+def _stacked(outs, keep: Optional[int] = None):
+    """Per-entry outputs stacked on a new leading (mapped) dim; ``keep``: only that many entries of it."""
+    def stack(parts):
+        return torch.stack(parts)[:keep] if keep is not None else torch.stack(parts)
     if isinstance(outs[0], tuple):
-        return (tuple(torch.stack(o) if o[0] is not None else None for o in zip(*outs)),
+        return (tuple(stack(o) if o[0] is not None else None for o in zip(*outs)),
                 tuple(0 if o is not None else None for o in outs[0]))
-    return torch.stack(outs), 0
+    return stack(outs), 0
