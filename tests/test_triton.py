@@ -142,7 +142,23 @@ def test_fused_selection_covers_what_the_kernel_takes():
     assert not supported(feats(3136), feats(3364), 9, cand[:0], qid)  # no candidates
 
 
-_INTERPRETED = r'''
+# (shared by the interpreted scripts below)
+_RANDOMIZED_LAYER = r'''
+import torch
+
+def randomized(make, x):
+    """make()'s layer with normal aggregation weights (unit ones would hide a slot-order bug) and a fixed incoming
+    gradient for its output on x."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if 'aggregate' in n:
+                p.normal_()
+    return layer, torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1))
+'''
+
+_INTERPRETED = _RANDOMIZED_LAYER + r'''
 import json, sys, torch
 import timm, timm_convnn
 from timm_convnn.layers import ConvNN2d, ConvNNAttention, ConvNNBranchAttention, set_backend, triton_attention
@@ -182,13 +198,7 @@ def margin_of(run):
     return min(margins)
 
 def compare(name, make, x):
-    torch.manual_seed(0)
-    layer = make()
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if 'aggregate' in n:
-                p.normal_()
-    g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1))
+    layer, g = randomized(make, x)
     outs = {}
     for b in ('torch', 'triton'):
         set_backend(b)
@@ -795,7 +805,7 @@ def test_fused_kernels_under_torch_func_transforms(tmp_path):
     assert r['conv2d']['launches'] == dict(fwd=0, bwd=0, select=2) and r['conv2d']['diff'] < 1e-5, r['conv2d']
 
 
-_DROPOUT_INTERPRETED = r"""
+_DROPOUT_INTERPRETED = _RANDOMIZED_LAYER + r"""
 import json, torch
 import timm_convnn
 from timm_convnn.layers import ConvNNAttention, set_backend, triton_attention
@@ -808,13 +818,7 @@ def compare(name, make, x, **config):
     # a layer in train() mode with attention dropout: both paths draw the same noise from the same RNG state (the
     # fused path multiplies the kernels' softmax weights by it), so outputs and gradients must agree
     triton_attention.CONFIG.update(config)
-    torch.manual_seed(0)
-    layer = make().train()
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if 'aggregate' in n:
-                p.normal_()
-    g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1))
+    layer, g = randomized(make, x)  # (in train() mode, as built)
     outs = {}
     for b in ('torch', 'triton'):
         set_backend(b)
