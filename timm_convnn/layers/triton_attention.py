@@ -1326,10 +1326,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a fused op call may skip the ``torch.library`` dispatcher: plain tensors, run eagerly. Under
-    ``torch.compile`` / ``torch.export``, ``torch.jit.trace``, ``torch.func`` transforms and Python dispatch modes
-    (profilers, FLOP counters, FakeTensorMode), and for tensor subclasses, the registered custom ops run, so that
-    graphs record them and modes see them."""
-    if capturing() or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
+    ``torch.compile`` / ``torch.export``, ``torch.jit.trace`` and Python dispatch modes (profilers, FLOP counters,
+    FakeTensorMode), and for tensor subclasses, the registered custom ops run, so that graphs record them and modes
+    see them; under ``torch.func`` transforms, the custom ops' vmap rules (selection) or the transformable Function
+    (``_TransformableAttention``: the custom op's autograd registration does not serve them)."""
+    if capturing() or transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
