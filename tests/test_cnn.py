@@ -117,6 +117,25 @@ def test_warm_start_counts(src_name, name, replaced, new_per_layer):
     assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
 
 
+@pytest.mark.parametrize('src_name,name', [('resnet18_convnn', 'resnet18_convnn_branch'),
+                                           ('resnet18_convnn_branch', 'resnet18_convnn'),
+                                           ('vgg11_convnn', 'vgg11_convnn_branch')])
+def test_checkpoint_of_another_convnn_variant_does_not_load(src_name, name, tmp_path):
+    # the filter drops only the replaced convs' weight / bias: another variant's ConvNN tensors stay, so the strict
+    # load refuses them instead of warm-starting with every ConvNN layer at its initialisation
+    vgg = name.startswith('vgg')
+    kwargs = dict(num_classes=3, mlp_ratio=0.01) if vgg else dict(num_classes=3)
+    src = timm.create_model(src_name, **kwargs)
+    sd = (vgg_filter if vgg else resnet_filter)(src.state_dict(), timm.create_model(name, **kwargs))
+    src_convnn = {k for k in src.state_dict() if 'aggregate' in k}
+    assert src_convnn and src_convnn <= set(sd)
+    path = tmp_path / 'other_variant.pth'
+    torch.save(src.state_dict(), path)
+    with pytest.raises(RuntimeError, match=f'for {name} from .*does not match this architecture'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=3),
+                          **kwargs)
+
+
 @pytest.mark.parametrize('wrapper', ['model', 'state_dict'])
 @pytest.mark.parametrize('name', ['resnet18_convnn_branch', 'vgg11_convnn'])
 def test_checkpoint_filters_unwrap_saved_checkpoints(name, wrapper):

@@ -89,14 +89,17 @@ def cnn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Modu
     """Warm start a ConvNN CNN from a checkpoint of the CNN it modifies (or load one of its own).
 
     Tensors whose role is unchanged (stem, 1x1 convs, norms, head, ...) load by name. The 3x3 convs that ConvNN
-    replaced (``<layer>.weight`` where ``<layer>`` is now a ConvNN module) are dropped, and the ConvNN layers' own
-    tensors, absent from the source, keep the model's initialisation. Nothing else is filled in: any other missing,
-    unexpected or mis-shaped tensor still fails a strict load.
+    replaced (``<layer>.weight`` and ``<layer>.bias`` where ``<layer>`` is now a ConvNN module) are dropped, and the
+    ConvNN layers' own tensors, absent from the source, keep the model's initialisation. Nothing else is filled in or
+    dropped: any other missing, unexpected or mis-shaped tensor still fails a strict load (a checkpoint of another
+    ConvNN variant, e.g. ``resnet18_convnn``'s for ``resnet18_convnn_branch``, brings ConvNN tensors of other names,
+    which must not load as a warm start that silently keeps every ConvNN layer at its initialisation).
     """
     state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     prefixes = _convnn_prefixes(model)
-    out = {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
+    replaced = {p + name for p in prefixes for name in ('weight', 'bias')}
+    out = {k: v for k, v in state_dict.items() if k in own or k not in replaced}
     new = [k for k in own if k not in out and k.startswith(prefixes)]
     for k in new:
         out[k] = own[k].detach().clone()
