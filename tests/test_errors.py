@@ -77,6 +77,12 @@ def test_conv_bad_inputs():
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 7, padding=3))
     with pytest.raises(ValueError, match='needs padding=1'):
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=0))
+    with pytest.raises(TypeError, match='from_conv2d takes an nn.Conv2d; got Linear'):
+        ConvNN2d.from_conv2d(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match='run a forward through the LazyConv2d first'):
+        ConvNN2d.from_conv2d(nn.LazyConv2d(3, 3, padding=1))
+    with pytest.raises(ValueError, match="needs padding=1.*got padding='valid'"):
+        ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding='valid'))
     for mode in ('reflect', 'replicate', 'circular'):  # (ConvNN's border is zero pixels: it would compute another conv)
         with pytest.raises(ValueError, match=f"needs padding_mode='zeros'; got padding_mode='{mode}'"):
             ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=1, padding_mode=mode))
@@ -123,6 +129,8 @@ def test_layer_arguments_are_checked_where_given():
 @pytest.mark.parametrize('build, shape', [
     (lambda: ConvNNAttention(32, 4, num_neighbors=3), (0, 10, 32)),
     (lambda: ConvNNAttention(32, 4, num_neighbors=3), (2, 0, 32)),
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3, aggregation='standard'), (2, 0, 32)),
+    (lambda: ConvNNAttention(32, 4, num_neighbors=3, weighting='ones', aggregation='standard'), (2, 0, 32)),
     (lambda: ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=4), (0, 10, 32)),
     (lambda: ConvNNAttention(32, 4, num_neighbors=3, candidates='spatial', num_samples=4), (0, 16, 32)),
     (lambda: ConvNN2d(8, 16), (0, 8, 5, 5)),
@@ -142,6 +150,8 @@ def test_empty_inputs_give_empty_outputs(build, shape):
         assert y.shape == reference(x).shape and y.numel() == 0
         y.sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
+    # and scripted (TorchScript runs the eager aggregation and score loops, which had no slot to start from at K 0)
+    assert torch.jit.script(layer.eval())(torch.randn(*shape)).shape == y.shape
 
 
 def test_branch_even_kernel_rejected():
@@ -191,3 +201,107 @@ def test_conv_conversions_refuse_what_they_cannot_map():
 def test_conv_zero_width_map():
     with pytest.raises(ValueError, match='expects a map of at least 1 x 1, got 5 x 0'):
         ConvNN2d(8, 4)(torch.randn(1, 8, 5, 0))
+
+
+def test_functional_api_checks_shapes_and_token_ids():
+    # the exported functionals flatten (B, G, M) into one table: an id of M or more read another sample's or head's
+    # row, ids shaped for other features were broadcast into the wrong slices; both are refused now
+    from timm_convnn.layers import gather_dot, neighbor_aggregate, select_neighbors
+    g = torch.Generator().manual_seed(0)
+    B, G, N, M, D = 2, 2, 5, 7, 4
+    q, k, v = torch.randn(B, G, N, D, generator=g), torch.randn(B, G, M, D, generator=g), torch.randn(B, G, M, D)
+    idx = torch.randint(0, M, (B, G, N, 3), generator=g)
+    assert gather_dot(q, k, idx).shape == (B, G, N, 3)  # (valid ids pass)
+    assert neighbor_aggregate(v, idx, None, torch.ones(G, D, 3), True).shape == (B, G, N, D)
+    for bad, lo, hi in ((M, 0, M), (-1, -1, M - 1)):
+        ids = idx.clone()
+        ids[1, 0, 2, 1] = bad
+        ids[0, 0, 0, 0], ids[0, 0, 0, 1] = 0, M - 1
+        with pytest.raises(ValueError, match=rf'gather_dot: idx must lie in \[0, 6\] \(the 7 tokens of k\); '
+                                             rf'got ids from {lo} to {hi}'):
+            gather_dot(q, k, ids)
+        with pytest.raises(ValueError, match=rf'neighbor_aggregate: idx must lie in \[0, 6\] .*from {lo} to {hi}'):
+            neighbor_aggregate(v, ids, None, torch.ones(G, D, 3), True)
+    with pytest.raises(ValueError, match=r'idx \(2, 1, 5, 3\) must be \(B, G, N, K\) for k'):
+        gather_dot(q, k, idx[:, :1])
+    with pytest.raises(ValueError, match=r'scores shaped like idx'):
+        gather_dot(q, k, idx, scores=torch.zeros(B, G, N, 2))
+    with pytest.raises(TypeError, match='idx must be integer token ids; got torch.float32'):
+        gather_dot(q, k, idx.float())
+    with pytest.raises(ValueError, match=r'rho shaped like idx, got \(2, 2, 5, 2\)'):
+        neighbor_aggregate(v, idx, torch.ones(B, G, N, 2), torch.ones(G, D, 3), True)
+    with pytest.raises(ValueError, match=r'depthwise \(G, C, K\) weights .*; got \(2, 4, 2\)'):
+        neighbor_aggregate(v, idx, None, torch.ones(G, D, 2), True)
+    with pytest.raises(ValueError, match=r'standard \(G, Cout, C, K\) weights .*; got \(2, 6, 3, 3\)'):
+        neighbor_aggregate(v, idx, None, torch.ones(G, 6, 3, 3), False)
+    for K, exc in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(exc, match=r'num_neighbors \(K\) must be'):
+            select_neighbors(q, k, K)
+    with pytest.raises(ValueError, match=r'candidates must lie in \[0, 6\] \(the 7 tokens of ks\); got ids from 0 '
+                                         r'to 20'):
+        select_neighbors(q, k, 3, torch.tensor([0, 1, 20]), torch.arange(N))
+    with pytest.raises(ValueError, match=r'query_index must be \(5,\), one per query; got \(4,\)'):
+        select_neighbors(q, k, 3, torch.tensor([0, 1, 2]), torch.arange(4))
+    with pytest.raises(ValueError, match=r'takes qs \(B, G, N, D\) and ks \(B, G, M, D\); got \(2, 2, 5, 4\) and '
+                                         r'\(2, 2, 7, 3\)'):
+        select_neighbors(q, k[..., :3], 3)
+
+
+def test_conv_input_must_match_the_layer_dtype_and_device():
+    # as nn.Conv2d: the aggregation cast its weights to the input's dtype (integer input gave integer zeros) and a
+    # meta input on a CPU layer gave a CPU tensor of the bias
+    layer = ConvNN2d(3, 4, padding=1).eval()
+    with pytest.raises(TypeError, match='ConvNN2d expects floating-point input; got torch.int64'):
+        layer(torch.randint(0, 5, (1, 3, 6, 6)))
+    with pytest.raises(TypeError, match='input torch.float64 and weights torch.float32 should be the same dtype'):
+        layer(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match='input on meta, weights on cpu'):
+        layer(torch.randn(1, 3, 6, 6, device='meta'))
+    x = torch.randn(1, 3, 6, 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast decides the dtypes: accepted
+        assert layer(x.bfloat16()).shape == (1, 4, 6, 6)
+    assert layer.double()(x.double()).dtype == torch.float64
+
+
+def test_branch_stride_is_checked_without_a_convnn_path():
+    for ratio in (0.0, 0.5):
+        with pytest.raises(ValueError, match='stride must be >= 1; got 0'):
+            ConvNNBranch2d(3, 4, stride=0, branch_ratio=ratio)
+    with pytest.raises(TypeError, match='stride must be an int'):
+        ConvNNBranch2d(3, 4, stride=1.5, branch_ratio=0.0)
+
+
+@pytest.mark.parametrize('kwargs,exc,words', [
+    (dict(dim=-4), ValueError, 'dim must be >= 1; got -4'),
+    (dict(dim=0), ValueError, 'dim must be >= 1; got 0'),
+    (dict(dim=64.0), TypeError, 'dim must be an int >= 1; got float 64.0'),
+    (dict(dim=64, dim_out=-1), ValueError, 'dim_out must be >= 1; got -1'),
+    (dict(dim=64, dim_out=0), ValueError, 'dim_out must be >= 1; got 0'),
+])
+def test_attention_width_is_checked(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        ConvNNAttention(num_heads=4, **kwargs)
+
+
+def test_unknown_similarity_names_the_value():
+    from timm_convnn.layers import similarity_features
+    for bad in (None, 'l2'):
+        with pytest.raises(ValueError, match=f'similarity must be one of dot, cosine, euclidean; got {bad}'):
+            similarity_features(torch.randn(1, 2), torch.randn(1, 2), bad)
+
+
+def test_bad_backend_names_where_it_came_from():
+    import subprocess
+    import sys
+    from timm_convnn.layers import get_backend, set_backend
+    for bad, exc in (('cuda', ValueError), (None, TypeError), (1, TypeError)):
+        with pytest.raises(exc, match=r"one of auto, torch, triton; got .*(cuda|None|1)"):
+            set_backend(bad)
+    assert get_backend() in ('auto', 'torch', 'triton')  # (a refused name changes nothing)
+    # a bad TIMM_CONVNN_BACKEND fails at the first forward: the message says the variable set it
+    code = ('import torch, timm_convnn\n'
+            'try:\n    timm_convnn.ConvNNAttention(32, 4)(torch.randn(1, 5, 32))\n'
+            'except ValueError as e:\n    print(e)\n')
+    env = dict(__import__('os').environ, TIMM_CONVNN_BACKEND='bogus')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert "got 'bogus' (from the TIMM_CONVNN_BACKEND environment variable)" in out.stdout, out.stdout + out.stderr

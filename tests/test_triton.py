@@ -176,7 +176,7 @@ results = {}
 # interpreter's numpy dot against torch's matmul) can only flip gaps near fp32 rounding, so every comparison below
 # states a margin well above it: the fused and PyTorch paths must then keep the same neighbours in the same order.
 margins = []
-select = convnn_attention.select_scored_neighbors
+select = convnn_attention._select_scored
 
 def recording_select(qs, ks, k, candidates=None, query_index=None):
     top = select(qs.double(), ks.double(), k + 1, candidates, query_index)[1]
@@ -189,12 +189,12 @@ def margin_of(run):
     """run() on the PyTorch path -> its smallest selection margin."""
     set_backend('torch')
     del margins[:]
-    convnn_attention.select_scored_neighbors = convnn_conv2d.select_scored_neighbors = recording_select
+    convnn_attention._select_scored = convnn_conv2d._select_scored = recording_select
     try:
         with torch.no_grad():
             run()
     finally:
-        convnn_attention.select_scored_neighbors = convnn_conv2d.select_scored_neighbors = select
+        convnn_attention._select_scored = convnn_conv2d._select_scored = select
     return min(margins)
 
 def compare(name, make, x):
@@ -537,7 +537,7 @@ def nan_case(n, what, listed=None):
     out, idx, _ = triton_attention._convnn_attention(qs, ks, v, w, 9, cand)
     sel = triton_attention.fused_select(qs, ks, 9, cand, qid)[0]
     set_backend('torch')
-    ref = convnn_attention.select_scored_neighbors(qs, ks, 9, cand, qid)[0]
+    ref = convnn_attention._select_scored(qs, ks, 9, cand, qid)[0]
     set_backend('triton')
     r = dict(ids=bool(all(((i >= 0) & (i < n)).all() for i in (idx, sel))), nan=bool(out[0][bad].isnan().all()),
              rest=bool(out[0][~bad].isfinite().all()))

@@ -27,8 +27,8 @@ from timm.layers import Attention, register_notrace_module
 from . import triton_attention
 from .common import CandidateCache, NeighborAggregation, _check_int, check_convnn_args, refuse_fx_proxies
 from .functional import (
-    coordinate_grid, dot_scale, gather_dot, grid_candidates, random_candidates, select_scored_neighbors,
-    similarity_features, softmax_weights)
+    _gather_dot, _select_scored, coordinate_grid, dot_scale, grid_candidates, random_candidates, similarity_features,
+    softmax_weights)
 from .symbolic import size_free
 
 __all__ = ['ConvNNAttention', 'ConvNNBranchAttention', 'TokenGrid', 'record_token_grid']
@@ -128,6 +128,9 @@ class ConvNNAttention(nn.Module):
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords, neighbor_order,
             coord_scale, sample_seed)
         _check_int('num_prefix_tokens', num_prefix_tokens, 0)
+        _check_int('dim', dim, 1)
+        if dim_out is not None:
+            _check_int('dim_out', dim_out, 1)
         if grid_size is not None:
             if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
                     and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in grid_size)):
@@ -339,14 +342,14 @@ class ConvNNAttention(nn.Module):
                 return self._fused(q, k, v, cand)
         qs, ks = similarity_features(q, k, self.similarity)
         query_index = torch.arange(N, device=q.device) if cand is not None else None
-        idx, scores = select_scored_neighbors(qs, ks, self.num_neighbors, cand, query_index)
+        idx, scores = _select_scored(qs, ks, self.num_neighbors, cand, query_index)
         if self.neighbor_order == 'position':
             idx, order = idx.sort(dim=-1)
             scores = scores.gather(-1, order)
 
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = self.attn_drop(softmax_weights(gather_dot(qs, ks, idx, scores=scores)))
+            rho = self.attn_drop(softmax_weights(_gather_dot(qs, ks, idx, scores=scores)))
         return self.aggregate(v, idx, rho)
 
     @torch.jit.unused

@@ -22,17 +22,22 @@ __all__ = ['set_backend', 'get_backend', 'BACKENDS']
 
 BACKENDS = ('auto', 'torch', 'triton')
 _backend = [os.environ.get('TIMM_CONVNN_BACKEND', 'auto').strip().lower() or 'auto']
+_from_environment = [True]  # whether the value is the environment's (set_backend not called since)
 
 
-def _check(name: str) -> str:
+def _check(name: str, source: str = '') -> str:
     if name not in BACKENDS:
-        raise ValueError(f'ConvNN backend must be one of {", ".join(BACKENDS)}; got {name!r}')
+        raise ValueError(f'ConvNN backend must be one of {", ".join(BACKENDS)}; got {name!r}{source}')
     return name
 
 
 def set_backend(name: str) -> None:
-    _backend[0] = _check(str(name).strip().lower())
+    if not isinstance(name, str):
+        raise TypeError(f'set_backend takes one of {", ".join(BACKENDS)}; got {type(name).__name__} {name!r}')
+    _backend[0] = _check(name.strip().lower())
+    _from_environment[0] = False
 
 
 def get_backend() -> str:
-    return _check(_backend[0])
+    source = ' (from the TIMM_CONVNN_BACKEND environment variable)' if _from_environment[0] else ''
+    return _check(_backend[0], source)

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .functional import neighbor_aggregate
+from .functional import _check_int, _neighbor_aggregate
 from .symbolic import capturing
 
 __all__ = ['CANDIDATE_MODES', 'SIMILARITIES', 'WEIGHTINGS', 'AGGREGATIONS', 'COORD_MODES', 'NEIGHBOR_ORDERS',
@@ -23,15 +23,6 @@ NEIGHBOR_ORDERS = ('rank', 'position')
 def _check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f'{name} must be one of {", ".join(repr(c) for c in choices)}; got {value!r}')
-
-
-def _check_int(name: str, value, minimum: Optional[int]) -> None:
-    """``value`` is an int (not a bool) of at least ``minimum`` (None: any int)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        bound = '' if minimum is None else f' >= {minimum}'
-        raise TypeError(f'{name} must be an int{bound}; got {type(value).__name__} {value!r}')
-    if minimum is not None and value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}; got {value}')
 
 
 def check_convnn_args(
@@ -188,7 +179,7 @@ class NeighborAggregation(nn.Module):
         else:
             weight = self.weight.view(
                 g, self.out_channels // g, self.in_channels // g, self.num_neighbors)[:, :, :, :k_eff]
-        out = neighbor_aggregate(v, idx, rho, weight, self.depthwise)
+        out = _neighbor_aggregate(v, idx, rho, weight, self.depthwise)
         if self.bias is not None:
             out = out + self.bias.view(g, 1, self.out_channels // g).to(out.dtype)
         return out

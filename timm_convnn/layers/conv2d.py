@@ -8,8 +8,8 @@ from timm.layers import register_notrace_module
 
 from .common import CandidateCache, NeighborAggregation, check_convnn_args, _check_int, refuse_fx_proxies
 from .functional import (
-    coordinate_grid, gather_dot, grid_candidates, random_candidates, raster_ids, select_scored_neighbors,
-    similarity_features, softmax_weights, split_raster)
+    _gather_dot, _select_scored, coordinate_grid, grid_candidates, random_candidates, raster_ids, similarity_features,
+    softmax_weights, split_raster)
 from .func_support import transforms_active
 from .symbolic import size_free
 
@@ -119,12 +119,18 @@ class ConvNN2d(nn.Module):
         order make the aggregation the conv itself. Supports square odd kernels k in (1, 3, 5) (for larger k the
         k x k window is not a euclidean ball), padding k // 2 with zeros, no dilation or groups.
         """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f'from_conv2d takes an nn.Conv2d; got {type(conv).__name__}')
+        if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+            raise ValueError('from_conv2d needs an initialised conv: run a forward through the LazyConv2d first')
         k = conv.kernel_size[0]
         if conv.kernel_size != (k, k) or k not in (1, 3, 5):
             raise ValueError(f'from_conv2d supports square kernels 1, 3 or 5; got kernel_size={conv.kernel_size}')
-        if conv.padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1:
+        # (padding='same' is k // 2 on every side for odd k; nn.Conv2d allows it at stride 1 only)
+        padding = (k // 2, k // 2) if conv.padding == 'same' else conv.padding
+        if padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1:
             raise ValueError(
-                f'from_conv2d needs padding={k // 2}, dilation=1, groups=1; got padding={conv.padding}, '
+                f'from_conv2d needs padding={k // 2}, dilation=1, groups=1; got padding={conv.padding!r}, '
                 f'dilation={conv.dilation}, groups={conv.groups}')
         if conv.stride[0] != conv.stride[1]:
             raise ValueError(f'from_conv2d needs equal strides; got stride={conv.stride}')
@@ -181,9 +187,24 @@ class ConvNN2d(nn.Module):
             return False
         return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
+    @torch.jit.unused
+    def _check_operand(self, x: torch.Tensor) -> None:
+        """x has the layer's device, and its dtype unless autocast decides the dtypes, as ``nn.Conv2d`` requires (the
+        aggregation casts its weights to the values' dtype: an integer input gave integer zeros, a meta input on a
+        CPU layer a CPU tensor of the bias)."""
+        weight = self.aggregate.weight
+        if x.device != weight.device:
+            raise ValueError(f'ConvNN2d: input on {x.device}, weights on {weight.device}; move one of them')
+        if not x.is_floating_point():
+            raise TypeError(f'ConvNN2d expects floating-point input; got {x.dtype}')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f'ConvNN2d: input {x.dtype} and weights {weight.dtype} should be the same dtype (as '
+                            f'nn.Conv2d requires), or run under torch.autocast')
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self._refuse_fx(x)
+            self._check_operand(x)
         if x.dim() != 4:
             raise ValueError('ConvNN2d expects (B, C, H, W) input, got a ' + str(x.dim()) + '-D tensor')
         B, C, H, W = x.shape
@@ -212,14 +233,14 @@ class ConvNN2d(nn.Module):
         qs, ks = similarity_features(feat.index_select(2, query_index), feat, self.similarity)
 
         cand = self._candidate_ids(H, W, x.device)
-        idx, scores = select_scored_neighbors(
+        idx, scores = _select_scored(
             qs, ks, self.num_neighbors, cand, query_index if cand is not None else None)
         if self.neighbor_order == 'position':
             idx, order = idx.sort(dim=-1)
             scores = scores.gather(-1, order)
         rho: Optional[torch.Tensor] = None
         if self.weighting == 'softmax':
-            rho = softmax_weights(gather_dot(qs, ks, idx, scores=scores))
+            rho = softmax_weights(_gather_dot(qs, ks, idx, scores=scores))
         out = self.aggregate(tokens, idx, rho)  # (B, 1, Nq, out)
         out = out.view(B, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (channels-last strides)
         if channels_last:
@@ -281,6 +302,7 @@ class ConvNNBranch2d(nn.Module):
         _check_int('in_channels', in_channels, 1)
         _check_int('out_channels', out_channels, 1)
         _check_int('dilation', dilation, 1)
+        _check_int('stride', stride, 1)
         # (checked here too: without ConvNN channels, at lambda 0 or one that rounds to none, no ConvNN2d is built)
         check_convnn_args(
             num_neighbors, candidates, num_samples, similarity, weighting, aggregation, coords,

@@ -73,7 +73,85 @@ def similarity_features(
         qs = torch.cat([2. * q, -q2, -torch.ones_like(q2)], dim=-1)
         ks = torch.cat([k, torch.ones_like(k2), k2], dim=-1)
         return qs, ks
-    raise ValueError('similarity must be one of dot, cosine, euclidean, got ' + similarity)
+    raise ValueError('similarity must be one of dot, cosine, euclidean; got ' + str(similarity))
+
+
+def _check_int(name: str, value, minimum: Optional[int]) -> None:
+    """``value`` is an int (not a bool) of at least ``minimum`` (None: any int)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        bound = '' if minimum is None else f' >= {minimum}'
+        raise TypeError(f'{name} must be an int{bound}; got {type(value).__name__} {value!r}')
+    if minimum is not None and value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}; got {value}')
+
+
+@torch.jit.unused
+def _check_ids(fn: str, what: str, ids: torch.Tensor, num_tokens: int, table: str) -> None:
+    """``ids`` are integer token ids into the ``num_tokens`` tokens of ``table``. The values are read (one host
+    synchronisation on CUDA) except where they cannot be: while a graph is captured, under torch.func transforms, on
+    the meta device."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f'{fn}: {what} must be integer token ids; got {ids.dtype}')
+    if ids.numel() == 0 or ids.is_meta or capturing() or transforms_active():
+        return
+    lo, hi = (int(t) for t in ids.aminmax())
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f'{fn}: {what} must lie in [0, {num_tokens - 1}] (the {num_tokens} tokens of {table}); got '
+                         f'ids from {lo} to {hi}')
+
+
+@torch.jit.unused
+def _check_pairs(fn: str, idx: torch.Tensor, table: torch.Tensor, table_name: str,
+                 queries: Optional[torch.Tensor] = None, rho: Optional[torch.Tensor] = None) -> None:
+    """idx (B, G, N, K) token ids into ``table`` (B, G, M, C), for ``queries`` (B, G, N, D) and weights ``rho``
+    shaped like idx where given. (Not while a graph is captured: symbolic sizes, checked by the capture.)"""
+    if capturing():
+        return
+    if idx.dim() != 4 or table.dim() != 4 or (queries is not None and queries.dim() != 4):
+        raise ValueError(f'{fn} takes 4-D (B, G, tokens, channels) features and (B, G, N, K) ids; got idx '
+                         f'{tuple(idx.shape)}, {table_name} {tuple(table.shape)}'
+                         + (f', q {tuple(queries.shape)}' if queries is not None else ''))
+    if (table.shape[:2] != idx.shape[:2] or (queries is not None and queries.shape[:3] != idx.shape[:3])
+            or (rho is not None and rho.shape != idx.shape)):
+        raise ValueError(f'{fn}: idx {tuple(idx.shape)} must be (B, G, N, K) for {table_name} (B, G, M, C) '
+                         f'{tuple(table.shape)}' + (f' and q (B, G, N, D) {tuple(queries.shape)}' if queries is not None
+                                                    else '') + (f', rho shaped like idx, got {tuple(rho.shape)}'
+                                                                if rho is not None else ''))
+    _check_ids(fn, 'idx', idx, table.shape[2], table_name)
+
+
+@torch.jit.unused
+def _check_aggregation(v: torch.Tensor, idx: torch.Tensor, rho: Optional[torch.Tensor], weight: torch.Tensor,
+                       depthwise: bool) -> None:
+    """``neighbor_aggregate``'s arguments."""
+    _check_pairs('neighbor_aggregate', idx, v, 'v', rho=rho)
+    if capturing():
+        return
+    G, C, K = v.shape[1], v.shape[3], idx.shape[3]
+    want = (G, C, K) if depthwise else (G, weight.shape[1] if weight.dim() == 4 else -1, C, K)
+    if tuple(weight.shape) != want:
+        layout = 'depthwise (G, C, K)' if depthwise else 'standard (G, Cout, C, K)'
+        raise ValueError(f'neighbor_aggregate takes {layout} weights for v {tuple(v.shape)} and idx '
+                         f'{tuple(idx.shape)}; got {tuple(weight.shape)}')
+
+
+@torch.jit.unused
+def _check_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, candidates: Optional[torch.Tensor],
+                     query_index: Optional[torch.Tensor]) -> None:
+    """``select_scored_neighbors``'s arguments (see ``select_neighbors``)."""
+    _check_int('num_neighbors (K)', num_neighbors, 1)
+    if capturing():
+        return
+    if qs.dim() != 4 or ks.dim() != 4 or qs.shape[:2] != ks.shape[:2] or qs.shape[3] != ks.shape[3]:
+        raise ValueError(f'select_neighbors takes qs (B, G, N, D) and ks (B, G, M, D); got {tuple(qs.shape)} and '
+                         f'{tuple(ks.shape)}')
+    for what, ids, length in (('candidates', candidates, None), ('query_index', query_index, qs.shape[2])):
+        if ids is None:
+            continue
+        if ids.dim() != 1 or (length is not None and ids.shape[0] != length):
+            want = f'({length},), one per query' if length is not None else '(r,)'
+            raise ValueError(f'select_neighbors: {what} must be {want}; got {tuple(ids.shape)}')
+        _check_ids('select_neighbors', what, ids, ks.shape[2], 'ks')
 
 
 def select_neighbors(
@@ -100,6 +178,9 @@ def select_neighbors(
 
     Returns:
         (B, G, N, K_eff) int64 token ids, best first.
+
+    Raises ValueError / TypeError for K < 1, features whose shapes do not pair up, and candidate or query ids outside
+    the M tokens (checked values: on CUDA one host synchronisation; the layers call the unchecked selection).
     """
     return select_scored_neighbors(qs, ks, num_neighbors, candidates, query_index, budget_bytes)[0]
 
@@ -116,7 +197,22 @@ def select_scored_neighbors(
     each; ``gather_dot(..., scores=...)`` turns them into differentiable scores without recomputing them.
 
     On CUDA the selection runs one fused Triton kernel (``triton_attention.fused_select``: no score matrix, no
-    ``torch.topk``; ties to the smallest token id) where the backend allows it (``timm_convnn.layers.backend``)."""
+    ``torch.topk``; ties to the smallest token id) where the backend allows it (``timm_convnn.layers.backend``).
+    Checks its arguments as ``select_neighbors`` does."""
+    if not torch.jit.is_scripting():
+        _check_selection(qs, ks, num_neighbors, candidates, query_index)
+    return _select_scored(qs, ks, num_neighbors, candidates, query_index, budget_bytes)
+
+
+def _select_scored(
+        qs: torch.Tensor,
+        ks: torch.Tensor,
+        num_neighbors: int,
+        candidates: Optional[torch.Tensor] = None,
+        query_index: Optional[torch.Tensor] = None,
+        budget_bytes: int = 8 * 1024 * 1024,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``select_scored_neighbors`` without the argument checks: the layers' selection, whose arguments they make."""
     if candidates is not None and query_index is None:
         raise ValueError('select_neighbors: query_index is required with a candidate list')
     if not torch.jit.is_scripting():
@@ -288,7 +384,7 @@ def _slot_chunk(idx: torch.Tensor, channels: int, budget_bytes: int) -> int:
     the budget. While capturing a graph the budget holds per sample (see ``_capturing``)."""
     if size_free(idx.shape[2]):
         return 1
-    rows = idx.shape[1] * idx.shape[2] if _capturing() else idx[..., 0].numel()  # (per sample: G * N)
+    rows = idx.shape[1] * idx.shape[2] * (1 if _capturing() else idx.shape[0])  # (B * G * N; per sample: G * N)
     return max(1, min(idx.shape[-1], budget_bytes // max(1, rows * channels * 4)))
 
 
@@ -305,6 +401,8 @@ def _gather_dot_eager(
     cols: List[torch.Tensor] = []
     for s in range(0, K, step):
         cols.append((q.unsqueeze(-2) * _gather_rows(table, idx[..., s:s + step], M)).sum(-1))
+    if len(cols) == 0:  # K = 0: no tokens to select
+        return q.new_zeros(idx.shape)
     return cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
 
 
@@ -481,7 +579,28 @@ def gather_dot(
 
     ``scores``: the selection's own values of these pairs (``select_scored_neighbors``); they are returned (as
     differentiable scores) instead of being recomputed. TorchScript always recomputes.
+
+    Raises ValueError / TypeError where the shapes do not pair up or an id lies outside the M tokens (a wrong id
+    would read another sample's or head's row; checked values: on CUDA one host synchronisation, and the layers call
+    the unchecked ``_gather_dot``).
     """
+    if not torch.jit.is_scripting():
+        _check_pairs('gather_dot', idx, k, 'k', queries=q)
+        if q.shape[-1] != k.shape[-1] or (scores is not None and scores.shape != idx.shape):
+            raise ValueError(f'gather_dot takes q (B, G, N, D), k (B, G, M, D) and scores shaped like idx; got q '
+                             f'{tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}'
+                             + (f', scores {tuple(scores.shape)}' if scores is not None else ''))
+    return _gather_dot(q, k, idx, budget_bytes, scores)
+
+
+def _gather_dot(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        idx: torch.Tensor,
+        budget_bytes: int = 1024 * 1024,
+        scores: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``gather_dot`` without the argument checks (the layers' call)."""
     if torch.jit.is_scripting():
         return _gather_dot_eager(q, k, idx, budget_bytes)
     _refuse_torchscript_onnx_export()
@@ -513,7 +632,8 @@ def _aggregate_eager(
     K = idx.shape[3]
     table = v.reshape(B * G * M, C)
     step = _slot_chunk(idx, C, budget_bytes)
-    out = torch.zeros(0, device=v.device, dtype=v.dtype)
+    # (the sum of no slots, K = 0 where there are no tokens to select: zeros of the output's shape)
+    out = v.new_zeros(B, G, idx.shape[2], C if depthwise else weight.shape[1])
     for s in range(0, K, step):
         e = min(K, s + step)
         g = _gather_rows(table, idx[..., s:e], M)  # (B, G, N, ks, C)
@@ -702,7 +822,24 @@ def neighbor_aggregate(
     Returns:
         (B, G, N, C) for depthwise, (B, G, N, Cout) for standard; dtype of ``v``, or under autocast for the standard
         aggregation (a matrix product, like the convolution it replaces) autocast's dtype.
+
+    Raises ValueError / TypeError where the shapes do not pair up or an id lies outside the M tokens (checked values:
+    on CUDA one host synchronisation; ``NeighborAggregation`` and the layers call the unchecked aggregation).
     """
+    if not torch.jit.is_scripting():
+        _check_aggregation(v, idx, rho, weight, depthwise)
+    return _neighbor_aggregate(v, idx, rho, weight, depthwise, budget_bytes)
+
+
+def _neighbor_aggregate(
+        v: torch.Tensor,
+        idx: torch.Tensor,
+        rho: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        depthwise: bool,
+        budget_bytes: int = 1024 * 1024,
+) -> torch.Tensor:
+    """``neighbor_aggregate`` without the argument checks (``NeighborAggregation``'s call)."""
     if not torch.jit.is_scripting():
         v = _autocast_operand(v, depthwise)
     if size_free(v.shape[2]):  # token id M: the empty slots' zero row (see _empty_slots)
