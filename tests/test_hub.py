@@ -279,6 +279,22 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
     with pytest.raises(RuntimeError, match=r'org/truncated \(file model.safetensors\).*truncated or corrupt'):
         timm.create_model('hf-hub:org/truncated', pretrained=True)
 
+    # local .pth files that torch.load cannot read, or that hold no state dict: what is wrong with the file, not
+    # torch's advice to retry with weights_only=False (wrong for a damaged file)
+    state = timm.create_model('vit_tiny_convnn_all', **kw).state_dict()
+    torch.save(state, tmp_path / 'whole.pth')
+    whole = (tmp_path / 'whole.pth').read_bytes()
+    torch.save([1, 2], tmp_path / 'list.pth')
+    for name, data, why in (('garbage', b'garbage' * 100, 'readable torch checkpoint'), ('empty', b'', 'EOFError'),
+                            ('cut', whole[:len(whole) // 2], 'PytorchStreamReader failed'),
+                            ('list', None, 'does not hold a state dict')):
+        if data is not None:
+            (tmp_path / f'{name}.pth').write_bytes(data)
+        with pytest.raises(RuntimeError, match=rf'from {tmp_path}/{name}.pth: .*{why}') as info:
+            timm.create_model('vit_tiny_convnn_all', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / f'{name}.pth')), **kw)
+        assert 'weights_only=False' not in str(info.value)
+
     # a checkpoint with another K: shape mismatch, nothing half-loaded
     cache.add_folder('org/k16', good)
     with pytest.raises(RuntimeError, match=r'org/k16.*does not match .*num_neighbors'):
@@ -582,6 +598,24 @@ def test_train_summary_of_a_resumed_run(tmp_path):
     assert hub.read_train_summary(tmp_path / 'summary.csv') == dict(
         epochs=4, best_epoch=best[0], best_top1=best[3], best_top5=best[4], last_top1=resumed[-1][3],
         last_top5=resumed[-1][4], last_eval_loss=resumed[-1][2])
+
+
+def test_bad_train_records_name_what_is_wrong(tmp_path):
+    with open(tmp_path / 'summary.csv', 'w', newline='') as f:
+        csv.writer(f).writerows([['epoch', 'eval_loss', 'eval_top1', 'eval_top5'], [0, 1.0, 50.0, 90.0],
+                                 [1, 0.9, 'abc', 91.0]])
+    with pytest.raises(ValueError, match=r"summary.csv: column eval_top1 of the row of epoch '1' is not a number: "
+                                         r"'abc'"):
+        hub.read_train_summary(tmp_path / 'summary.csv')
+    with pytest.raises(ValueError, match=r"model_kwargs must be a dict .*; got str 'img_size=32'"):
+        hub.train_model_kwargs(dict(model_kwargs='img_size=32'))
+    # hub.save writes ConvNN models only (a ConvNN model card, ConvNN options)
+    with pytest.raises(ValueError, match='ResNet has no ConvNN layer: save timm.s own models with'):
+        hub.save(timm.create_model('resnet18', num_classes=3), tmp_path / 'plain')
+    assert not (tmp_path / 'plain').exists()
+    # (a branch model whose lambda leaves no ConvNN channel is still a ConvNN model)
+    assert (hub.save(timm.create_model('resnet18_convnn_branch', branch_ratio=0.0, num_classes=3), tmp_path / 'b0')
+            / 'config.json').is_file()
 
 
 @pytest.mark.parametrize('args, expect', [

@@ -77,13 +77,20 @@ def read_train_summary(path: Union[str, Path]) -> Dict[str, Any]:
         raise ValueError(f'{path}: no epochs in train.py summary')
     if 'eval_top1' not in rows[0]:
         raise ValueError(f'{path}: not a timm train.py summary.csv (no eval_top1 column)')
-    best = max(rows, key=lambda r: float(r['eval_top1']))
+    def number(row: Dict[str, str], column: str, kind=float):
+        try:
+            return kind(row[column])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f'{path}: column {column} of the row of epoch {row.get("epoch")!r} is not a number: '
+                             f'{row.get(column)!r}') from None
+
+    best = max(rows, key=lambda r: number(r, 'eval_top1'))
     last = rows[-1]
     return dict(
         epochs=len(rows),
-        best_epoch=int(best['epoch']), best_top1=float(best['eval_top1']), best_top5=float(best['eval_top5']),
-        last_top1=float(last['eval_top1']), last_top5=float(last['eval_top5']),
-        last_eval_loss=float(last['eval_loss']),
+        best_epoch=number(best, 'epoch', int), best_top1=number(best, 'eval_top1'),
+        best_top5=number(best, 'eval_top5'), last_top1=number(last, 'eval_top1'), last_top5=number(last, 'eval_top5'),
+        last_eval_loss=number(last, 'eval_loss'),
     )
 
 
@@ -170,6 +177,10 @@ def save(
     ``data_config``: the preprocessing the weights were trained / evaluated with (input size, mean, std, crop, ...;
     timm's ``save_for_hf``), which ``config.json`` then records instead of the architecture's defaults."""
     model = _unwrap(model)
+    if not any(isinstance(m, (ConvNNAttention, ConvNN2d, ConvNNBranchAttention, ConvNNBranch2d))
+               for m in model.modules()):
+        raise ValueError(f'hub.save writes ConvNN models (a ConvNN model card and options); {type(model).__name__} '
+                         f'has no ConvNN layer: save timm\'s own models with timm.models.save_for_hf')
     save_directory = Path(save_directory)
     args = convnn_model_args(model)
     args.update(model_args or {})
@@ -230,9 +241,15 @@ def is_unreadable_checkpoint(e: BaseException) -> bool:
 
 
 def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueError:
-    """One line for a checkpoint file that torch.load could not read. torch's weights-only message leads with advice
-    (retry with weights_only=False) that is wrong for a damaged file; the unpickler's own reason ends it (timm raises
-    its own message with torch's as the cause)."""
+    """One line for a checkpoint file that torch.load could not read (``unreadable_reason``)."""
+    return ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
+                      f'than tensors and train.py arguments): {unreadable_reason(e)}')
+
+
+def unreadable_reason(e: BaseException) -> str:
+    """Why torch.load could not read a file, in one line. torch's weights-only message leads with advice (retry with
+    weights_only=False) that is wrong for a damaged file; the unpickler's own reason ends it (timm raises its own
+    message with torch's as the cause)."""
     for err in (e, e.__cause__):
         if err is not None and 'WeightsUnpickler error:' in str(err):
             reason = str(err).split('WeightsUnpickler error:')[-1].strip()
@@ -240,9 +257,7 @@ def unreadable_checkpoint(path: Union[str, Path], e: BaseException) -> ValueErro
     else:
         # (what else torch.load raises on bytes that are not its format names no file: KeyError: 174812789)
         reason = f'{type(e).__name__}: {str(e).strip()}' if str(e).strip() else ''
-    reason = reason.splitlines()[0] if reason else type(e).__name__
-    return ValueError(f'{path} is not a readable torch checkpoint (truncated or corrupt, or it holds objects other '
-                      f'than tensors and train.py arguments): {reason}')
+    return reason.splitlines()[0] if reason else type(e).__name__
 
 
 def load_train_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor], Dict]:
@@ -331,7 +346,11 @@ def train_model_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
         bn_eps=args.get('bn_eps'),
     )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    kwargs.update(args.get('model_kwargs') or {})
+    extra = args.get('model_kwargs') or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"the run's model_kwargs must be a dict of create_model arguments (train.py's --model-kwargs);"
+                         f' got {type(extra).__name__} {extra!r}')
+    kwargs.update(extra)
     return kwargs
 
 

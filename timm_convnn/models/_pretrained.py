@@ -84,6 +84,11 @@ def _cached_files(repo_id: str):
     return []
 
 
+def _unreadable(e: BaseException) -> bool:
+    from ..hub import is_unreadable_checkpoint  # (hub imports the models package)
+    return is_unreadable_checkpoint(e) or (e.__cause__ is not None and is_unreadable_checkpoint(e.__cause__))
+
+
 def _is_loading_error(e: Exception) -> bool:
     """An error of finding or reading the weights, even where it is also a ValueError (huggingface_hub < 1.0 derives
     LocalEntryNotFoundError, raised offline for a file not in the cache, from ValueError and FileNotFoundError)."""
@@ -138,6 +143,11 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
             why = 'the weights file is missing (expected model.safetensors or pytorch_model.bin)'
         elif isinstance(e, FileNotFoundError) and cfg.get('file'):  # (timm raises it without a message)
             why = 'no such file'
+        elif _unreadable(e):  # (torch's own words would advise weights_only=False, wrong for a damaged file)
+            from ..hub import unreadable_reason
+            why = f'the file is not a readable torch checkpoint (truncated or corrupt): {unreadable_reason(e)}'
+        elif isinstance(e, AttributeError) and "has no attribute 'items'" in text:
+            why = 'the file does not hold a state dict (tensors by name) but another object'
         else:
             why = text  # unforeseen: the loader's own words
         error = PretrainedWeightsNotFoundError if isinstance(e, FileNotFoundError) else PretrainedWeightsError
