@@ -142,6 +142,8 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     (['--neighbors', '0'], '--neighbors must be >= 1; got 0'),
     (['--iters', '0'], '--iters must be >= 1; got 0'),
     (['--modes', 'grid'], "--modes takes all, random, spatial; got 'grid'"),
+    (['--modes', 'all', 'random', '--neighbors', '9', '16', '--num-samples', '12'],
+     '--num-samples r must be >= every K of --neighbors for --modes random; got r=12, K=16'),
     (['--kernel-config', 'fwd_blockm=32'],
      "--kernel-config takes KEY=VALUE items with KEY one of fwd_block_m, fwd_warps"),
     (['--kernel-config', 'fwd_block_m'], "got 'fwd_block_m'"),
@@ -153,7 +155,10 @@ def test_bench_cli_rejects_bad_options(tmp_path, capsys, args, message):
     argv = ['bench', '--device', 'cpu', '--out', str(tmp_path / 'b')]
     argv += args if '--models' in args else ['--ops'] + args
     assert cli_main(argv) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err
+    # before anything is timed or written
+    assert 'ms' not in captured.out and not (tmp_path / 'b' / 'results.json').exists(), captured.out
 
 
 def _run_benchmark_script(tmp_path, script: str, argv: list, before: str = '', context: str = '',

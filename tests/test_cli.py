@@ -140,6 +140,16 @@ def test_neighbors_model_kwargs_the_model_does_not_take(tmp_path, capsys):
     assert not (tmp_path / 'x.png').exists()
 
 
+def test_neighbors_out_is_checked_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli, '_create_model', lambda *a, **k: ran.append(1))
+    for out, message in ((tmp_path / 'x.txt', "unknown image file extension '.txt'"),
+                         (tmp_path / 'nowhere' / 'x.png', f'no folder {tmp_path / "nowhere"}')):
+        assert cli.main(['neighbors', 'resnet18_convnn', '--img-size', '32', '--out', str(out)]) == 2
+        assert message in _one_line_error(capsys, 'neighbors')
+    assert not ran
+
+
 def test_files_that_are_not_checkpoints_are_one_line_errors(tmp_path, capsys):
     import torch
     (tmp_path / 'junk.pth').write_bytes(b'junk\n')  # torch's weights-only unpickler: KeyError

@@ -616,6 +616,11 @@ def _check_args(args: argparse.Namespace) -> None:
     bad_modes = [m for m in args.modes if m not in CANDIDATE_MODES]
     if bad_modes:
         raise ValueError(f'--modes takes {", ".join(CANDIDATE_MODES)}; got {bad_modes[0]!r}')
+    sampled = [m for m in args.modes if m != 'all']
+    if (args.ops or not args.models) and sampled and args.num_samples < max(args.neighbors):
+        raise ValueError(f'--num-samples r must be >= every K of --neighbors for --modes {" ".join(sampled)}; got '
+                         f'r={args.num_samples}, K={max(args.neighbors)}')
+    _op_batches(args.op_batches)
     for pair in args.pairs or []:
         names = pair.split(':')
         if len(names) != 2:
@@ -632,6 +637,17 @@ def _check_args(args: argparse.Namespace) -> None:
                 timm.create_model(name, num_classes=1000, device='meta', **kwargs)
             except TypeError as e:
                 raise ValueError(f'--model-kwargs: {name} does not take {kwargs}: {e}') from e
+
+
+def _op_batches(items: Sequence[str]) -> Dict[int, int]:
+    """``--op-batches N:B`` items -> {tokens: batch}."""
+    batches = {}
+    for item in items:
+        n, _, b = item.partition(':')
+        if not (n.isdigit() and b.isdigit() and int(b) > 0):
+            raise ValueError(f'--op-batches takes N:B with positive integers; got {item!r}')
+        batches[int(n)] = int(b)
+    return batches
 
 
 def _model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -704,12 +720,7 @@ def _run(args: argparse.Namespace, kernel_config: Dict[str, Any], log: Callable[
     if args.ops or both:
         log('operator level (ConvNN core vs SDPA vs paper-style):')
         result['ops'] = []
-        batches = dict(DEFAULT_BATCH)
-        for item in args.op_batches:
-            n, _, b = item.partition(':')
-            if not (n.isdigit() and b.isdigit() and int(b) > 0):
-                raise ValueError(f'--op-batches takes N:B with positive integers; got {item!r}')
-            batches[int(n)] = int(b)
+        batches = {**DEFAULT_BATCH, **_op_batches(args.op_batches)}
         op_benchmark(device, args.tokens, args.neighbors, args.modes, args.heads, args.head_dim, args.num_samples,
                      batch=batches, amp=args.amp, memory_cap_bytes=args.memory_cap_mib << 20, warmup=warmup,
                      iters=iters, backends=args.backends, log=progress, rows=result['ops'])

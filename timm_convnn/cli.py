@@ -133,6 +133,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_image_out(path: str, image_module) -> None:
+    """--out names an image file PIL writes, in an existing folder (found before the model runs, not after)."""
+    out = Path(path)
+    image_module.init()
+    if out.suffix.lower() not in image_module.registered_extensions():
+        raise ValueError(f'--out {path}: unknown image file extension {out.suffix!r} (e.g. .png, .jpg)')
+    if not out.parent.is_dir():
+        raise ValueError(f'--out {path}: no folder {out.parent}')
+
+
 def _parse_query(text: str):
     x, sep, y = text.partition(',')
     try:
@@ -189,6 +199,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     if args.pretrained and args.checkpoint:
         raise ValueError('use --pretrained or --checkpoint, not both')
     query = _parse_query(args.query) if args.query else None
+    _check_image_out(args.out, Image)
     kwargs = dict(args.model_kwargs or [])
     if args.checkpoint:
         require_checkpoint_file(args.checkpoint)
