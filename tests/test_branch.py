@@ -36,6 +36,8 @@ def test_lambda_one_is_convnn_plus_fuse():
 
 @pytest.mark.parametrize('ratio,expect', [(0.5, (32, 32)), (0.125, (8, 56)), (0.25, (16, 48)), (0.3, (19, 45))])
 def test_channel_split(ratio, expect):
+    # round(lambda * out): 0.3 * 32 = 9.6 -> 10 (where floor would give 9)
+    assert ConvNNBranch2d(16, 32, branch_ratio=0.3).convnn_channels == 10
     m = ConvNNBranch2d(16, 64, branch_ratio=ratio)
     assert (m.convnn_channels, m.conv_channels) == expect
     assert m.convnn.out_channels == expect[0] and m.conv.out_channels == expect[1]

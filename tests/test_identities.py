@@ -7,23 +7,26 @@ from timm.layers import Attention
 from timm_convnn import ConvNN2d, ConvNNAttention, conv2d_weight_to_convnn
 
 
-def _attention_pair(dim, heads, **attn_kwargs):
+def _attention_pair(dim, heads, aggregation='depthwise', **attn_kwargs):
     attn = Attention(dim, num_heads=heads, **attn_kwargs).eval()
     convnn = ConvNNAttention(
         dim, num_heads=heads, num_neighbors=100000, candidates='all', similarity='dot', weighting='softmax',
-        aggregation='depthwise', **attn_kwargs).eval()
+        aggregation=aggregation, **attn_kwargs).eval()
     result = convnn.load_state_dict(attn.state_dict(), strict=False)
     assert result.missing_keys == ['aggregate.weight'] and not result.unexpected_keys
-    assert torch.all(convnn.aggregate.weight == 1)
+    if aggregation == 'depthwise':
+        assert torch.all(convnn.aggregate.weight == 1)
     return attn, convnn
 
 
-@pytest.mark.parametrize('batch,tokens,dim,heads', [
-    (1, 1, 8, 1), (2, 17, 32, 1), (2, 50, 64, 4), (3, 197, 96, 3), (2, 64, 192, 12),
+@pytest.mark.parametrize('batch,tokens,dim,heads,aggregation', [
+    (1, 1, 8, 1, 'depthwise'), (2, 17, 32, 1, 'depthwise'), (2, 50, 64, 4, 'depthwise'), (3, 197, 96, 3, 'depthwise'),
+    (2, 64, 192, 12, 'depthwise'), (2, 17, 32, 2, 'standard'), (2, 50, 64, 4, 'standard'),
 ])
-def test_attention_identity(batch, tokens, dim, heads):
-    # K >= n (clamped to n), dot similarity, softmax, unit depthwise weights: exactly timm's multi-head attention
-    attn, convnn = _attention_pair(dim, heads, qkv_bias=True)
+def test_attention_identity(batch, tokens, dim, heads, aggregation):
+    # K >= n (clamped to n), dot similarity, softmax, unit depthwise weights: exactly timm's multi-head attention;
+    # so is the standard (full Conv1d) aggregation at its unit init, identity channel maps in every slot
+    attn, convnn = _attention_pair(dim, heads, aggregation, qkv_bias=True)
     for p in attn.parameters():  # non-trivial weights and biases, variance-preserving scale (outputs of order 1)
         nn.init.normal_(p, std=dim ** -0.5)
     convnn.load_state_dict(attn.state_dict(), strict=False)

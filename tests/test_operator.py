@@ -33,6 +33,21 @@ def test_gather_dot_gradcheck(budget):
 
 
 @pytest.mark.parametrize('tokens', [7, 300])  # M <= 16 K: dense backward; M > 16 K: gather / scatter backward
+def test_gather_dot_gradient_of_one_operand(tokens):
+    # only q or only k requiring a gradient: that one gets it (the layers always need both; the function is public)
+    B, G, N, D, K = 2, 2, 5, 3, 5
+    q0, k0 = torch.randn(B, G, N, D, dtype=torch.float64), torch.randn(B, G, tokens, D, dtype=torch.float64)
+    idx = _rand_idx(B, G, N, tokens, K)
+    g = torch.randn(B, G, N, K, dtype=torch.float64)
+    ref_q, ref_k = torch.autograd.grad(FN._gather_dot_eager(q0.requires_grad_(), k0.requires_grad_(), idx), (q0, k0), g)
+    for which in ('q', 'k'):
+        q, k = q0.detach().requires_grad_(which == 'q'), k0.detach().requires_grad_(which == 'k')
+        FN.gather_dot(q, k, idx, 64).backward(g)
+        assert (q.grad is None) == (which == 'k') and (k.grad is None) == (which == 'q')
+        torch.testing.assert_close(q.grad if which == 'q' else k.grad, ref_q if which == 'q' else ref_k)
+
+
+@pytest.mark.parametrize('tokens', [7, 300])  # M <= 16 K: dense backward; M > 16 K: gather / scatter backward
 def test_gather_dot_backward_paths_and_reused_scores(tokens):
     B, G, N, D, K = 2, 2, 5, 3, 5
     q = torch.randn(B, G, N, D, dtype=torch.float64, requires_grad=True)
@@ -363,6 +378,20 @@ def test_k_is_clamped_on_small_inputs():
         small.aggregate.bias.copy_(big.aggregate.bias)
     x = torch.randn(2, 4, 2, 2)
     torch.testing.assert_close(big(x), small(x))
+    # depthwise too, with random per-slot weights (unit ones would hide which slots are used): the first taps,
+    # for ConvNN2d and for attention (3 tokens, K 9 -> 3)
+    dw = dict(aggregation='depthwise', weighting='softmax')
+    for big, small, x in ((ConvNN2d(4, 4, num_neighbors=9, **dw), ConvNN2d(4, 4, num_neighbors=4, **dw),
+                           torch.randn(2, 4, 2, 2)),
+                          (ConvNNAttention(16, 2, num_neighbors=9), ConvNNAttention(16, 2, num_neighbors=3),
+                           torch.randn(2, 3, 16))):
+        kept = small.aggregate.num_neighbors
+        with torch.no_grad():
+            big.aggregate.weight.normal_()
+            source = dict(big.named_parameters())
+            for name, p in small.named_parameters():
+                p.copy_(source[name][..., :kept] if name == 'aggregate.weight' else source[name])
+        torch.testing.assert_close(big.eval()(x), small.eval()(x))
     attn = ConvNNAttention(16, 2, num_neighbors=9)
     assert attn(torch.randn(2, 3, 16)).shape == (2, 3, 16)
     assert ConvNN2d(4, 6, num_neighbors=9, stride=2)(torch.randn(1, 4, 1, 1)).shape == (1, 6, 1, 1)
@@ -682,6 +711,28 @@ def test_coordinate_grid_definition(height, width):
     torch.testing.assert_close(grid.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
     longer = 0 if width > height else 1
     assert grid[:, longer].min() == -1 and grid[:, longer].max() == 1
+
+
+@pytest.mark.parametrize('scale', [0.5, 4.0])
+def test_conv_coords_are_the_scaled_grid_of_the_padded_map(scale):
+    # ConvNN2d(coords='append', coord_scale=s) by definition: the pixels' channels and s * coordinate_grid of the
+    # zero-padded map, euclidean K nearest in rank order, standard Conv1d taps (a scale that is ignored changes which
+    # pixels are nearest)
+    torch.manual_seed(0)
+    B, C, H, W, K, p = 2, 3, 5, 6, 5, 1
+    m = ConvNN2d(C, 4, num_neighbors=K, padding=p, coords='append', coord_scale=scale, similarity='euclidean',
+                 weighting='ones', aggregation='standard').double().eval()
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    hp, wp = H + 2 * p, W + 2 * p
+    tokens = torch.nn.functional.pad(x, (p, p, p, p)).flatten(2).transpose(1, 2)  # (B, hp * wp, C)
+    coord = FN.coordinate_grid(hp, wp, x.device, x.dtype) * scale
+    feat = torch.cat([tokens, coord.expand(B, -1, -1)], dim=-1)
+    queries = torch.tensor([(r + p) * wp + c + p for r in range(H) for c in range(W)])
+    dist = torch.cdist(feat[:, queries], feat)  # (B, H * W, hp * wp)
+    idx = (-dist).topk(K, dim=-1).indices  # best first
+    weight = m.aggregate.weight.view(4, C, K)
+    ref = torch.einsum('ock,bqkc->bqo', weight, tokens[torch.arange(B)[:, None, None], idx]) + m.aggregate.bias
+    torch.testing.assert_close(m(x), ref.transpose(1, 2).reshape(B, 4, H, W), atol=1e-10, rtol=0)
 
 
 def test_attention_token_coords_are_scaled_raster_grid_after_prefix():

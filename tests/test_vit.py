@@ -85,6 +85,11 @@ def test_warm_start_loads_every_tensor(name):
     assert new and all('.attn.aggregate.weight' in k for k in new)
     out = model(torch.randn(1, 3, 224, 224))
     assert torch.isfinite(out).all()
+    # only the aggregation weights are filled in: any other tensor the checkpoint lacks still fails the load
+    for missing in ('blocks.0.attn.qkv.weight', 'blocks.1.attn.proj.bias', 'blocks.2.norm1.weight'):
+        partial = {k: v for k, v in src.state_dict().items() if k != missing}
+        with pytest.raises(RuntimeError, match=f'Missing key.*{missing}'):
+            model.load_state_dict(checkpoint_filter_fn(partial, model), strict=True)
 
 
 def test_model_kwargs_reach_every_layer():
