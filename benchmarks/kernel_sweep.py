@@ -206,7 +206,8 @@ def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
     with either product precision (``triton_attention.FP32_DOT``)."""
     import triton
     from timm_convnn.layers import set_backend, triton_attention as ta
-    from timm_convnn.layers.functional import select_scored_neighbors
+    # (the layers' selection: the public select_scored_neighbors also reads the ids back to check them)
+    from timm_convnn.layers.functional import _select_scored
     B, N, M, D = (int(x) for x in shape.split('x'))
     g = torch.Generator(device='cuda').manual_seed(0)
     ks = F.normalize(torch.randn(B, 1, M, D, device='cuda', generator=g), dim=-1)
@@ -214,7 +215,7 @@ def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
     qs = ks[:, :, :N]
     for K in neighbors:
         set_backend('torch')
-        base = triton.testing.do_bench(lambda: select_scored_neighbors(qs, ks, K))
+        base = triton.testing.do_bench(lambda: _select_scored(qs, ks, K))
         set_backend('auto')
         rows.append(dict(shape=shape, K=K, kernel='select', impl='torch', ms=base))
         save()
@@ -249,7 +250,7 @@ def _sweep_select(shape, neighbors, fp32, rows, save) -> None:
         times = {}
         for impl in ('torch', 'fused'):
             set_backend('torch' if impl == 'torch' else 'auto')
-            times[impl] = triton.testing.do_bench(lambda: select_scored_neighbors(qs, ks, K, cand, qid))
+            times[impl] = triton.testing.do_bench(lambda: _select_scored(qs, ks, K, cand, qid))
             rows.append(dict(shape=shape, K=K, kernel='select', impl=impl, candidates=64, ms=times[impl],
                              x_torch=times[impl] / times['torch']))
             save()

@@ -225,3 +225,36 @@ def test_export_keeps_the_fused_kernels_with_a_dynamic_batch_and_size(tmp_path):
     assert result['vit_tiny_convnn_spatial'][0] == ['timm_convnn.convnn_attention.default']
     for name, (_, errors) in result.items():
         assert sorted(errors) == ['32x56', '64x40', 'b1', 'b4', 'b6'] and max(errors.values()) < 1e-5, (name, errors)
+
+
+def test_public_functionals_capture_and_transform_with_their_checks():
+    # the exported functionals check shapes and read their ids back; while a graph is captured (compile, export) and
+    # under torch.func transforms those reads cannot happen and are skipped, the functionals still run
+    from torch.func import vmap
+    from timm_convnn.layers import gather_dot, neighbor_aggregate, select_neighbors
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 7, 4, generator=g)
+    cand, qid = torch.tensor([0, 2, 4, 6]), torch.arange(5)
+
+    def pipeline(q, k):
+        idx = select_neighbors(q, k, 3, cand, qid)
+        rho = gather_dot(q, k, idx).softmax(-1)
+        return neighbor_aggregate(k, idx, rho, torch.ones(2, 4, 3), True)
+
+    ref = pipeline(q, k)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(pipeline, fullgraph=True)(q, k), ref)
+    class Pipeline(torch.nn.Module):
+        def forward(self, q, k):
+            return pipeline(q, k)
+
+    torch.testing.assert_close(torch.export.export(Pipeline(), (q, k)).module()(q, k), ref)
+    # vmapped over a leading dimension of stacked inputs: per entry what the unbatched call gives
+    qq, kk = torch.stack([q, 2 * q]), torch.stack([k, -k])
+    idx = torch.stack([select_neighbors(q, k, 3), select_neighbors(2 * q, -k, 3)])
+    got = vmap(lambda a, b, i: neighbor_aggregate(b, i, gather_dot(a, b, i).softmax(-1), torch.ones(2, 4, 3), True))(
+        qq, kk, idx)
+    for e in range(2):
+        torch.testing.assert_close(
+            got[e], neighbor_aggregate(kk[e], idx[e], gather_dot(qq[e], kk[e], idx[e]).softmax(-1),
+                                       torch.ones(2, 4, 3), True))

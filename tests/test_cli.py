@@ -143,7 +143,8 @@ def test_neighbors_model_kwargs_the_model_does_not_take(tmp_path, capsys):
 def test_neighbors_out_is_checked_before_the_model_runs(tmp_path, capsys, monkeypatch):
     ran = []
     monkeypatch.setattr(cli, '_create_model', lambda *a, **k: ran.append(1))
-    for out, message in ((tmp_path / 'x.txt', "unknown image file extension '.txt'"),
+    for out, message in ((tmp_path / 'x.txt', "not an image file extension PIL writes: '.txt'"),
+                         (tmp_path / 'x.psd', "not an image file extension PIL writes: '.psd'"),  # (PIL reads it)
                          (tmp_path / 'nowhere' / 'x.png', f'no folder {tmp_path / "nowhere"}')):
         assert cli.main(['neighbors', 'resnet18_convnn', '--img-size', '32', '--out', str(out)]) == 2
         assert message in _one_line_error(capsys, 'neighbors')

@@ -83,6 +83,9 @@ def test_conv_bad_inputs():
         ConvNN2d.from_conv2d(nn.LazyConv2d(3, 3, padding=1))
     with pytest.raises(ValueError, match="needs padding=1.*got padding='valid'"):
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding='valid'))
+    from timm.layers import StdConv2d
+    with pytest.raises(TypeError, match='StdConv2d computes another'):
+        ConvNN2d.from_conv2d(StdConv2d(3, 3, 3, padding=1))
     for mode in ('reflect', 'replicate', 'circular'):  # (ConvNN's border is zero pixels: it would compute another conv)
         with pytest.raises(ValueError, match=f"needs padding_mode='zeros'; got padding_mode='{mode}'"):
             ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=1, padding_mode=mode))
@@ -222,13 +225,15 @@ def test_functional_api_checks_shapes_and_token_ids():
             gather_dot(q, k, ids)
         with pytest.raises(ValueError, match=rf'neighbor_aggregate: idx must lie in \[0, 6\] .*from {lo} to {hi}'):
             neighbor_aggregate(v, ids, None, torch.ones(G, D, 3), True)
-    with pytest.raises(ValueError, match=r'idx \(2, 1, 5, 3\) must be \(B, G, N, K\) for k'):
+    with pytest.raises(ValueError, match=r'gather_dot takes idx \(B, G, N, K\) with k \(B, G, M, C\), q '
+                                         r'\(B, G, N, D\); got idx \(2, 1, 5, 3\), k \(2, 2, 7, 4\), q \(2, 2, 5, 4\)'):
         gather_dot(q, k, idx[:, :1])
     with pytest.raises(ValueError, match=r'scores shaped like idx'):
         gather_dot(q, k, idx, scores=torch.zeros(B, G, N, 2))
     with pytest.raises(TypeError, match='idx must be integer token ids; got torch.float32'):
         gather_dot(q, k, idx.float())
-    with pytest.raises(ValueError, match=r'rho shaped like idx, got \(2, 2, 5, 2\)'):
+    with pytest.raises(ValueError, match=r'rho shaped like idx; got idx \(2, 2, 5, 3\), v \(2, 2, 7, 4\), '
+                                         r'rho \(2, 2, 5, 2\)'):
         neighbor_aggregate(v, idx, torch.ones(B, G, N, 2), torch.ones(G, D, 3), True)
     with pytest.raises(ValueError, match=r'depthwise \(G, C, K\) weights .*; got \(2, 4, 2\)'):
         neighbor_aggregate(v, idx, None, torch.ones(G, D, 2), True)
@@ -305,3 +310,25 @@ def test_bad_backend_names_where_it_came_from():
     env = dict(__import__('os').environ, TIMM_CONVNN_BACKEND='bogus')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert "got 'bogus' (from the TIMM_CONVNN_BACKEND environment variable)" in out.stdout, out.stdout + out.stderr
+
+
+def test_layers_do_not_pay_for_the_functional_checks(monkeypatch):
+    # the checks read ids back to the host (a synchronisation on CUDA): the layers make their own ids and call the
+    # unchecked twins, forward and backward, on every path of the PyTorch implementation
+    from timm_convnn.layers import functional
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a layer ran an argument check of the public functionals')
+
+    for name in ('_check_ids', '_check_pairs', '_check_gather_dot', '_check_aggregation', '_check_selection'):
+        monkeypatch.setattr(functional, name, refuse)
+    layers = [(ConvNNAttention(32, 4, num_neighbors=5), (2, 10, 32)),
+              (ConvNNAttention(32, 4, num_neighbors=3, candidates='random', num_samples=4, aggregation='standard'),
+               (2, 10, 32)),
+              (ConvNN2d(4, 6, candidates='spatial', num_samples=9, weighting='softmax'), (2, 4, 5, 5)),
+              (ConvNNBranch2d(4, 8), (2, 4, 5, 5))]
+    for layer, shape in layers:
+        x = torch.randn(*shape, requires_grad=True)
+        layer.train()(x).sum().backward()
+        assert x.grad is not None
+        layer.eval()(x)

@@ -285,9 +285,11 @@ def test_bad_checkpoints_fail_clearly(cache, tmp_path):
     torch.save(state, tmp_path / 'whole.pth')
     whole = (tmp_path / 'whole.pth').read_bytes()
     torch.save([1, 2], tmp_path / 'list.pth')
+    torch.save(timm.create_model('vit_tiny_convnn_all', **kw), tmp_path / 'model.pth')
     for name, data, why in (('garbage', b'garbage' * 100, 'readable torch checkpoint'), ('empty', b'', 'EOFError'),
                             ('cut', whole[:len(whole) // 2], 'PytorchStreamReader failed'),
-                            ('list', None, 'does not hold a state dict')):
+                            ('list', None, 'does not hold a state dict'),
+                            ('model', None, r'holds pickled objects, not a state dict .*Unsupported global')):
         if data is not None:
             (tmp_path / f'{name}.pth').write_bytes(data)
         with pytest.raises(RuntimeError, match=rf'from {tmp_path}/{name}.pth: .*{why}') as info:

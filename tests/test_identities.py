@@ -79,8 +79,8 @@ def test_convolution_identity(kernel, stride, hw):
     assert convnn.weighting == 'ones' and convnn.neighbor_order == 'position'
     x = torch.randn(2, 5, *hw, dtype=torch.float64)
     torch.testing.assert_close(convnn(x), conv(x), atol=1e-12, rtol=0)
-    if stride == 1:  # padding='same' is the same conv (nn.Conv2d takes it at stride 1 only)
-        same = nn.Conv2d(5, 7, kernel, padding='same').double()
+    if stride == 1:  # padding='same' is the same conv (nn.Conv2d takes it at stride 1 only), 'valid' for k = 1
+        same = nn.Conv2d(5, 7, kernel, padding='same' if kernel > 1 else 'valid').double()
         same.load_state_dict(conv.state_dict())
         torch.testing.assert_close(ConvNN2d.from_conv2d(same)(x), same(x), atol=1e-12, rtol=0)
 

@@ -137,8 +137,8 @@ def _check_image_out(path: str, image_module) -> None:
     """--out names an image file PIL writes, in an existing folder (found before the model runs, not after)."""
     out = Path(path)
     image_module.init()
-    if out.suffix.lower() not in image_module.registered_extensions():
-        raise ValueError(f'--out {path}: unknown image file extension {out.suffix!r} (e.g. .png, .jpg)')
+    if image_module.registered_extensions().get(out.suffix.lower()) not in image_module.SAVE:
+        raise ValueError(f'--out {path}: not an image file extension PIL writes: {out.suffix!r} (e.g. .png, .jpg)')
     if not out.parent.is_dir():
         raise ValueError(f'--out {path}: no folder {out.parent}')
 

@@ -77,6 +77,7 @@ def read_train_summary(path: Union[str, Path]) -> Dict[str, Any]:
         raise ValueError(f'{path}: no epochs in train.py summary')
     if 'eval_top1' not in rows[0]:
         raise ValueError(f'{path}: not a timm train.py summary.csv (no eval_top1 column)')
+
     def number(row: Dict[str, str], column: str, kind=float):
         try:
             return kind(row[column])

@@ -123,11 +123,14 @@ class ConvNN2d(nn.Module):
             raise TypeError(f'from_conv2d takes an nn.Conv2d; got {type(conv).__name__}')
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise ValueError('from_conv2d needs an initialised conv: run a forward through the LazyConv2d first')
+        if type(conv).forward is not nn.Conv2d.forward:  # (e.g. timm's StdConv2d standardises its weight first)
+            raise TypeError(f'from_conv2d maps nn.Conv2d\'s own convolution; {type(conv).__name__} computes another')
         k = conv.kernel_size[0]
         if conv.kernel_size != (k, k) or k not in (1, 3, 5):
             raise ValueError(f'from_conv2d supports square kernels 1, 3 or 5; got kernel_size={conv.kernel_size}')
-        # (padding='same' is k // 2 on every side for odd k; nn.Conv2d allows it at stride 1 only)
-        padding = (k // 2, k // 2) if conv.padding == 'same' else conv.padding
+        padding = conv.padding
+        if isinstance(padding, str):  # 'same': k // 2 on every side for odd k (at stride 1 only); 'valid': none
+            padding = (k // 2, k // 2) if padding == 'same' else (0, 0)
         if padding != (k // 2, k // 2) or conv.dilation != (1, 1) or conv.groups != 1:
             raise ValueError(
                 f'from_conv2d needs padding={k // 2}, dilation=1, groups=1; got padding={conv.padding!r}, '

@@ -86,18 +86,23 @@ def _check_int(name: str, value, minimum: Optional[int]) -> None:
 
 
 @torch.jit.unused
-def _check_ids(fn: str, what: str, ids: torch.Tensor, num_tokens: int, table: str) -> None:
-    """``ids`` are integer token ids into the ``num_tokens`` tokens of ``table``. The values are read (one host
-    synchronisation on CUDA) except where they cannot be: while a graph is captured, under torch.func transforms, on
-    the meta device."""
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f'{fn}: {what} must be integer token ids; got {ids.dtype}')
-    if ids.numel() == 0 or ids.is_meta or capturing() or transforms_active():
+def _check_ids(fn: str, table: str, num_tokens: int, **ids: Optional[torch.Tensor]) -> None:
+    """The tensors in ``ids`` (None: absent) are integer token ids into the ``num_tokens`` tokens of ``table``. Their
+    values are read in one transfer (a host synchronisation on CUDA), except where they cannot be: under torch.func
+    transforms, on the meta device. (The callers skip the checks while a graph is captured.)"""
+    given = {what: t for what, t in ids.items() if t is not None}
+    for what, t in given.items():
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f'{fn}: {what} must be integer token ids; got {t.dtype}')
+    given = {what: t for what, t in given.items() if t.numel() > 0 and not t.is_meta}
+    if not given or transforms_active():
         return
-    lo, hi = (int(t) for t in ids.aminmax())
-    if lo < 0 or hi >= num_tokens:
-        raise ValueError(f'{fn}: {what} must lie in [0, {num_tokens - 1}] (the {num_tokens} tokens of {table}); got '
-                         f'ids from {lo} to {hi}')
+    device = next(iter(given.values())).device
+    bounds = torch.cat([torch.stack(t.aminmax()).long().to(device) for t in given.values()]).tolist()
+    for what, lo, hi in zip(given, bounds[0::2], bounds[1::2]):
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f'{fn}: {what} must lie in [0, {num_tokens - 1}] (the {num_tokens} tokens of {table}); '
+                             f'got ids from {lo} to {hi}')
 
 
 @torch.jit.unused
@@ -107,17 +112,28 @@ def _check_pairs(fn: str, idx: torch.Tensor, table: torch.Tensor, table_name: st
     shaped like idx where given. (Not while a graph is captured: symbolic sizes, checked by the capture.)"""
     if capturing():
         return
-    if idx.dim() != 4 or table.dim() != 4 or (queries is not None and queries.dim() != 4):
-        raise ValueError(f'{fn} takes 4-D (B, G, tokens, channels) features and (B, G, N, K) ids; got idx '
-                         f'{tuple(idx.shape)}, {table_name} {tuple(table.shape)}'
-                         + (f', q {tuple(queries.shape)}' if queries is not None else ''))
-    if (table.shape[:2] != idx.shape[:2] or (queries is not None and queries.shape[:3] != idx.shape[:3])
+    shapes = [f'idx {tuple(idx.shape)}', f'{table_name} {tuple(table.shape)}']
+    shapes += [f'q {tuple(queries.shape)}'] if queries is not None else []
+    shapes += [f'rho {tuple(rho.shape)}'] if rho is not None else []
+    if (idx.dim() != 4 or table.dim() != 4 or table.shape[:2] != idx.shape[:2]
+            or (queries is not None and (queries.dim() != 4 or queries.shape[:3] != idx.shape[:3]))
             or (rho is not None and rho.shape != idx.shape)):
-        raise ValueError(f'{fn}: idx {tuple(idx.shape)} must be (B, G, N, K) for {table_name} (B, G, M, C) '
-                         f'{tuple(table.shape)}' + (f' and q (B, G, N, D) {tuple(queries.shape)}' if queries is not None
-                                                    else '') + (f', rho shaped like idx, got {tuple(rho.shape)}'
-                                                                if rho is not None else ''))
-    _check_ids(fn, 'idx', idx, table.shape[2], table_name)
+        raise ValueError(f'{fn} takes idx (B, G, N, K) with {table_name} (B, G, M, C)'
+                         + (', q (B, G, N, D)' if queries is not None else '')
+                         + (', rho shaped like idx' if rho is not None else '') + f'; got {", ".join(shapes)}')
+    _check_ids(fn, table_name, table.shape[2], idx=idx)
+
+
+@torch.jit.unused
+def _check_gather_dot(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, scores: Optional[torch.Tensor]) -> None:
+    """``gather_dot``'s arguments."""
+    _check_pairs('gather_dot', idx, k, 'k', queries=q)
+    if capturing():
+        return
+    if q.shape[-1] != k.shape[-1] or (scores is not None and scores.shape != idx.shape):
+        raise ValueError(f'gather_dot takes q (B, G, N, D), k (B, G, M, D) and scores shaped like idx; got q '
+                         f'{tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}'
+                         + (f', scores {tuple(scores.shape)}' if scores is not None else ''))
 
 
 @torch.jit.unused
@@ -146,12 +162,10 @@ def _check_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, can
         raise ValueError(f'select_neighbors takes qs (B, G, N, D) and ks (B, G, M, D); got {tuple(qs.shape)} and '
                          f'{tuple(ks.shape)}')
     for what, ids, length in (('candidates', candidates, None), ('query_index', query_index, qs.shape[2])):
-        if ids is None:
-            continue
-        if ids.dim() != 1 or (length is not None and ids.shape[0] != length):
+        if ids is not None and (ids.dim() != 1 or (length is not None and ids.shape[0] != length)):
             want = f'({length},), one per query' if length is not None else '(r,)'
             raise ValueError(f'select_neighbors: {what} must be {want}; got {tuple(ids.shape)}')
-        _check_ids('select_neighbors', what, ids, ks.shape[2], 'ks')
+    _check_ids('select_neighbors', 'ks', ks.shape[2], candidates=candidates, query_index=query_index)
 
 
 def select_neighbors(
@@ -180,7 +194,8 @@ def select_neighbors(
         (B, G, N, K_eff) int64 token ids, best first.
 
     Raises ValueError / TypeError for K < 1, features whose shapes do not pair up, and candidate or query ids outside
-    the M tokens (checked values: on CUDA one host synchronisation; the layers call the unchecked selection).
+    the M tokens (the ids' values are read: on CUDA one host synchronisation; the layers call the unchecked
+    selection).
     """
     return select_scored_neighbors(qs, ks, num_neighbors, candidates, query_index, budget_bytes)[0]
 
@@ -585,11 +600,7 @@ def gather_dot(
     the unchecked ``_gather_dot``).
     """
     if not torch.jit.is_scripting():
-        _check_pairs('gather_dot', idx, k, 'k', queries=q)
-        if q.shape[-1] != k.shape[-1] or (scores is not None and scores.shape != idx.shape):
-            raise ValueError(f'gather_dot takes q (B, G, N, D), k (B, G, M, D) and scores shaped like idx; got q '
-                             f'{tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}'
-                             + (f', scores {tuple(scores.shape)}' if scores is not None else ''))
+        _check_gather_dot(q, k, idx, scores)
     return _gather_dot(q, k, idx, budget_bytes, scores)
 
 

@@ -145,7 +145,12 @@ def explain_load_errors(variant: str, pretrained: bool, kwargs: Dict[str, Any]) 
             why = 'no such file'
         elif _unreadable(e):  # (torch's own words would advise weights_only=False, wrong for a damaged file)
             from ..hub import unreadable_reason
-            why = f'the file is not a readable torch checkpoint (truncated or corrupt): {unreadable_reason(e)}'
+            reason = unreadable_reason(e)
+            if 'Unsupported global' in reason:  # (an intact file of pickled objects: torch.save(model), ...)
+                why = (f'the file holds pickled objects, not a state dict of tensors (e.g. torch.save(model) rather '
+                       f'than torch.save(model.state_dict())): {reason}')
+            else:
+                why = f'the file is not a readable torch checkpoint (truncated or corrupt): {reason}'
         elif isinstance(e, AttributeError) and "has no attribute 'items'" in text:
             why = 'the file does not hold a state dict (tensors by name) but another object'
         else:
