@@ -234,21 +234,24 @@ def test_public_functionals_capture_and_transform_with_their_checks():
     from timm_convnn.layers import gather_dot, neighbor_aggregate, select_neighbors
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 7, 4, generator=g)
-    cand, qid = torch.tensor([0, 2, 4, 6]), torch.arange(5)
 
-    def pipeline(q, k):
-        idx = select_neighbors(q, k, 3, cand, qid)
-        rho = gather_dot(q, k, idx).softmax(-1)
-        return neighbor_aggregate(k, idx, rho, torch.ones(2, 4, 3), True)
+    class Pipeline(torch.nn.Module):  # (the id lists as buffers: torch 2.5's export refuses closed-over tensors)
+        def __init__(self):
+            super().__init__()
+            self.register_buffer('cand', torch.tensor([0, 2, 4, 6]))
+            self.register_buffer('qid', torch.arange(5))
+            self.register_buffer('weight', torch.ones(2, 4, 3))
 
+        def forward(self, q, k):
+            idx = select_neighbors(q, k, 3, self.cand, self.qid)
+            rho = gather_dot(q, k, idx).softmax(-1)
+            return neighbor_aggregate(k, idx, rho, self.weight, True)
+
+    pipeline = Pipeline()
     ref = pipeline(q, k)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(pipeline, fullgraph=True)(q, k), ref)
-    class Pipeline(torch.nn.Module):
-        def forward(self, q, k):
-            return pipeline(q, k)
-
-    torch.testing.assert_close(torch.export.export(Pipeline(), (q, k)).module()(q, k), ref)
+    torch.testing.assert_close(torch.export.export(pipeline, (q, k)).module()(q, k), ref)
     # vmapped over a leading dimension of stacked inputs: per entry what the unbatched call gives
     qq, kk = torch.stack([q, 2 * q]), torch.stack([k, -k])
     idx = torch.stack([select_neighbors(q, k, 3), select_neighbors(2 * q, -k, 3)])
