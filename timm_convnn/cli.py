@@ -133,11 +133,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_image_out(path: str, image_module) -> None:
+def _check_image_out(path: str) -> None:
     """--out names an image file PIL writes, in an existing folder (found before the model runs, not after)."""
+    from PIL import Image
     out = Path(path)
-    image_module.init()
-    if image_module.registered_extensions().get(out.suffix.lower()) not in image_module.SAVE:
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
         raise ValueError(f'--out {path}: not an image file extension PIL writes: {out.suffix!r} (e.g. .png, .jpg)')
     if not out.parent.is_dir():
         raise ValueError(f'--out {path}: no folder {out.parent}')
@@ -199,7 +200,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
     if args.pretrained and args.checkpoint:
         raise ValueError('use --pretrained or --checkpoint, not both')
     query = _parse_query(args.query) if args.query else None
-    _check_image_out(args.out, Image)
+    _check_image_out(args.out)
     kwargs = dict(args.model_kwargs or [])
     if args.checkpoint:
         require_checkpoint_file(args.checkpoint)

@@ -109,9 +109,8 @@ def _check_ids(fn: str, table: str, num_tokens: int, **ids: Optional[torch.Tenso
 def _check_pairs(fn: str, idx: torch.Tensor, table: torch.Tensor, table_name: str,
                  queries: Optional[torch.Tensor] = None, rho: Optional[torch.Tensor] = None) -> None:
     """idx (B, G, N, K) token ids into ``table`` (B, G, M, C), for ``queries`` (B, G, N, D) and weights ``rho``
-    shaped like idx where given. (Not while a graph is captured: symbolic sizes, checked by the capture.)"""
-    if capturing():
-        return
+    shaped like idx where given. (Like every check here, not while a graph is captured: the callers return first, as
+    the sizes are symbolic then and the capture checks them.)"""
     shapes = [f'idx {tuple(idx.shape)}', f'{table_name} {tuple(table.shape)}']
     shapes += [f'q {tuple(queries.shape)}'] if queries is not None else []
     shapes += [f'rho {tuple(rho.shape)}'] if rho is not None else []
@@ -127,9 +126,9 @@ def _check_pairs(fn: str, idx: torch.Tensor, table: torch.Tensor, table_name: st
 @torch.jit.unused
 def _check_gather_dot(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, scores: Optional[torch.Tensor]) -> None:
     """``gather_dot``'s arguments."""
-    _check_pairs('gather_dot', idx, k, 'k', queries=q)
     if capturing():
         return
+    _check_pairs('gather_dot', idx, k, 'k', queries=q)
     if q.shape[-1] != k.shape[-1] or (scores is not None and scores.shape != idx.shape):
         raise ValueError(f'gather_dot takes q (B, G, N, D), k (B, G, M, D) and scores shaped like idx; got q '
                          f'{tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}'
@@ -140,9 +139,9 @@ def _check_gather_dot(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, score
 def _check_aggregation(v: torch.Tensor, idx: torch.Tensor, rho: Optional[torch.Tensor], weight: torch.Tensor,
                        depthwise: bool) -> None:
     """``neighbor_aggregate``'s arguments."""
-    _check_pairs('neighbor_aggregate', idx, v, 'v', rho=rho)
     if capturing():
         return
+    _check_pairs('neighbor_aggregate', idx, v, 'v', rho=rho)
     G, C, K = v.shape[1], v.shape[3], idx.shape[3]
     want = (G, C, K) if depthwise else (G, weight.shape[1] if weight.dim() == 4 else -1, C, K)
     if tuple(weight.shape) != want:
