@@ -296,6 +296,7 @@ def test_unknown_similarity_names_the_value():
 
 
 def test_bad_backend_names_where_it_came_from():
+    import os
     import subprocess
     import sys
     from timm_convnn.layers import get_backend, set_backend
@@ -307,7 +308,7 @@ def test_bad_backend_names_where_it_came_from():
     code = ('import torch, timm_convnn\n'
             'try:\n    timm_convnn.ConvNNAttention(32, 4)(torch.randn(1, 5, 32))\n'
             'except ValueError as e:\n    print(e)\n')
-    env = dict(__import__('os').environ, TIMM_CONVNN_BACKEND='bogus')
+    env = dict(os.environ, TIMM_CONVNN_BACKEND='bogus')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert "got 'bogus' (from the TIMM_CONVNN_BACKEND environment variable)" in out.stdout, out.stdout + out.stderr
 
