@@ -194,6 +194,28 @@ def test_aggregation_channels_must_divide_by_groups():
         NeighborAggregation(4, 6, 3, groups=4, depthwise=False, init='default')
 
 
+@pytest.mark.parametrize('depthwise', [True, False])
+def test_aggregation_module_checks_its_input_shapes(depthwise):
+    # the exported module: shapes that do not fit it fail naming them (the layers' own calls pass; the id values
+    # are the layers' selections', not read back at every call)
+    agg = NeighborAggregation(8, 8, 4, groups=2, depthwise=depthwise)
+    v, idx = torch.randn(2, 2, 5, 4), torch.randint(0, 5, (2, 2, 3, 4))
+    assert agg(v, idx, None).shape == (2, 2, 3, 4)
+    assert agg(v, idx[..., :2], torch.rand(2, 2, 3, 2)).shape == (2, 2, 3, 4)  # K' < K (clamped K)
+    want = r"takes v \(B, 2, M, 4\), idx \(B, 2, N, K'\) with K' <= 4"
+    for args in [(torch.randn(2, 2, 5, 8), idx, None),  # channels of the whole layer, not per group
+                 (torch.randn(2, 1, 5, 8), idx[:, :1], None),  # one group for a 2-group module
+                 (v, torch.randint(0, 5, (2, 2, 3, 5)), None),  # more slots than K
+                 (v[0], idx, None), (v, idx[1:], None),
+                 (v, idx, torch.rand(2, 2, 3, 3))]:
+        with pytest.raises(ValueError, match=want):
+            agg(*args)
+    with pytest.raises(TypeError, match='idx must be integer token ids; got torch.float32'):
+        agg(v, idx.float(), None)
+    with pytest.raises(ValueError, match=r'num_neighbors \(K\) must be >= 1; got 0'):
+        NeighborAggregation(4, 4, 0)
+
+
 def test_conv_conversions_refuse_what_they_cannot_map():
     with pytest.raises(ValueError, match=r'from_conv2d needs equal strides; got stride=\(1, 2\)'):
         ConvNN2d.from_conv2d(nn.Conv2d(3, 3, 3, padding=1, stride=(1, 2)))

@@ -126,6 +126,9 @@ class NeighborAggregation(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        _check_int('in_channels', in_channels, 1)
+        _check_int('out_channels', out_channels, 1)
+        _check_int('num_neighbors (K)', num_neighbors, 1)
         _check_int('groups', groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -171,7 +174,13 @@ class NeighborAggregation(nn.Module):
         self.reset_parameters()
 
     def forward(self, v: torch.Tensor, idx: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
-        """v (B, G, M, C_in / G), idx/rho (B, G, N, K') with K' <= K -> (B, G, N, C_out / G)."""
+        """v (B, G, M, C_in / G), idx/rho (B, G, N, K') with K' <= K -> (B, G, N, C_out / G).
+
+        The shapes are checked (ValueError naming them); the id values are not, as reading them back costs a host
+        synchronisation on CUDA at every layer call: the layers' selections make them in [0, M). For ids from
+        elsewhere, ``functional.neighbor_aggregate`` checks them."""
+        if not torch.jit.is_scripting() and not capturing():
+            self._check_call(v, idx, rho)
         g = self.groups
         k_eff = idx.shape[-1]
         if self.depthwise:
@@ -183,6 +192,19 @@ class NeighborAggregation(nn.Module):
         if self.bias is not None:
             out = out + self.bias.view(g, 1, self.out_channels // g).to(out.dtype)
         return out
+
+    @torch.jit.unused
+    def _check_call(self, v: torch.Tensor, idx: torch.Tensor, rho: Optional[torch.Tensor]) -> None:
+        g, c = self.groups, self.in_channels // self.groups
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f'NeighborAggregation: idx must be integer token ids; got {idx.dtype}')
+        if (v.dim() != 4 or idx.dim() != 4 or v.shape[:2] != idx.shape[:2] or v.shape[1] != g or v.shape[3] != c
+                or idx.shape[3] > self.num_neighbors or (rho is not None and rho.shape != idx.shape)):
+            raise ValueError(
+                f'NeighborAggregation({self.in_channels}, {self.out_channels}, num_neighbors={self.num_neighbors}, '
+                f'groups={g}) takes v (B, {g}, M, {c}), idx (B, {g}, N, K\') with K\' <= {self.num_neighbors}'
+                f'{" and rho shaped like idx" if rho is not None else ""}; got v {tuple(v.shape)}, idx '
+                f'{tuple(idx.shape)}' + (f', rho {tuple(rho.shape)}' if rho is not None else ''))
 
     def extra_repr(self) -> str:
         kind = 'depthwise' if self.depthwise else 'standard'
