@@ -272,6 +272,12 @@ def test_functional_api_checks_shapes_and_token_ids():
     with pytest.raises(ValueError, match=r'takes qs \(B, G, N, D\) and ks \(B, G, M, D\); got \(2, 2, 5, 4\) and '
                                          r'\(2, 2, 7, 3\)'):
         select_neighbors(q, k[..., :3], 3)
+    # a candidate listed twice: two slots on the PyTorch path, one in the fused kernel (a device-dependent answer)
+    for listed, count, first in (([4, 1, 4, 2], 1, 4), ([3, 6, 3, 6, 3], 3, 3), ([5, 5], 1, 5)):
+        with pytest.raises(ValueError, match=rf'candidates must list each token once; got {count} repeated ids '
+                                             rf'\(e.g. {first}\)'):
+            select_neighbors(q, k, 2, torch.tensor(listed), torch.arange(N))
+    assert select_neighbors(q, k, 2, torch.tensor([6, 0, 3]), torch.arange(N)).shape == (B, G, N, 2)
 
 
 def test_conv_input_must_match_the_layer_dtype_and_device():

@@ -86,10 +86,12 @@ def _check_int(name: str, value, minimum: Optional[int]) -> None:
 
 
 @torch.jit.unused
-def _check_ids(fn: str, table: str, num_tokens: int, **ids: Optional[torch.Tensor]) -> None:
-    """The tensors in ``ids`` (None: absent) are integer token ids into the ``num_tokens`` tokens of ``table``. Their
-    values are read in one transfer (a host synchronisation on CUDA), except where they cannot be: under torch.func
-    transforms, on the meta device. (The callers skip the checks while a graph is captured.)"""
+def _check_ids(fn: str, table: str, num_tokens: int, distinct: Tuple[str, ...] = (),
+               **ids: Optional[torch.Tensor]) -> None:
+    """The tensors in ``ids`` (None: absent) are integer token ids into the ``num_tokens`` tokens of ``table``, those
+    named in ``distinct`` without a repeated id. Their values are read in one transfer (a host synchronisation on
+    CUDA), except where they cannot be: under torch.func transforms, on the meta device. (The callers skip the checks
+    while a graph is captured.)"""
     given = {what: t for what, t in ids.items() if t is not None}
     for what, t in given.items():
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -98,11 +100,23 @@ def _check_ids(fn: str, table: str, num_tokens: int, **ids: Optional[torch.Tenso
     if not given or transforms_active():
         return
     device = next(iter(given.values())).device
-    bounds = torch.cat([torch.stack(t.aminmax()).long().to(device) for t in given.values()]).tolist()
-    for what, lo, hi in zip(given, bounds[0::2], bounds[1::2]):
+    stats = []  # per tensor: min, max, then for a distinct one the count of repeats and the smallest repeated id
+    for what, t in given.items():
+        stats.append(torch.stack(t.aminmax()).long().to(device))
+        if what in distinct:
+            flat = t.flatten().sort().values.long()
+            repeat = flat[1:] == flat[:-1]
+            stats.append(torch.stack([repeat.sum(), torch.where(repeat, flat[1:], flat[-1]).min()]).to(device))
+    values = torch.cat(stats).tolist()
+    for what in given:
+        lo, hi = values.pop(0), values.pop(0)
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f'{fn}: {what} must lie in [0, {num_tokens - 1}] (the {num_tokens} tokens of {table}); '
                              f'got ids from {lo} to {hi}')
+        if what in distinct:
+            repeats, first = values.pop(0), values.pop(0)
+            if repeats:
+                raise ValueError(f'{fn}: {what} must list each token once; got {repeats} repeated ids (e.g. {first})')
 
 
 @torch.jit.unused
@@ -164,7 +178,8 @@ def _check_selection(qs: torch.Tensor, ks: torch.Tensor, num_neighbors: int, can
         if ids is not None and (ids.dim() != 1 or (length is not None and ids.shape[0] != length)):
             want = f'({length},), one per query' if length is not None else '(r,)'
             raise ValueError(f'select_neighbors: {what} must be {want}; got {tuple(ids.shape)}')
-    _check_ids('select_neighbors', 'ks', ks.shape[2], candidates=candidates, query_index=query_index)
+    _check_ids('select_neighbors', 'ks', ks.shape[2], distinct=('candidates',), candidates=candidates,
+               query_index=query_index)
 
 
 def select_neighbors(
@@ -181,8 +196,9 @@ def select_neighbors(
         qs: (B, G, N, D) query similarity features.
         ks: (B, G, M, D) token similarity features (M tokens; candidates index into them).
         num_neighbors: K. Clamped to the number of candidates (all: M; listed: len(candidates)).
-        candidates: optional (r,) int64 token ids shared by all queries, distinct (the fused CUDA kernel may leave a
-            slot empty for a repeated id). None means all M tokens.
+        candidates: optional (r,) int64 token ids shared by all queries, each listed once (a repeated id raises
+            ValueError: the PyTorch path would fill two slots with it, the fused CUDA kernel one). None means all M
+            tokens.
         query_index: (N,) int64 token id of each query, required with ``candidates``: the query token itself is
             always a candidate (added when it is not in the list, never counted twice).
         budget_bytes: the largest fp32 score slice computed at once (queries are processed in chunks). 8 MiB
@@ -192,9 +208,9 @@ def select_neighbors(
     Returns:
         (B, G, N, K_eff) int64 token ids, best first.
 
-    Raises ValueError / TypeError for K < 1, features whose shapes do not pair up, and candidate or query ids outside
-    the M tokens (the ids' values are read: on CUDA one host synchronisation; the layers call the unchecked
-    selection).
+    Raises ValueError / TypeError for K < 1, features whose shapes do not pair up, candidate or query ids outside
+    the M tokens and repeated candidates (the ids' values are read: on CUDA one host synchronisation; the layers call
+    the unchecked selection).
     """
     return select_scored_neighbors(qs, ks, num_neighbors, candidates, query_index, budget_bytes)[0]
 
