@@ -158,7 +158,24 @@ def randomized(make, x):
     return layer, torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1))
 '''
 
-_INTERPRETED = _RANDOMIZED_LAYER + r'''
+# (shared by the interpreted scripts below: the fused op's output against a selection from the definition)
+_REFERENCE = r'''
+import torch
+
+def against_reference(fused, v, w, order, val):
+    """The fused op's (out, idx, p) for 2 heads of 16 value channels against the selection ``order`` (token ids) with
+    scores ``val``: softmax weights, and the depthwise-weighted sum of the selected value rows."""
+    out, idx, p = fused
+    n, kk = v.shape[2], order.shape[-1]
+    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3,
+                        order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
+    weights = w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)
+    ref = (rows * val.softmax(-1).unsqueeze(-1) * weights).sum(3)
+    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
+                p=(p.double() - val.softmax(-1)).abs().max().item())
+'''
+
+_INTERPRETED = _RANDOMIZED_LAYER + _REFERENCE + r'''
 import json, sys, torch
 import timm, timm_convnn
 from timm_convnn.layers import ConvNN2d, ConvNNAttention, ConvNNBranchAttention, set_backend, triton_attention
@@ -308,18 +325,6 @@ compare('random_wide', lambda: ConvNNAttention(160, num_heads=2, num_neighbors=9
 
 # exact ties (small integer vectors: exact fp32 dot products in any order): both forwards keep the K best by
 # (score descending, token id ascending), as a stable sort does
-def against_reference(fused, v, w, order, val):
-    """The fused op's (out, idx, p) for 2 heads of 16 value channels against the selection ``order`` (token ids) with
-    scores ``val``: softmax weights, and the depthwise-weighted sum of the selected value rows."""
-    out, idx, p = fused
-    n, kk = v.shape[2], order.shape[-1]
-    rows = torch.gather(v.double().unsqueeze(2).expand(1, 2, n, n, 16), 3,
-                        order.unsqueeze(-1).expand(-1, -1, -1, -1, 16))
-    weights = w.double().view(2, 16, kk).transpose(1, 2).view(1, 2, 1, kk, 16)
-    ref = (rows * val.softmax(-1).unsqueeze(-1) * weights).sum(3)
-    return dict(ids_equal=bool((idx.long() == order).all()), out=(out.double() - ref).abs().max().item(),
-                p=(p.double() - val.softmax(-1)).abs().max().item())
-
 def tie_case(n, kk):
     g = torch.Generator().manual_seed(n)
     qs, ks = (torch.randint(-2, 3, (1, 2, n, 16), generator=g).float() for _ in range(2))
@@ -899,6 +904,128 @@ def test_fused_attention_dropout_under_the_triton_interpreter(tmp_path):
     assert r['strided_noise'] < 1e-6, r  # (read as contiguous before 2026-12-03: 4.1 here)
     t = r['transforms']  # (NaN gradients and 4e17 outputs from a stride-0 noise; an IndexError on the empty batch)
     assert t['per_sample'] < 1e-4 and t['ensemble'] < 1e-4 and t['empty'] == [[2, 0, 9, 16]] * 2, t
+
+
+_OP_INTERPRETED = _REFERENCE + r'''
+import json, torch
+import timm_convnn
+from timm_convnn.layers import set_backend, triton_attention
+ta = triton_attention
+set_backend('triton')
+results = {}
+
+# scores far beyond exp's fp32 range (integer features times 8: exact products up to 4096; the ties of the integer
+# features kept): the softmax subtracts each query's best score first, as the PyTorch path does, in every ranking
+def large_score_case(n, kk):
+    g = torch.Generator().manual_seed(n)
+    qs, ks = (8 * torch.randint(-2, 3, (1, 2, n, 16), generator=g).float() for _ in range(2))
+    v, w = torch.randn(1, 2, n, 16, generator=g), torch.randn(32, 1, kk, generator=g)
+    s = qs.double() @ ks.double().transpose(-1, -2)
+    order = torch.sort(-s, dim=-1, stable=True).indices[..., :kk]
+    return dict(against_reference(ta._convnn_attention(qs, ks, v, w, kk), v, w, order, s.gather(-1, order)),
+                best=s.amax().item())
+
+results['large_row'] = large_score_case(40, 5)
+results['large_stream'] = large_score_case(ta.ROW_TOKENS + 4, 9)
+ta.CONFIG['fwd_select'] = 'topk'
+results['large_row_topk'] = large_score_case(40, 5)
+ta.CONFIG['fwd_select'] = None
+
+# q, k, v and the incoming gradient each in a layout of its own (k a view of a qkv-like buffer, v and the gradient
+# token-major): every kernel reads each through its own strides, as it reads contiguous copies
+def layouts_case():
+    g = torch.Generator().manual_seed(5)
+    qs = torch.randn(2, 2, 50, 16, generator=g)
+    ks = torch.randn(2, 50, 3, 2, 16, generator=g)[:, :, 1].transpose(1, 2)
+    v = torch.randn(50, 2, 2, 16, generator=g).permute(1, 2, 0, 3)
+    go = torch.randn(2, 50, 2, 16, generator=g).transpose(1, 2)
+    w = torch.randn(32, 1, 6, generator=g)
+    cand = torch.randperm(50, generator=g)[:20]
+    diff = 0.
+    for listed in (None, cand):
+        runs = []
+        for t in ((qs, ks, v, go), tuple(x.contiguous() for x in (qs, ks, v, go))):
+            out, idx, p = ta._attention_forward(t[0], t[1], t[2], w, 6, listed, 0.25)
+            runs.append((out, idx, p) + ta._attention_backward(t[3], t[0], t[1], t[2], w, idx, p, listed, 0.25))
+        diff = max([diff] + [(a.double() - b.double()).abs().max().item() for a, b in zip(*runs)])
+    # the selection alone: 30 queries against 50 keys of another layout, all tokens and a list
+    sq = torch.randn(2, 1, 30, 16, generator=g)
+    sk = torch.randn(2, 50, 1, 16, generator=g).transpose(1, 2)
+    for listed in ((), (cand, torch.randperm(50, generator=g)[:30])):
+        a, b = (ta.fused_select(x, y, 6, *listed) for x, y in ((sq, sk), (sq, sk.contiguous())))
+        diff = max(diff, (a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+    return dict(diff=diff, strides=len({ks.stride(), v.stride(), go.stride(), qs.stride()}))
+
+results['layouts'] = layouts_case()
+
+# the registered custom op (what compiled and exported graphs, dispatch modes and tensor subclasses run) against the
+# eager Function: the same forward and the same gradients through its autograd registration, with a candidate list,
+# a query scale and dropout noise
+def dispatcher_case():
+    g = torch.Generator().manual_seed(6)
+    qs, ks, v, go = (torch.randn(2, 2, 30, 16, generator=g) for _ in range(4))
+    w = torch.randn(32, 1, 8, generator=g)
+    cand = torch.randperm(30, generator=g)[:12]
+    noise = (torch.rand(2, 2, 30, 8, generator=g) > 0.3).float() / 0.7
+    eager, runs = ta._eager, {}
+    for path in ('eager', 'dispatcher'):
+        if path == 'dispatcher':
+            ta._eager = lambda *tensors: False
+        try:
+            leaves = [t.clone().requires_grad_() for t in (qs, ks, v, w)]
+            out = ta.fused_attention(*leaves, 8, cand, 0.25, noise)[0]
+            runs[path] = (type(out.grad_fn).__name__, [out] + list(torch.autograd.grad(out, leaves, go)))
+        finally:
+            ta._eager = eager
+    (n0, t0), (n1, t1) = runs['eager'], runs['dispatcher']
+    return dict(nodes=[n0, n1], diff=max((a - b).abs().max().item() for a, b in zip(t0, t1)))
+
+results['dispatcher'] = dispatcher_case()
+
+# the fake (meta) registrations where K exceeds the candidate list (K is clamped to it), as torch.library checks them
+qs, ks, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+listed = torch.tensor([3, 0, 9, 4, 12, 7])
+checks = {}
+for name, op, args in (('attention', torch.ops.timm_convnn.convnn_attention.default,
+                        (qs, ks, v, torch.randn(32, 1, 8), 8, listed)),
+                       ('select', torch.ops.timm_convnn.convnn_select.default, (qs, ks, 8, listed, torch.arange(17)))):
+    try:
+        torch.library.opcheck(op, args, test_utils=('test_faketensor',))
+        checks[name] = 'ok'
+    except Exception as e:  # (OpCheckError: the fake and real outputs differ)
+        checks[name] = f'{type(e).__name__}: {str(e)[:300]}'
+results['fake_k_over_r'] = checks
+
+# dw summed over CONFIG bwd_dw_copies copies (one, three) as over the built-in DW_COPIES
+def dw_copies_case():
+    g = torch.Generator().manual_seed(7)
+    qs, ks, v, go = (torch.randn(2, 2, 50, 16, generator=g) for _ in range(4))
+    w = torch.randn(32, 1, 6, generator=g)
+    _, idx, p = ta._attention_forward(qs, ks, v, w, 6)
+    grads = {}
+    for copies in (None, 1, 3):
+        ta.CONFIG['bwd_dw_copies'] = copies
+        grads[copies] = ta._attention_backward(go, qs, ks, v, w, idx, p)
+    ta.CONFIG['bwd_dw_copies'] = None
+    return max((a - b).abs().max().item() for c in (1, 3) for a, b in zip(grads[None], grads[c]))
+
+results['dw_copies'] = dw_copies_case()
+print('RESULT ' + json.dumps(results))
+'''
+
+
+def test_fused_op_edge_cases_under_the_triton_interpreter(tmp_path):
+    # the op called directly (test_kernels_under_the_triton_interpreter_match_the_pytorch_path: through the layers)
+    r = run_interpreted(_OP_INTERPRETED, tmp_path, 'checked')
+    for case in ('large_row', 'large_stream', 'large_row_topk'):
+        c = r[case]
+        assert c['best'] > 1000 and c['ids_equal'] and c['out'] < 1e-5 and c['p'] < 1e-6, (case, c)
+    assert r['layouts'] == dict(diff=0., strides=4), r['layouts']
+    c = r['dispatcher']
+    assert c['nodes'][0] == '_EagerAttentionBackward' and 'EagerAttention' not in c['nodes'][1], c
+    assert c['diff'] < 1e-6, c
+    assert r['fake_k_over_r'] == dict(attention='ok', select='ok'), r['fake_k_over_r']
+    assert r['dw_copies'] < 1e-5, r['dw_copies']
 
 
 def _recorded_launches(monkeypatch):
