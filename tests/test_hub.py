@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -665,6 +666,37 @@ def test_push_uploads_exactly_the_exported_files(tmp_path, monkeypatch):
         'README.md', 'config.json', 'model.safetensors']
     with pytest.raises(ValueError, match='org/name'):
         hub.push(run / 'model_best.pth.tar', 'no-org', dry_run=True)
+
+
+def test_push_removes_its_temporary_folder(tmp_path, monkeypatch):
+    # without --out-dir the export goes to a temporary folder: removed after the upload and after a failure (each
+    # push left a ViT export behind before); a dry run keeps it, to be looked at
+    _, _, run = _train_checkpoint(tmp_path)
+    ckpt = run / 'model_best.pth.tar'
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    (tmp_path / 'tmp').mkdir()
+    seen = []
+
+    def upload(folder, *args):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        return 'ok'
+
+    folder, result = hub.push(ckpt, 'org/x', uploader=upload)
+    assert result == 'ok' and seen == [['README.md', 'config.json', 'model.safetensors']] and not folder.exists()
+
+    def fail(folder, *args):
+        raise ConnectionError('offline')
+
+    with pytest.raises(ConnectionError):
+        hub.push(ckpt, 'org/x', uploader=fail)
+    (tmp_path / 'bad.pth').write_bytes(b'junk')
+    with pytest.raises(ValueError, match='not a readable'):
+        hub.push(tmp_path / 'bad.pth', 'org/x', uploader=upload)
+    assert list((tmp_path / 'tmp').iterdir()) == []
+    folder, result = hub.push(ckpt, 'org/x', dry_run=True)
+    assert result is None and folder.parent == tmp_path / 'tmp' and (folder / 'model.safetensors').exists()
+    out = tmp_path / 'kept'
+    assert hub.push(ckpt, 'org/x', uploader=upload, out_dir=out)[0] == out and (out / 'config.json').exists()
 
 
 def test_weights_table_states_what_each_tag_holds(restore_registry):

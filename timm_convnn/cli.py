@@ -83,7 +83,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         done = 'checked exported folder' if Path(args.checkpoint).is_dir() else 'wrote'
         print(f'dry run: {done} {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); nothing uploaded')
     else:
-        print(f'uploaded {folder} to {args.repo_id}: {result}')
+        print(f'uploaded {folder} to {args.repo_id}: {result}'
+              + ('' if args.out_dir or Path(args.checkpoint).is_dir() else ' (temporary folder removed)'))
     return 0
 
 
@@ -263,11 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export, friendly_errors=True)
 
     p = sub.add_parser('push', help='export a train.py checkpoint (or exported folder) and upload it to the Hub',
-                       description='Export CHECKPOINT and upload it to REPO_ID (token: HF_TOKEN or huggingface-cli '
-                                   'login). --dry-run writes the folder only.')
+                       description='Export CHECKPOINT and upload it to REPO_ID (token: HF_TOKEN or `hf auth login`, '
+                                   '`huggingface-cli login` before huggingface_hub 1.0). --dry-run writes the folder '
+                                   'only.')
     export_args(p)
     p.add_argument('repo_id', help='ORG/NAME')
-    p.add_argument('--out-dir', default=None, help='folder to write (default: a temporary folder)')
+    p.add_argument('--out-dir', default=None,
+                   help='folder to write and keep (default: a temporary folder, removed after the upload)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--dry-run', action='store_true', help='write the folder, upload nothing')
     p.set_defaults(func=_cmd_push, friendly_errors=True)

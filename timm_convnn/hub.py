@@ -12,6 +12,7 @@ import csv
 import datetime
 import json
 import pickle
+import shutil
 import struct
 import string
 import sys
@@ -376,13 +377,13 @@ def push(
 ) -> Tuple[Path, Optional[str]]:
     """Export ``checkpoint`` (train.py checkpoint, or an already exported folder) and upload it to ``repo_id``.
 
-    ``dry_run`` writes the folder (``out_dir``, default a new temporary folder) and uploads nothing.
+    The export goes to ``out_dir``, or else to a new temporary folder that is removed after the upload (and after a
+    failure); ``dry_run`` writes the folder and uploads nothing (a temporary folder then stays, to be looked at).
     Returns (folder, upload result or None).
     """
     if '/' not in repo_id:
         raise ValueError(f'repo_id must be "org/name", got {repo_id!r}')
     checkpoint = Path(checkpoint)
-    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix='timm-convnn-push-'))
     if checkpoint.is_dir():
         missing = [f for f in ('model.safetensors', 'config.json') if not (checkpoint / f).exists()]
         if missing:
@@ -391,13 +392,22 @@ def push(
         if ignored:
             raise ValueError(f'{checkpoint} is an exported folder, uploaded as it is: {", ".join(ignored)} '
                              f'apply to a train.py checkpoint only')
-        folder = checkpoint
+        folder, temporary = checkpoint, False
     else:
-        export_checkpoint(checkpoint, folder, repo_id=repo_id, **export_kwargs)
-    if dry_run:
-        return folder, None
-    upload = uploader or _hf_upload
-    return folder, upload(folder, repo_id, token, private, commit_message)
+        temporary = not out_dir
+        folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix='timm-convnn-push-'))
+    kept = False  # (a dry run's temporary folder, once written)
+    try:
+        if folder is not checkpoint:
+            export_checkpoint(checkpoint, folder, repo_id=repo_id, **export_kwargs)
+        if dry_run:
+            kept = True
+            return folder, None
+        upload = uploader or _hf_upload
+        return folder, upload(folder, repo_id, token, private, commit_message)
+    finally:
+        if temporary and not kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def register_pretrained(name: str, hf_hub_id: str, default: bool = False, **cfg: Any) -> None:
