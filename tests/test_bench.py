@@ -546,6 +546,8 @@ def test_pair_ratios_are_the_convnn_model_over_its_timm_baseline():
      "--pairs takes CONVNN:TIMM; got 'vit_tiny_convnn_random:vit_tiny_patch16_224:vit_tiny_patch16_224'"),
     (['--pairs', 'vit_tiny_convnn_random:vit_tiny_patch16_224', '--model-kwargs', '=1'],
      "--model-kwargs takes KEY=VALUE items; got '=1'"),
+    # (the fused kernels on CPU tensors: refused before anything is timed, not after the SDPA cases)
+    (['--backends', 'torch', 'triton'], '--backends triton: '),
 ])
 def test_bench_checks_pairs_and_model_kwargs_before_timing(tmp_path, args, message):
     from timm_convnn import bench

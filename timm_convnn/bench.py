@@ -605,6 +605,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--device {args.device!r} is not a torch device: {e}') from e
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'--device {args.device}: torch sees no CUDA device here; use --device cpu')
+    if 'triton' in args.backends:
+        from .layers.triton_attention import triton_unavailable_reason
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f'--backends triton: {reason} (--device {args.device}); time --backends torch or auto')
     positive = dict(tokens=(args.tokens, 2), neighbors=(args.neighbors, 1), heads=([args.heads], 1),
                     head_dim=([args.head_dim], 1), num_samples=([args.num_samples], 1), iters=([args.iters], 1),
                     warmup=([args.warmup], 0), batch_size=([args.batch_size], 1), img_size=([args.img_size], 1))
