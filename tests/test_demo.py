@@ -40,6 +40,18 @@ def test_demo_quick_trains_exports_and_reloads(tmp_path):
     assert float(rows['ConvNN ViT']) > 25.0, text
     assert re.search(r'val top-1 [0-9.]+% \(identical\)', text), text
     assert sorted(p.name for p in (tmp_path / 'export').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    # the export records the demo's preprocessing: timm's eval transform of its data config turns a validation image
+    # (as 8-bit pixels) back into the tensor the demo evaluated, not an ImageNet-normalised centre crop of it
+    import numpy as np
+    from PIL import Image
+    model = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True)
+    config = timm.data.resolve_model_data_config(model)
+    assert config['input_size'] == (3, 32, 32) and config['crop_pct'] == 1.0, config
+    x = digits_tensors(img_size=32)[2][:4]
+    transform = timm.data.create_transform(**config)
+    pixels = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    seen = torch.stack([transform(Image.fromarray(p)) for p in pixels])
+    assert seen.shape == x.shape and (seen - x).abs().max() <= 0.51 / 255, (seen - x).abs().max()
 
 
 @pytest.mark.parametrize('progress', [None, False, True])

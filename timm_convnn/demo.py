@@ -151,7 +151,12 @@ def run_demo(epochs: int = 15, quick: bool = False, out_dir: Optional[str] = Non
     from .hub import save
     convnn_name = MODELS[0][1]
     export_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix='timm-convnn-demo-'))
-    save(trained[convnn_name], export_dir, dataset='digits (scikit-learn)')
+    # the preprocessing the demo trained and evaluated with (digits_tensors: bicubic to img_size, pixels in [0, 1], no
+    # normalisation, no crop), recorded so that timm's data config of the export reproduces it, not ImageNet's
+    size = model_kwargs['img_size']
+    preprocessing = dict(input_size=(3, size, size), interpolation='bicubic', mean=(0., 0., 0.), std=(1., 1., 1.),
+                         crop_pct=1.0, crop_mode='center')
+    save(trained[convnn_name], export_dir, dataset='digits (scikit-learn)', data_config=preprocessing)
     reloaded = timm.create_model(f'local-dir:{export_dir}', pretrained=True)
     data_val = data[2], data[3]
     top1_reloaded = evaluate(reloaded, *data_val)
